@@ -1,0 +1,1 @@
+"""Text sources (through `datasets`) and calibration readers for static quantization."""

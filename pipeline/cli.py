@@ -1,0 +1,252 @@
+"""The `pipeline` command. Thin: parse options (defaulting to params.yaml), call a stage, print."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import PipelineError
+from .log import info
+from .params import load_params
+
+PARAMS_OPT = click.option("--params", "params_file", default="params.yaml", show_default=True,
+                          type=click.Path(dir_okay=False), help="params file")
+SET_OPT = click.option("-S", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                       help="override a param, e.g. -S train.steps=50 (repeatable)")
+
+
+def _params(params_file, overrides):
+    return load_params(params_file, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qwen-onnx-pipeline")
+def cli():
+    """Hugging Face causal LM -> validated, versioned ONNX artifacts."""
+
+
+@cli.command()
+@PARAMS_OPT
+@SET_OPT
+@click.option("--out", default="artifacts/data", show_default=True)
+def data(params_file, overrides, out):
+    """Split the text source into train / calibration / eval."""
+    from stages import data as stage
+
+    stage.run(_params(params_file, overrides)["data"], out)
+
+
+@cli.command()
+@PARAMS_OPT
+@SET_OPT
+@click.option("--data", "data_dir", default="artifacts/data", show_default=True)
+@click.option("--source", default=None, help="model.source: builtin:qwen3-tiny, a local HF dir or a hub id")
+@click.option("--out", default="artifacts/checkpoint", show_default=True)
+def checkpoint(params_file, overrides, data_dir, source, out):
+    """Train the built-in model or import a checkpoint (local dir / hub id)."""
+    from stages import checkpoint as stage
+
+    params = _params(params_file, overrides)
+    if source:
+        params["model"]["source"] = source
+    stage.run(params, data_dir, out)
+
+
+@cli.command()
+@PARAMS_OPT
+@SET_OPT
+@click.option("--checkpoint", "checkpoint_dir", default="artifacts/checkpoint", show_default=True)
+@click.option("--out", default="artifacts/export", show_default=True)
+def export(params_file, overrides, checkpoint_dir, out):
+    """Export the checkpoint to FP32 ONNX with KV cache and check parity with PyTorch."""
+    from stages import export as stage
+
+    stage.run(_params(params_file, overrides)["export"], checkpoint_dir, out)
+
+
+@cli.command()
+@PARAMS_OPT
+@SET_OPT
+@click.option("--artifact", required=True, type=click.Path(), help="artifact directory to score")
+@click.option("--reference", default=None, type=click.Path(), help="artifact (or checkpoint = PyTorch) to compare with")
+@click.option("--data", "data_dir", default="artifacts/data", show_default=True, help="data artifact (eval split)")
+@click.option("--text", "text_file", default=None, type=click.Path(), help="score this text file instead")
+@click.option("--name", default=None, help="artifact name for budgets.<name> (default: directory name)")
+@click.option("--out", default=None, help="write the metrics JSON here")
+@click.option("--provider", default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True)
+def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, name, out, provider):
+    """Perplexity (llama.cpp style), and vs a reference: drift, KL divergence, top-1 agreement."""
+    from calibration.sources import read_split
+
+    from .errors import BudgetExceeded
+    from .evaluate import evaluate_artifact
+
+    params = _params(params_file, overrides)
+    if text_file:
+        if not Path(text_file).is_file():
+            raise PipelineError(f"--text {text_file}: no such file")
+        text = Path(text_file).read_text()
+    else:
+        text = read_split(data_dir, "eval")
+    metrics = evaluate_artifact(artifact, text, params, reference, name, provider)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(out).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp.replace(out)
+    summary = f"evaluate: {metrics['artifact']} ({metrics['artifact_id']}) ppl {metrics['ppl']:.4f}"
+    if "drift_pct" in metrics:
+        summary += (f", vs {metrics['reference']} ppl {metrics['ref_ppl']:.4f}: drift {metrics['drift_pct']:+.4f} %, "
+                    f"KLD mean {metrics['kld_mean']:.2e} p99 {metrics['kld_p99']:.2e}, top-1 {metrics['top1_agreement']:.2%}")
+    summary += f", size {metrics['size_bytes'] / 1e6:.1f} MB ({metrics['size_ratio']:.3f}x) [{metrics['budget']['status']}]"
+    click.echo(summary)
+    if metrics["budget"]["status"] == "fail":
+        raise BudgetExceeded(f"{metrics['artifact']} is outside its budget: {'; '.join(metrics['budget']['violations'])} "
+                             f"(budgets.{metrics['artifact']} in params.yaml; set report_only: true to only report)")
+
+
+def _derive_opts(default_in, default_out):
+    def wrap(fn):
+        fn = click.option("--out", default=default_out, show_default=True)(fn)
+        fn = click.option("--input", "input_dir", default=default_in, show_default=True, help="parent artifact")(fn)
+        fn = SET_OPT(fn)
+        return PARAMS_OPT(fn)
+    return wrap
+
+
+@cli.command()
+@_derive_opts("artifacts/export", "artifacts/fused")
+def fuse(params_file, overrides, input_dir, out):
+    """ORT transformer optimizer (qwen3): fused RMSNorm, SkipRMSNorm, RoPE."""
+    from stages import fuse as stage
+
+    stage.run(_params(params_file, overrides)["fused"], input_dir, out)
+
+
+@cli.command()
+@_derive_opts("artifacts/fused", "artifacts/fp16")
+def fp16(params_file, overrides, input_dir, out):
+    """FP16 weights and KV cache (the GPU artifact), valid on CPU too."""
+    from stages import fp16 as stage
+
+    stage.run(_params(params_file, overrides)["fp16"], input_dir, out)
+
+
+MODES = {"dynamic": ("int8_dynamic", "int8-dynamic"), "static": ("int8_static", "int8-static"),
+         "int4": ("int4", "int4")}
+
+
+@cli.command()
+@click.option("--mode", required=True, type=click.Choice(sorted(MODES)), help="dynamic | static | int4")
+@PARAMS_OPT
+@SET_OPT
+@click.option("--input", "input_dir", default=None, help="parent artifact (default: <mode>.parent in params)")
+@click.option("--out", default=None, help="output dir (default: artifacts/<stage>)")
+@click.option("--calibration", default=None, help="static: calibration source (file, dir or dataset name)")
+@click.option("--text-column", default=None, help="static: text column of the calibration source")
+@click.option("--samples", type=int, default=None, help="static: calibration windows")
+@click.option("--seq-len", type=int, default=None, help="static: tokens per calibration window")
+@click.option("--method", default=None, type=click.Choice(["MinMax", "Entropy", "Percentile"]), help="static: calibration method")
+@click.option("--smoothquant/--no-smoothquant", default=None, help="static: SmoothQuant before calibration")
+@click.option("--alpha", type=float, default=None, help="static: SmoothQuant alpha")
+@click.option("--block-size", type=int, default=None, help="int4: block size")
+@click.option("--symmetric/--asymmetric", default=None, help="int4: symmetric blocks")
+def quantize(mode, params_file, overrides, input_dir, out, calibration, text_column, samples, seq_len, method,
+             smoothquant, alpha, block_size, symmetric):
+    """INT8 dynamic, INT8 static (calibrated, QDQ) or INT4 weight-only (MatMulNBits)."""
+    import importlib
+
+    section, stage_name = MODES[mode]
+    params = _params(params_file, overrides)
+    sp = dict(params[section])
+    given = {"calibration.source": calibration, "calibration.text_column": text_column,
+             "calibration.samples": samples, "calibration.seq_len": seq_len, "method": method,
+             "smoothquant.enabled": smoothquant, "smoothquant.alpha": alpha, "block_size": block_size,
+             "symmetric": symmetric}
+    for key, value in given.items():
+        if value is None:
+            continue
+        head, _, tail = key.partition(".")
+        if mode != "static" and head in ("calibration", "method", "smoothquant"):
+            raise PipelineError(f"--{head.replace('_', '-')} options apply to --mode static only")
+        if mode != "int4" and head in ("block_size", "symmetric"):
+            raise PipelineError(f"--{head.replace('_', '-')} applies to --mode int4 only")
+        if tail:
+            sp[head] = {**sp.get(head, {}), tail: value}
+        else:
+            sp[head] = value
+    stage = importlib.import_module(f"stages.{section}")
+    stage.run(sp, input_dir or f"artifacts/{sp['parent']}", out or f"artifacts/{stage_name}")
+
+
+@cli.command()
+@click.option("--artifact", required=True, type=click.Path(), help="ONNX artifact directory")
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--provider", default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True)
+def generate(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, provider):
+    """Stream a continuation of PROMPT from an artifact (verified first)."""
+    from .runtime import Runtime
+    from .verify import verify
+
+    verify(artifact)
+    rt = Runtime(artifact, provider=provider)
+    ids = rt.encode(prompt)
+    out: list[int] = []
+    shown = [""]
+
+    def on_token(tok):  # decode the whole continuation each time so multi-byte characters print whole
+        out.append(tok)
+        text = rt.decode(out)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
+
+    sys.stdout.write(prompt)
+    rt.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                on_token=on_token)
+    sys.stdout.write("\n")
+    info(f"generate: {len(out)} tokens from {artifact}")
+
+
+@cli.command("verify")
+@click.argument("directory", type=click.Path())
+def verify_cmd(directory):
+    """Check an artifact's manifest, hashes, id, external data and that ORT loads it; print its lineage."""
+    from .verify import lineage, verify
+
+    manifest = verify(directory)
+    click.echo(f"verified: {directory} ({manifest['stage']}, {len(manifest['files'])} files, "
+               f"{manifest['size_bytes'] / 1e6:.1f} MB)")
+    click.echo(f"lineage: {lineage(manifest)}")
+
+
+def main():
+    try:
+        cli.main(standalone_mode=False)
+    except PipelineError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug, not bad input: one line, traceback on request
+        if os.environ.get("PIPELINE_DEBUG"):
+            raise
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (set PIPELINE_DEBUG=1 for the traceback)", err=True)
+        sys.exit(3)

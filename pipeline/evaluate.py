@@ -1,0 +1,126 @@
+"""Perplexity, KL divergence and top-1 agreement, computed the way llama.cpp's perplexity tool does.
+
+The held-out text is tokenized once and cut into non-overlapping windows of ``ctx`` tokens; only the
+second half of each window is scored, so every scored token has at least ctx/2 tokens of context.
+A *scorer* is anything with ``logits(ids) -> (T, V) float array``: the ONNX reference runtime or
+the PyTorch model. Reference and candidate run window by window, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PipelineError
+from .log import Progress
+
+
+def make_windows(ids: list[int] | np.ndarray, ctx: int, max_windows: int = 0) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    if ctx < 4:
+        raise PipelineError(f"eval.ctx must be at least 4 (got {ctx})")
+    n = len(ids) // ctx
+    if n < 2:
+        raise PipelineError(f"eval text has {len(ids)} tokens, shorter than two windows of eval.ctx={ctx}: "
+                            f"give more held-out text or lower eval.ctx")
+    if max_windows and max_windows > 0:
+        n = min(n, max_windows)
+    return ids[: n * ctx].reshape(n, ctx)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def score(candidate, windows: np.ndarray, reference=None, label: str = "eval") -> dict:
+    """Perplexity of ``candidate``; with ``reference`` also its PPL, KL(ref || cand) and top-1 agreement."""
+    ctx = windows.shape[1]
+    first = ctx // 2
+    nll, ref_nll, kld, agree = [], [], [], []
+    progress = Progress(label, len(windows))
+    for i, win in enumerate(windows):
+        targets = win[first:]
+        lp = log_softmax(candidate.logits(win)[first - 1: ctx - 1])
+        nll.append(-lp[np.arange(len(targets)), targets])
+        if reference is not None:
+            rlp = log_softmax(reference.logits(win)[first - 1: ctx - 1])
+            ref_nll.append(-rlp[np.arange(len(targets)), targets])
+            kld.append(np.maximum((np.exp(rlp) * (rlp - lp)).sum(axis=-1), 0.0))
+            agree.append(rlp.argmax(-1) == lp.argmax(-1))
+        progress.update(i + 1, f"ppl {np.exp(np.concatenate(nll).mean()):.3f}")
+    nll = np.concatenate(nll)
+    out = {"ppl": float(np.exp(nll.mean())), "tokens_scored": int(nll.size), "windows": int(len(windows)),
+           "ctx": int(ctx), "eval_seconds": round(progress.elapsed, 2)}
+    if reference is not None:
+        ref_ppl = float(np.exp(np.concatenate(ref_nll).mean()))
+        kld = np.concatenate(kld)
+        out.update({
+            "ref_ppl": ref_ppl,
+            "drift_pct": (out["ppl"] - ref_ppl) / ref_ppl * 100.0,
+            "kld_mean": float(kld.mean()),
+            "kld_p99": float(np.percentile(kld, 99)),
+            "top1_agreement": float(np.concatenate(agree).mean()),
+        })
+    return out
+
+
+def model_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in Path(directory).glob("model.onnx*") if p.is_file())
+
+
+def evaluate_artifact(artifact: str | Path, eval_text: str, params: dict, reference: str | Path | None = None,
+                      name: str | None = None, provider: str = "cpu") -> dict:
+    """Score ``artifact`` on ``eval_text``; against ``reference`` (an ONNX artifact, or the checkpoint
+    = PyTorch) also drift, KL divergence and top-1 agreement; then apply ``budgets.<name>``."""
+    from .runtime import Runtime
+    from .verify import verify
+
+    artifact = Path(artifact)
+    manifest = verify(artifact)
+    candidate = Runtime(artifact, provider=provider)
+    ref_model, ref_manifest = None, None
+    if reference:
+        ref_manifest = verify(reference, load=False)
+        if ref_manifest["stage"] == "checkpoint":
+            from .torch_ref import TorchModel
+
+            ref_model = TorchModel(reference)
+        else:
+            ref_model = Runtime(reference, provider=provider)
+    ep = params.get("eval", {})
+    windows = make_windows(candidate.encode(eval_text), int(ep.get("ctx", 128)), int(ep.get("max_windows") or 0))
+    name = name or artifact.name
+    metrics = score(candidate, windows, ref_model, label=f"evaluate {name}")
+    size = model_bytes(artifact)
+    if ref_manifest is not None and ref_manifest["stage"] != "checkpoint":
+        ratio = size / model_bytes(Path(reference))
+    else:
+        ratio = 1.0
+    metrics = {"artifact": name, "artifact_id": manifest["artifact_id"], "stage": manifest["stage"],
+               "reference": (ref_manifest or {}).get("stage"), **metrics, "size_bytes": size, "size_ratio": ratio,
+               "stage_seconds": manifest["metrics"].get("stage_seconds")}
+    metrics["budget"] = check_budget(metrics, (params.get("budgets") or {}).get(name))
+    return metrics
+
+
+BUDGET_KEYS = {"drift_pct": "max_drift_pct", "kld_mean": "max_kld_mean", "size_ratio": "max_size_ratio"}
+
+
+def check_budget(metrics: dict, budget: dict | None) -> dict:
+    """Compare metrics with a budget {max_drift_pct, max_kld_mean, max_size_ratio, min_top1, report_only}."""
+    if not budget:
+        return {"status": "no budget", "violations": []}
+    violations = []
+    for key, limit_key in BUDGET_KEYS.items():
+        if limit_key in budget and metrics.get(key) is not None:
+            value = abs(metrics[key]) if key == "drift_pct" else metrics[key]
+            if value > float(budget[limit_key]):
+                violations.append(f"{key} {metrics[key]:.4g} > {budget[limit_key]}")
+    if "min_top1" in budget and metrics.get("top1_agreement") is not None:
+        if metrics["top1_agreement"] < float(budget["min_top1"]):
+            violations.append(f"top1_agreement {metrics['top1_agreement']:.4g} < {budget['min_top1']}")
+    status = "pass" if not violations else ("over budget (report-only)" if budget.get("report_only") else "fail")
+    return {"status": status, "violations": violations, **{k: v for k, v in budget.items()}}

@@ -1,0 +1,160 @@
+"""Artifact manifests: lineage, hashes, tool versions, metrics.
+
+Every artifact directory carries ``manifest.json``, written last. The artifact id is a content hash
+over the files, the parent's id, the stage name and the stage's params, so equal inputs give equal ids
+and any changed byte gives a different one. This module imports neither torch nor transformers: a
+consumer with only onnxruntime can verify an artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import PipelineError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TRACKED_TOOLS = ("onnx", "onnxruntime", "optimum", "optimum-onnx", "transformers", "torch", "tokenizers",
+                 "qwen-onnx-pipeline")
+REQUIRED_KEYS = ("schema_version", "artifact_id", "stage", "parent_id", "source", "params", "versions",
+                 "files", "metrics", "lineage")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def list_files(directory: Path) -> list[dict]:
+    """Every regular file under ``directory`` (manifest excluded) with size and sha256; links refused."""
+    entries = []
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_symlink():
+            raise PipelineError(f"{directory}: {rel} is a symlink; artifacts hold regular files only")
+        if path.is_dir() or rel == MANIFEST:
+            continue
+        entries.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
+    return entries
+
+
+def compute_artifact_id(files: list[dict], parent_id: str | None, stage: str, params: dict) -> str:
+    payload = _canonical({
+        "files": [[f["path"], f["sha256"]] for f in sorted(files, key=lambda f: f["path"])],
+        "parent_id": parent_id,
+        "stage": stage,
+        "params": params,
+    })
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def tool_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def build_manifest(directory: Path, *, stage: str, params: dict, source: dict, metrics: dict,
+                   parent: dict | None = None, extra: dict | None = None) -> dict:
+    files = list_files(directory)
+    parent_id = parent["artifact_id"] if parent else None
+    lineage = []
+    if parent:
+        lineage = [{"artifact_id": parent["artifact_id"], "stage": parent["stage"]}] + parent.get("lineage", [])
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "artifact_id": compute_artifact_id(files, parent_id, stage, params),
+        "stage": stage,
+        "parent_id": parent_id,
+        "lineage": lineage,
+        "source": source,
+        "params": params,
+        "versions": tool_versions(),
+        "files": files,
+        "size_bytes": sum(f["size"] for f in files),
+        "metrics": metrics,
+    }
+    manifest.update(extra or {})
+    return manifest
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Parse and schema-check ``manifest.json``; one clear PipelineError for each way it can be wrong."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PipelineError(f"artifact directory {directory} does not exist")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise PipelineError(f"{directory} has no {MANIFEST}: not an artifact of this pipeline (or half-written)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path} is not valid JSON ({exc}); the artifact is damaged, rebuild or re-pull it") from None
+    if not isinstance(manifest, dict):
+        raise PipelineError(f"{path} is malformed: expected a JSON object")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise PipelineError(f"{path} has manifest schema version {version!r}; this tool reads version "
+                            f"{SCHEMA_VERSION} (upgrade qwen-onnx-pipeline to read newer artifacts)")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise PipelineError(f"{path} is malformed: missing {', '.join(missing)}")
+    if not isinstance(manifest["files"], list) or not all(
+            isinstance(f, dict) and {"path", "size", "sha256"} <= f.keys() for f in manifest["files"]):
+        raise PipelineError(f"{path} is malformed: 'files' must list {{path, size, sha256}} entries")
+    return manifest
+
+
+def check_files(directory: str | Path, manifest: dict) -> None:
+    """Every listed file present with its size and sha256, nothing unlisted, id matching the content."""
+    directory = Path(directory).resolve()
+    listed = {}
+    for entry in manifest["files"]:
+        rel = entry["path"]
+        target = (directory / rel)
+        if target.is_symlink():
+            raise PipelineError(f"{directory}: {rel} is a symlink; artifacts hold regular files only")
+        if not target.resolve().is_relative_to(directory):
+            raise PipelineError(f"{directory}: manifest lists {rel}, which points outside the artifact")
+        if not target.is_file():
+            raise PipelineError(f"{directory}: {rel} is listed in the manifest but missing")
+        if target.stat().st_size != entry["size"]:
+            raise PipelineError(f"{directory}: {rel} has {target.stat().st_size} bytes, manifest says "
+                                f"{entry['size']}: the file was changed or truncated")
+        if sha256_file(target) != entry["sha256"]:
+            raise PipelineError(f"{directory}: {rel} does not match its sha256 in the manifest: the file was changed")
+        listed[rel] = entry
+    actual = list_files(directory)
+    extra = sorted({f["path"] for f in actual} - listed.keys())
+    if extra:
+        raise PipelineError(f"{directory}: {', '.join(extra)} not listed in the manifest: unknown files in the artifact")
+    expected = compute_artifact_id(manifest["files"], manifest["parent_id"], manifest["stage"], manifest["params"])
+    if expected != manifest["artifact_id"]:
+        raise PipelineError(f"{directory}: artifact id {manifest['artifact_id']} does not match its content "
+                            f"({expected}): the manifest was edited")
+
+
+def expect_stage(manifest: dict, stages: tuple[str, ...], directory: Path) -> None:
+    if manifest["stage"] not in stages:
+        raise PipelineError(f"{directory} is a '{manifest['stage']}' artifact; this step needs one of: "
+                            f"{', '.join(stages)}")

@@ -1,0 +1,93 @@
+"""Saving and checking ONNX artifacts.
+
+Every artifact stores its graph as ``model.onnx`` plus one external-data file ``model.onnx_data``,
+whatever the model's size: the same layout (and code path) for the 16 MB built-in model as for an
+8 GB Qwen3-4B, where protobuf's 2 GB limit makes external data mandatory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .errors import PipelineError
+
+MODEL = "model.onnx"
+DATA = "model.onnx_data"
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def load(artifact_dir: str | Path, load_external_data: bool = True):
+    import onnx
+
+    path = Path(artifact_dir) / MODEL
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:
+        raise PipelineError(f"{path} cannot be read as ONNX ({type(exc).__name__}: {str(exc)[:200]}); "
+                            f"the file is truncated or damaged, rebuild or re-pull the artifact") from None
+
+
+def save(model, out_dir: str | Path) -> Path:
+    import onnx
+
+    out_dir = Path(out_dir)
+    for stale in (out_dir / MODEL, out_dir / DATA):
+        stale.unlink(missing_ok=True)
+    onnx.save_model(model, str(out_dir / MODEL), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA, size_threshold=1024, convert_attribute=False)
+    return out_dir / MODEL
+
+
+def check(path: str | Path) -> None:
+    """Full ONNX checker in its large-model form (by path, so external data is allowed)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except Exception as exc:
+        raise PipelineError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> None:
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
+def opset(model) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def op_counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def lm_head_nodes(model) -> list[str]:
+    """Names of the MatMul/Gemm nodes that produce ``logits`` (walking back through Cast/Identity)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get("logits")
+    while node is not None and node.op_type in ("Cast", "Identity", "Reshape"):
+        node = producers.get(node.input[0])
+    return [node.name] if node is not None and node.op_type in ("MatMul", "Gemm") else []
+
+
+def embedding_nodes(model) -> list[str]:
+    """Gather nodes that look up an initializer table with the token ids."""
+    init = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in init]
+
+
+def weight_matmuls(model) -> list[str]:
+    """MatMul nodes with a constant (initializer) weight: the projections; the rest are attention's."""
+    init = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in init]
+
+
+def activation_matmuls(model) -> list[str]:
+    init = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in init]

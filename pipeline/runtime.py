@@ -1,0 +1,256 @@
+"""The reference runtime: one piece used by evaluation, calibration and generation alike.
+
+It loads an artifact directory, discovers input/output names, dtypes and KV-cache shapes from the
+graph (FP32 or FP16 KV), and runs prefill then decode with the KV cache. :meth:`Runtime.feeds` is
+the only place that builds the merged decoder's inputs (ids, attention mask, position ids, past).
+No torch, no transformers: onnxruntime, numpy and tokenizers only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import PipelineError
+
+ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+               "tensor(int32)": np.int32, "tensor(bfloat16)": None}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+
+
+def model_path(artifact_dir: str | Path) -> Path:
+    path = Path(artifact_dir) / "model.onnx"
+    if not path.is_file():
+        raise PipelineError(f"{artifact_dir} has no model.onnx: not an ONNX artifact")
+    return path
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.log_severity_level = 3
+    return so
+
+
+def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None):
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise PipelineError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[provider]
+    if wanted not in ort.get_available_providers():
+        raise PipelineError(f"the installed onnxruntime has no {wanted} (it has "
+                            f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu for --provider cuda")
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=list(dict.fromkeys([wanted, "CPUExecutionProvider"])))
+    except Exception as exc:  # ORT raises Fail / InvalidGraph / NotImplemented with long texts
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"onnxruntime {ort.__version__} cannot load {path}: {first[:400]}") from None
+
+
+@dataclass
+class KVSpec:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: type
+
+
+@dataclass
+class IOInfo:
+    name: str
+    type: str
+    shape: list
+
+
+class GraphIO:
+    """What a merged decoder expects, discovered from its graph: input/output names, mask dtype, KV spec.
+
+    Built from a live session or from the ONNX file alone (no weights loaded), so calibration can
+    build feeds for a model it has not opened in onnxruntime. :meth:`feeds` is the one feed builder."""
+
+    def __init__(self, inputs: list[IOInfo], outputs: list[str], config: dict, where: str):
+        self.where = where
+        self.config = config
+        byname = {i.name: i for i in inputs}
+        self.input_names = set(byname)
+        self.output_names = list(outputs)
+        if "input_ids" not in byname:
+            raise PipelineError(f"{where} has no input_ids input: not a causal-LM decoder")
+        if "logits" not in self.output_names:
+            raise PipelineError(f"{where} has no logits output: not a causal-LM decoder")
+        past = sorted(((int(m[1]), m[2], n) for n in byname if (m := _PAST.match(n))))
+        self.past_names = [n for _, _, n in past]
+        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        missing = [n for n in self.present_names if n not in self.output_names]
+        if missing:
+            raise PipelineError(f"{where} lacks KV outputs {missing[:2]}...: export with KV cache")
+        self.kv = self._kv_spec(byname[self.past_names[0]]) if self.past_names else None
+        mask = byname.get("attention_mask")
+        self.mask_dtype = ONNX_DTYPES.get(mask.type, np.int64) if mask is not None else None
+
+    @classmethod
+    def from_session(cls, session, config: dict, where: str) -> "GraphIO":
+        return cls([IOInfo(i.name, i.type, list(i.shape)) for i in session.get_inputs()],
+                   [o.name for o in session.get_outputs()], config, where)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, config: dict) -> "GraphIO":
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        init = {t.name for t in model.graph.initializer}
+
+        def info(v):
+            tt = v.type.tensor_type
+            dtype = "tensor(" + {1: "float", 10: "float16", 7: "int64", 6: "int32", 16: "bfloat16"}.get(
+                tt.elem_type, str(tt.elem_type)) + ")"
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+            return IOInfo(v.name, dtype, dims)
+
+        return cls([info(v) for v in model.graph.input if v.name not in init],
+                   [o.name for o in model.graph.output], config, str(path))
+
+    def _kv_spec(self, first: IOInfo) -> KVSpec:
+        dtype = ONNX_DTYPES.get(first.type)
+        if dtype is None:
+            raise PipelineError(f"unsupported KV-cache dtype {first.type} in {self.where}")
+        shape, cfg = first.shape, self.config  # [batch, kv_heads, past_len, head_dim]; symbolic dims are str/None
+        heads = shape[1] if isinstance(shape[1], int) else cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
+        head_dim = shape[3] if isinstance(shape[3], int) else cfg.get(
+            "head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+        return KVSpec(layers=len(self.past_names) // 2, kv_heads=int(heads), head_dim=int(head_dim), dtype=dtype)
+
+    def empty_past(self, batch: int = 1) -> list[np.ndarray]:
+        kv = self.kv
+        return [np.zeros((batch, kv.kv_heads, 0, kv.head_dim), dtype=kv.dtype) for _ in self.past_names]
+
+    def feeds(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Inputs for one step: ``input_ids`` (batch, T) after ``past`` (None = empty past of length 0)."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        batch, length = input_ids.shape
+        past_len = 0 if not past else past[0].shape[2]
+        feeds = {"input_ids": input_ids}
+        if self.mask_dtype is not None:
+            feeds["attention_mask"] = np.ones((batch, past_len + length), dtype=self.mask_dtype)
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + length, dtype=np.int64),
+                                                    (batch, length)).copy()
+        if self.past_names:
+            for name, value in zip(self.past_names, past or self.empty_past(batch)):
+                feeds[name] = value
+        return feeds
+
+
+class Runtime:
+    """ONNX Runtime session over a merged decoder with ``past_key_values.*`` inputs."""
+
+    def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None):
+        self.dir = Path(artifact_dir)
+        self.session = make_session(model_path(self.dir), provider, threads)
+        self.config = _read_json(self.dir / "config.json")
+        self.io = GraphIO.from_session(self.session, self.config, f"{self.dir}/model.onnx")
+        self.eos_ids = _eos_ids(self.dir, self.config)
+        self._tokenizer = None
+
+    def forward(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None):
+        """One step: returns (logits float32 (batch, T, V), present KV list)."""
+        outs = self.session.run(["logits"] + self.io.present_names, self.io.feeds(input_ids, past))
+        return outs[0].astype(np.float32, copy=False), outs[1:]
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Logits for every position of one sequence (no past): the scorer interface of evaluation."""
+        return self.forward(np.asarray(ids)[None])[0][0]
+
+    # ------------------------------------------------------------------------------------------ tokens
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            path = self.dir / "tokenizer.json"
+            if not path.is_file():
+                raise PipelineError(f"{self.dir} has no tokenizer.json")
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """Fixed-length greedy continuation (EOS ignored), for parity checks."""
+        return self.generate(list(ids), max_new_tokens, stop_at_eos=False)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+                 on_token: Callable[[int], None] | None = None) -> list[int]:
+        """Prefill the prompt, then decode one token at a time with the KV cache.
+
+        ``temperature`` 0 is greedy; otherwise seeded sampling with optional top-k / top-p."""
+        if not prompt_ids:
+            raise PipelineError("the prompt is empty")
+        limit = self.config.get("max_position_embeddings")
+        if limit and len(prompt_ids) + max_new_tokens > limit:
+            max_new_tokens = max(0, limit - len(prompt_ids))
+        rng = np.random.default_rng(seed)
+        logits, past = self.forward(np.asarray(prompt_ids)[None])
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            nxt = sample(logits[0, -1], rng, temperature, top_k, top_p)
+            out.append(nxt)
+            if on_token:
+                on_token(nxt)
+            if stop_at_eos and nxt in self.eos_ids:
+                break
+            logits, past = self.forward(np.asarray([[nxt]]), past)
+        return out
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / temperature
+    if 0 < top_k < x.size:
+        kth = np.partition(x, -top_k)[-top_k]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < top_p  # smallest prefix whose mass reaches top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: the artifact is incomplete")
+    return json.loads(path.read_text())
+
+
+def _eos_ids(directory: Path, config: dict) -> set[int]:
+    ids = config.get("eos_token_id")
+    gen = directory / "generation_config.json"
+    if gen.is_file():
+        ids = json.loads(gen.read_text()).get("eos_token_id", ids)
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, list) else {int(ids)}

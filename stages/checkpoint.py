@@ -1,0 +1,226 @@
+"""Stage `checkpoint`: the model every later stage starts from.
+
+``model.source`` is ``builtin:qwen3-tiny`` (a byte-level BPE tokenizer and a small Qwen3 trained here
+on the data stage's train split), a local Hugging Face checkpoint directory, or a hub id (networked
+machines only). The output is a self-contained HF directory saved with safetensors, plus a manifest
+recording the source, its revision or file hashes, and the config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import manifest as mf
+from pipeline import store
+from pipeline.errors import PipelineError
+from pipeline.evaluate import make_windows, score
+from pipeline.log import info
+
+BUILTIN = "builtin:qwen3-tiny"
+EOS = "<|endoftext|>"
+# Files copied from a local or hub checkpoint; weights only as safetensors (never pickle).
+CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.json", "*.txt")
+
+
+# ---------------------------------------------------------------------------------------------- builtin
+def train_tokenizer(text: str, vocab_size: int, out_dir: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text.split("\n\n"), trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+    hf.model_max_length = 1 << 30
+    hf.save_pretrained(str(out_dir))
+    return hf
+
+
+def encode_text(tokenizer, text: str) -> np.ndarray:
+    """The text tokenized once, as evaluation does (llama.cpp style): train and score the same stream."""
+    return np.asarray(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+
+def unigram_ppl(train_ids: np.ndarray, windows: np.ndarray, vocab: int) -> float:
+    """Add-one unigram model from the train split, scored on the same tokens as the LM."""
+    counts = np.bincount(train_ids, minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    targets = windows[:, windows.shape[1] // 2:].reshape(-1)
+    return float(np.exp(-logp[targets].mean()))
+
+
+def train_builtin(params: dict, data_dir: Path, tmp: Path) -> dict:
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from pipeline.torch_ref import TorchModel
+    from calibration.sources import read_split
+
+    tp, ep = params["train"], params["eval"]
+    seed = int(tp["seed"])
+    torch.manual_seed(seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    train_text, eval_text = read_split(data_dir, "train"), read_split(data_dir, "eval")
+
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(train_text, int(params["tokenizer"]["vocab_size"]), tmp)
+    train_ids = encode_text(tokenizer, train_text)
+    eval_ids = encode_text(tokenizer, eval_text)
+    info(f"checkpoint: tokenizer {len(tokenizer)} tokens; train {len(train_ids):,} tokens, "
+         f"eval {len(eval_ids):,} tokens ({time.perf_counter() - t0:.1f} s)")
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=int(tp["hidden_size"]), intermediate_size=int(tp["intermediate_size"]),
+        num_hidden_layers=int(tp["layers"]), num_attention_heads=int(tp["heads"]),
+        num_key_value_heads=int(tp["kv_heads"]), head_dim=int(tp["head_dim"]),
+        max_position_embeddings=int(tp["max_position_embeddings"]), rope_theta=10000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id, attention_dropout=0.0, use_cache=True,
+        torch_dtype="float32",
+    )
+    if config.num_key_value_heads >= config.num_attention_heads:
+        raise PipelineError("train.kv_heads must be smaller than train.heads (the target model uses GQA)")
+    model = Qwen3ForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    info(f"checkpoint: Qwen3 {config.num_hidden_layers} layers x {config.hidden_size}, "
+         f"{config.num_attention_heads} heads / {config.num_key_value_heads} KV heads, {n_params / 1e6:.2f} M params")
+
+    steps, bs, seq = int(tp["steps"]), int(tp["batch_size"]), int(tp["seq_len"])
+    warmup, lr = int(tp["warmup"]), float(tp["lr"])
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(tp["weight_decay"])},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))))
+    rng = np.random.default_rng(seed)
+    data = torch.as_tensor(train_ids)
+    model.train()
+    t0 = last = time.perf_counter()
+    loss_ema = None
+    for step in range(1, steps + 1):
+        starts = rng.integers(0, len(train_ids) - seq - 1, size=bs)
+        batch = torch.stack([data[s: s + seq + 1] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss  # HF shifts the labels by one internally
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        lv = loss.item()
+        loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
+        now = time.perf_counter()
+        if now - last >= 5 or step == steps:
+            last = now
+            rate = step * bs * seq / (now - t0)
+            info(f"  train step {step}/{steps} loss {loss_ema:.3f} ({rate:,.0f} tok/s, "
+                 f"eta {(steps - step) * (now - t0) / step:.0f} s)")
+    train_s = time.perf_counter() - t0
+    model.eval()
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.eos_token_id, do_sample=False)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+
+    windows = make_windows(eval_ids, int(ep["ctx"]), int(ep.get("max_windows") or 0))
+    held_out = score(TorchModel(tmp), windows, label="held-out ppl")
+    uni = unigram_ppl(train_ids, windows, len(tokenizer))
+    return {
+        "source": {"model": BUILTIN, "data_id": _data_id(data_dir)},
+        "metrics": {"params_m": round(n_params / 1e6, 3), "train_seconds": round(train_s, 1),
+                    "train_tokens": steps * bs * seq, "final_loss": round(loss_ema, 4),
+                    "heldout_ppl": held_out["ppl"], "unigram_ppl": uni, "ppl_ratio_vs_unigram": held_out["ppl"] / uni,
+                    "eval_tokens_scored": held_out["tokens_scored"]},
+    }
+
+
+def _data_id(data_dir: Path) -> str | None:
+    try:
+        return mf.read_manifest(data_dir)["artifact_id"]
+    except PipelineError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- imported
+def _check_causal_lm(directory: Path, label: str) -> dict:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise PipelineError(f"{label} has no config.json: not a Hugging Face checkpoint directory")
+    config = json.loads(cfg_path.read_text())
+    archs = config.get("architectures") or []
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise PipelineError(f"{label} is not a causal LM (architectures: {archs or 'none'}); "
+                            f"the pipeline needs a *ForCausalLM checkpoint")
+    if not (directory / "tokenizer.json").is_file():
+        raise PipelineError(f"{label} has no tokenizer.json; the pipeline needs the model's fast tokenizer "
+                            f"(save it with AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
+    if not list(directory.glob("*.safetensors")):
+        raise PipelineError(f"{label} has no .safetensors weights; this pipeline never loads pickled weights "
+                            f"(convert with `transformers` save_pretrained(safe_serialization=True))")
+    return config
+
+
+def import_checkpoint(source: str, revision: str, tmp: Path) -> dict:
+    path = Path(source).expanduser()
+    if path.exists() or source.startswith(("/", ".", "~")):
+        if not path.is_dir():
+            raise PipelineError(f"model.source {source}: no such checkpoint directory")
+        _check_causal_lm(path, source)
+        for pattern in CHECKPOINT_PATTERNS:
+            for f in path.glob(pattern):
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        hashes = {f.name: mf.sha256_file(f) for f in sorted(tmp.iterdir())}
+        src = {"model": str(path.resolve()), "kind": "local", "file_sha256": hashes}
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.utils import HfHubHTTPError  # noqa: F401
+
+            local = snapshot_download(source, revision=revision, allow_patterns=list(CHECKPOINT_PATTERNS))
+        except Exception as exc:  # offline: LocalEntryNotFoundError, ConnectionError, ...
+            raise PipelineError(
+                f"could not fetch {source!r} from the Hugging Face hub ({type(exc).__name__}): offline or not a "
+                f"model id. Download it on a networked machine and set model.source to the local directory") from None
+        _check_causal_lm(Path(local), source)
+        for f in Path(local).iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        src = {"model": source, "kind": "hub", "revision": Path(local).name,
+               "file_sha256": {f.name: mf.sha256_file(f) for f in sorted(tmp.iterdir())}}
+    return {"source": src, "metrics": {}}
+
+
+# ---------------------------------------------------------------------------------------------- stage
+def run(params: dict, data_dir: str | Path, out: str | Path) -> dict:
+    """params: the whole params.yaml (model, tokenizer, train, eval sections)."""
+    source = str(params["model"]["source"])
+    with store.staging_dir(out) as tmp:
+        if source == BUILTIN:
+            made = train_builtin(params, Path(data_dir), tmp)
+            stage_params = {k: params[k] for k in ("model", "tokenizer", "train")}
+        elif source.startswith("builtin:"):
+            raise PipelineError(f"unknown built-in model {source!r}; the built-in model is {BUILTIN}")
+        else:
+            made = import_checkpoint(source, str(params["model"].get("revision", "main")), tmp)
+            stage_params = {"model": params["model"]}
+        config = json.loads((tmp / "config.json").read_text())
+        manifest = store.publish(tmp, out, stage="checkpoint", params=stage_params, source=made["source"],
+                                 metrics=made["metrics"], extra={"config": config})
+    m = manifest["metrics"]
+    if "heldout_ppl" in m:
+        info(f"checkpoint: {manifest['artifact_id']} built-in Qwen3 {m['params_m']} M params, held-out ppl "
+             f"{m['heldout_ppl']:.2f} vs unigram {m['unigram_ppl']:.1f} (ratio {m['ppl_ratio_vs_unigram']:.3f}), "
+             f"trained {m['train_seconds']:.0f} s")
+    else:
+        info(f"checkpoint: {manifest['artifact_id']} imported {source} ({manifest['size_bytes'] / 1e6:.1f} MB)")
+    return manifest

@@ -1,0 +1,86 @@
+"""Stage `export`: HF checkpoint -> FP32 ONNX merged decoder with KV cache (optimum-onnx), checked
+against PyTorch (ONNX checker, max |delta logit|, 32 greedy tokens)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from pipeline import manifest as mf
+from pipeline import onnx_io, parity, store
+from pipeline.errors import PipelineError
+from pipeline.log import info
+from pipeline.runtime import Runtime
+
+TASK = "text-generation-with-past"
+
+
+def _check_exportable(config: dict) -> None:
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs with TasksManager)
+    from optimum.exporters.tasks import TasksManager
+
+    model_type = config.get("model_type", "?")
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(model_type.replace("_", "-"), exporter="onnx",
+                                                                 library_name="transformers")
+    except (KeyError, ValueError):
+        tasks = {}
+    if TASK not in tasks:
+        raise PipelineError(f"optimum-onnx cannot export model_type {model_type!r} as {TASK}; "
+                            f"use a causal LM architecture it supports (qwen3, llama, mistral, ...)")
+
+
+def run(params: dict, checkpoint_dir: str | Path, out: str | Path) -> dict:
+    from optimum.exporters.onnx import main_export
+
+    from pipeline.torch_ref import TorchModel
+
+    checkpoint_dir = Path(checkpoint_dir)
+    parent = mf.read_manifest(checkpoint_dir)
+    mf.expect_stage(parent, ("checkpoint",), checkpoint_dir)
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    _check_exportable(config)
+    opset = int(params["opset"])
+    t0 = time.perf_counter()
+    with store.staging_dir(out) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".export-raw-") as raw:
+        info(f"export: optimum-onnx {TASK}, opset {opset} ...")
+        quiet = io.StringIO()
+        logging.getLogger("optimum").setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit tracer warnings on every export
+                main_export(str(checkpoint_dir), output=raw, task=TASK, opset=opset, device="cpu",
+                            do_validation=False, local_files_only=True, trust_remote_code=False)
+        except Exception as exc:
+            raise PipelineError(f"optimum-onnx export of {checkpoint_dir} failed: "
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+        raw = Path(raw)
+        model = onnx_io.load(raw)
+        onnx_io.save(model, tmp)
+        onnx_io.copy_side_files(raw, tmp)
+        onnx_io.copy_side_files(checkpoint_dir, tmp)  # tokenizer files optimum may not copy
+        export_s = time.perf_counter() - t0
+        onnx_io.check(tmp / onnx_io.MODEL)
+        info(f"export: graph checked ({export_s:.1f} s); parity with PyTorch on {len(parity.PROMPTS)} prompts ...")
+        runtime = Runtime(tmp)
+        result = parity.check(runtime, TorchModel(checkpoint_dir), runtime.encode, int(params["greedy_tokens"]))
+        if not result["greedy_match"]:
+            raise PipelineError(f"export parity failed: greedy tokens differ from PyTorch (prefix match "
+                                f"{result['greedy_prefix_match']:.0%}, max |dlogit| {result['max_abs_logit_delta']:.2e})")
+        if result["max_abs_logit_delta"] > float(params["max_abs_logit_delta"]):
+            raise PipelineError(f"export parity failed: max |dlogit| {result['max_abs_logit_delta']:.2e} > "
+                                f"export.max_abs_logit_delta {params['max_abs_logit_delta']}")
+        metrics = {**result, "export_seconds": round(export_s, 2), "op_counts": onnx_io.op_counts(model)}
+        manifest = store.publish(tmp, out, stage="export", params=params, parent=parent, source=parent["source"],
+                                 metrics=metrics, extra={"opset": onnx_io.opset(model), "task": TASK,
+                                                         "precision": "fp32", "kv_dtype": "float32"})
+    info(f"export: {manifest['artifact_id']} fp32 {manifest['size_bytes'] / 1e6:.1f} MB, opset {manifest['opset']}, "
+         f"max |dlogit| vs PyTorch {result['max_abs_logit_delta']:.2e}, greedy {result['greedy_tokens']} tokens "
+         f"identical on {result['greedy_prompts']} prompts, {export_s:.1f} s")
+    return manifest

@@ -1,0 +1,102 @@
+"""Shared fixtures: one small built-in model per test session (same code path, smaller training budget),
+exported once; derived artifacts built on demand."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.params import load_params  # noqa: E402
+
+# Same stages, same architecture; a training budget that fits a test run.
+SMALL = ("train.steps=40", "train.warmup=5", "eval.max_windows=12", "calibration.samples=8",
+         "int8_static.calibration.samples=8")
+
+
+def small_params(*extra: str) -> dict:
+    return load_params(REPO / "params.yaml", [o for o in SMALL if _known(o)] + list(extra))
+
+
+def _known(override: str) -> bool:
+    key = override.split("=", 1)[0].split(".")
+    params = load_params(REPO / "params.yaml")
+    node = params
+    for part in key[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return isinstance(node, dict)
+
+
+def run_cli(*args: str, cwd: Path | str = REPO, check: bool = False, env: dict | None = None):
+    """Run the real `pipeline` command in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def assert_clean_failure(proc, *needles: str) -> str:
+    """Exit != 0, one `error:` line naming the problem, no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle.lower() in errors[0].lower(), errors[0]
+    return errors[0]
+
+
+def no_partial(parent: Path) -> None:
+    leftovers = [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert not leftovers, leftovers
+
+
+@pytest.fixture(scope="session")
+def params():
+    return small_params()
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def data_dir(params, work):
+    from stages import data
+
+    data.run(params["data"], work / "data")
+    return work / "data"
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(params, data_dir, work):
+    from stages import checkpoint
+
+    checkpoint.run(params, data_dir, work / "checkpoint")
+    return work / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def export_dir(params, checkpoint_dir, work):
+    from stages import export
+
+    export.run(params["export"], checkpoint_dir, work / "export")
+    return work / "export"
+
+
+@pytest.fixture(scope="session")
+def fused_dir(params, export_dir, work):
+    from stages import fuse
+
+    fuse.run(params["fused"], export_dir, work / "fused")
+    return work / "fused"

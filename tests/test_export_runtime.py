@@ -1,0 +1,107 @@
+"""Export parity with PyTorch, and the reference runtime (prefill/decode, sampling, scoring)."""
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline import manifest as mf
+from pipeline.runtime import GraphIO, Runtime, sample
+from pipeline.torch_ref import TorchModel
+
+
+def test_export_artifact_is_complete_and_checked(export_dir, checkpoint_dir):
+    m = mf.read_manifest(export_dir)
+    mf.check_files(export_dir, m)
+    assert m["stage"] == "export" and m["parent_id"] == mf.read_manifest(checkpoint_dir)["artifact_id"]
+    assert m["opset"] == 17 and m["precision"] == "fp32"
+    assert m["metrics"]["greedy_match"] is True and m["metrics"]["greedy_tokens"] == 32
+    assert m["metrics"]["max_abs_logit_delta"] < 1e-3
+    assert {"python", "onnx", "onnxruntime", "optimum", "transformers", "torch"} <= m["versions"].keys()
+    names = {f["path"] for f in m["files"]}
+    assert {"model.onnx", "model.onnx_data", "config.json", "generation_config.json", "tokenizer.json"} <= names
+    onnx.checker.check_model(str(export_dir / "model.onnx"))
+
+
+def test_export_stores_the_tied_embedding_once(export_dir, checkpoint_dir):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(checkpoint_dir)
+    model = onnx.load(str(export_dir / "model.onnx"), load_external_data=False)
+    big = [t.name for t in model.graph.initializer if sorted(t.dims) == sorted([cfg.vocab_size, cfg.hidden_size])]
+    assert len(big) == 1, big
+
+
+def test_optimum_loads_the_artifact(export_dir, checkpoint_dir):
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    ort_model = ORTModelForCausalLM.from_pretrained(export_dir)
+    ids = torch.tensor([Runtime(export_dir).encode("The for statement")])
+    out = ort_model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    expected = TorchModel(checkpoint_dir).greedy(ids[0].tolist(), 8)
+    assert out[0, ids.shape[1]:].tolist() == expected
+
+
+def test_graph_io_is_discovered(export_dir):
+    rt = Runtime(export_dir)
+    cfg = rt.config
+    assert rt.io.kv.layers == cfg["num_hidden_layers"]
+    assert rt.io.kv.kv_heads == cfg["num_key_value_heads"] and rt.io.kv.dtype == np.float32
+    offline = GraphIO.from_onnx(export_dir / "model.onnx", cfg)
+    assert offline.past_names == rt.io.past_names and offline.kv == rt.io.kv
+
+
+def test_kv_cache_decode_matches_full_recompute(export_dir):
+    rt = Runtime(export_dir)
+    ids = np.array(rt.encode("Exceptions are raised when an error occurs in"))
+    full = rt.logits(ids)
+    logits, past = rt.forward(ids[None, :-3])
+    steps = [logits[0, -1]]
+    for tok in ids[-3:-1]:
+        logits, past = rt.forward(np.array([[tok]]), past)
+        steps.append(logits[0, -1])
+    np.testing.assert_allclose(np.stack(steps), full[-4:-1], atol=1e-4)
+
+
+def test_greedy_matches_pytorch_and_streams(export_dir, checkpoint_dir):
+    rt = Runtime(export_dir)
+    ids = rt.encode("A class definition")
+    seen = []
+    out = rt.generate(ids, 20, stop_at_eos=False, on_token=seen.append)
+    assert seen == out and len(out) == 20
+    assert out == TorchModel(checkpoint_dir).greedy(ids, 20)
+
+
+def test_sampling_is_seeded_and_filters():
+    rng_logits = np.random.default_rng(0).normal(size=50)
+    draws = lambda seed, **kw: [sample(rng_logits, np.random.default_rng(seed), **kw) for _ in range(1)]  # noqa: E731
+    assert draws(1, temperature=1.0) == draws(1, temperature=1.0)
+    top = set(np.argsort(-rng_logits)[:3])
+    rng = np.random.default_rng(5)
+    assert {sample(rng_logits, rng, temperature=2.0, top_k=3) for _ in range(200)} <= top
+    assert sample(rng_logits, rng, temperature=1.0, top_k=1) == int(np.argmax(rng_logits))
+    # top-p keeps the smallest set reaching p: with a dominant token and p small, only it remains
+    peaked = np.zeros(10)
+    peaked[4] = 10.0
+    assert {sample(peaked, rng, temperature=1.0, top_p=0.5) for _ in range(50)} == {4}
+    spread = {sample(rng_logits, rng, temperature=1.0) for _ in range(300)}
+    assert len(spread) > 10
+
+
+def test_eos_stops_generation(export_dir):
+    rt = Runtime(export_dir)
+    ids = rt.encode("The")
+    first = rt.generate(ids, 1)[0]
+    rt.eos_ids = {first}
+    assert rt.generate(ids, 10) == [first]
+
+
+def test_cuda_provider_gives_a_clear_message_when_absent(export_dir):
+    import onnxruntime as ort
+
+    from pipeline.errors import PipelineError
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(PipelineError, match="onnxruntime-gpu"):
+        Runtime(export_dir, provider="cuda")

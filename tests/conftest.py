@@ -100,3 +100,26 @@ def fused_dir(params, export_dir, work):
 
     fuse.run(params["fused"], export_dir, work / "fused")
     return work / "fused"
+
+
+@pytest.fixture(scope="session")
+def derived(params, fused_dir, export_dir, data_dir, work):
+    """Build a derived artifact once per session: derived('int4') -> its directory."""
+    import importlib
+
+    built = {}
+    modules = {"fp16": ("fp16", "fp16"), "int8-dynamic": ("int8_dynamic", "int8_dynamic"),
+               "int8-static": ("int8_static", "int8_static"), "int4": ("int4", "int4")}
+
+    def build(name: str) -> Path:
+        if name not in built:
+            module, section = modules[name]
+            sp = dict(params[section])
+            if name == "int8-static":
+                sp["calibration"] = {**sp["calibration"], "source": str(data_dir / "calibration.txt")}
+            parent = fused_dir if sp.get("parent", "fused") == "fused" else export_dir
+            importlib.import_module(f"stages.{module}").run(sp, parent, work / name)
+            built[name] = work / name
+        return built[name]
+
+    return build

@@ -1,0 +1,82 @@
+"""Stage `fused`: ORT transformer optimizer (model_type qwen3) -> RMSNorm / SkipRMSNorm / RoPE fused.
+
+Heads and hidden size come from the checkpoint config. The RotaryEmbedding fusion adds cos/sin caches
+for 131072 positions whatever the model; they are cut to ``max_position_embeddings``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import onnx_io
+from pipeline.derive import derive
+
+FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
+             "Attention", "MultiHeadAttention", "GroupQueryAttention")
+
+
+def trim_rotary_caches(model, max_positions: int) -> dict:
+    """Slice every RotaryEmbedding cos/sin cache initializer to ``max_positions`` rows."""
+    from onnx import numpy_helper
+
+    init = {t.name: t for t in model.graph.initializer}
+    trimmed = {}
+    for node in model.graph.node:
+        if node.op_type != "RotaryEmbedding":
+            continue
+        for name in node.input[2:4]:
+            tensor = init.get(name)
+            if tensor is None or name in trimmed or tensor.dims[0] <= max_positions:
+                continue
+            arr = numpy_helper.to_array(tensor)[:max_positions]
+            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+            trimmed[name] = [int(d) for d in tensor.dims]
+    return trimmed
+
+
+def retie_embedding(model) -> list[str]:
+    """Undo the optimizer's folding of ``Transpose(embed_table)`` (the tied lm_head) into a second copy.
+
+    The copy is replaced by the Transpose node again: the file stores the table once, and onnxruntime
+    still folds the transpose in memory when the session starts. Returns the names removed."""
+    from onnx import helper, numpy_helper
+
+    init = {t.name: t for t in model.graph.initializer}
+    tables = {model.graph.node[i].input[0] for i, n in enumerate(model.graph.node)
+              if n.name in set(onnx_io.embedding_nodes(model))}
+    removed = []
+    for table in tables:
+        e = numpy_helper.to_array(init[table])
+        for t in list(model.graph.initializer):
+            if t.name != table and list(t.dims) == list(reversed(e.shape)) and np.array_equal(numpy_helper.to_array(t), e.T):
+                model.graph.initializer.remove(t)
+                model.graph.node.insert(0, helper.make_node("Transpose", [table], [t.name], perm=[1, 0],
+                                                            name=f"{t.name}_retied"))
+                removed.append(t.name)
+    return removed
+
+
+def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
+    def build(parent_dir: Path, parent: dict, tmp: Path) -> dict:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        config = json.loads((parent_dir / "config.json").read_text())
+        logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)
+        optimizer = optimize_model(str(parent_dir / onnx_io.MODEL), model_type=params["model_type"],
+                                   num_heads=int(config["num_attention_heads"]), hidden_size=int(config["hidden_size"]),
+                                   opt_level=int(params["opt_level"]), use_gpu=False)
+        model = optimizer.model
+        trimmed = trim_rotary_caches(model, int(config["max_position_embeddings"]))
+        retied = retie_embedding(model)
+        onnx_io.save(model, tmp)
+        counts = onnx_io.op_counts(model)
+        fused = {op: counts.get(op, 0) for op in FUSED_OPS}
+        return {"metrics": {"fused_ops": fused, "op_counts": counts, "rotary_caches_trimmed_to": trimmed,
+                            "retied_initializers": retied},
+                "extra": {"precision": "fp32", "kv_dtype": "float32"}}
+
+    return derive(parent_dir, out, "fused", params, build, parents=("export",),
+                  require_greedy_match=True, greedy_tokens=int(params["greedy_tokens"]))

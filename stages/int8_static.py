@@ -1,0 +1,97 @@
+"""Stage `int8-static`: ``quantize_static`` in QDQ format, calibrated on text through `datasets`.
+
+What keeps it in budget (measured, see README): SmoothQuant on the projection inputs, per-channel
+weights, and a measured op-exclusion policy (the lm_head and the activation x activation attention
+MatMuls stay float by default). Calibration runs in strides (ORT's ``CalibStridedMinMax`` with our
+reader's ``set_range``), so only one stride of intermediate outputs is alive at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import tempfile
+from pathlib import Path
+
+from calibration.reader import CalibrationReader, calibration_windows
+from calibration.smoothquant import smooth
+from pipeline import onnx_io
+from pipeline.derive import derive
+from pipeline.errors import PipelineError
+from pipeline.log import info
+from pipeline.runtime import GraphIO
+from pipeline.tied import find_tied, share_quantized_table
+
+METHODS = ("MinMax", "Entropy", "Percentile")
+
+
+def _stride(n: int, wanted: int) -> int:
+    """Largest divisor of n that is <= wanted (ORT requires the stride to divide the sample count)."""
+    return max(d for d in range(1, max(1, min(n, wanted)) + 1) if n % d == 0)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
+    method = params["method"]
+    if method not in METHODS:
+        raise PipelineError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
+
+    def build(parent_dir: Path, parent: dict, tmp: Path) -> dict:
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        cal = params["calibration"]
+        config = json.loads((parent_dir / "config.json").read_text())
+        eos = config.get("eos_token_id")
+        windows = calibration_windows(str(cal["source"]), cal.get("text_column", "text"),
+                                      parent_dir / "tokenizer.json", int(cal["samples"]), int(cal["seq_len"]),
+                                      eos if isinstance(eos, int) else None)
+        info(f"int8-static: {len(windows)} calibration windows of {windows.shape[1]} tokens from {cal['source']}")
+        model = onnx_io.load(parent_dir)
+        tied = bool(params["quantize_tied"]) and find_tied(model) is not None
+        ex = params["exclude"]
+        exclude = set(ex.get("nodes") or [])
+        if ex.get("lm_head") or tied:
+            exclude |= set(onnx_io.lm_head_nodes(model))
+        if ex.get("activation_matmuls"):
+            exclude |= set(onnx_io.activation_matmuls(model))
+        sq = params["smoothquant"]
+        logging.getLogger().setLevel(logging.ERROR)
+        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".int8s-") as scratch:
+            scratch = Path(scratch)
+            sq_summary = None
+            if sq.get("enabled"):
+                sq_summary = smooth(model, config, windows, float(sq["alpha"]), exclude, scratch)
+                info(f"int8-static: SmoothQuant alpha {sq['alpha']}: {sq_summary['groups']} groups, "
+                     f"{sq_summary['folded_into_norm']} folded into RMSNorm, {sq_summary['mul_inserted']} Mul inserted")
+            (scratch / "in").mkdir()
+            onnx_io.save(model, scratch / "in")
+            del model
+            reader = CalibrationReader(GraphIO.from_onnx(scratch / "in" / onnx_io.MODEL, config), windows)
+            stride = _stride(len(windows), int(cal.get("stride", 8)))
+            quantize_static(str(scratch / "in" / onnx_io.MODEL), str(scratch / "model.onnx"), reader,
+                            quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                            per_channel=bool(params["per_channel"]), activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=sorted(exclude),
+                            calibrate_method=getattr(CalibrationMethod, method), use_external_data_format=True,
+                            extra_options={"CalibStridedMinMax": stride, "MatMulConstBOnly": False,
+                                           "DefaultTensorType": onnx.TensorProto.FLOAT,
+                                           **({"CalibPercentile": float(params["percentile"])}
+                                              if method == "Percentile" else {})})
+            q = onnx_io.load(scratch)
+        shared = share_quantized_table(q, 8, int(params["tied_block_size"])) if tied else None
+        onnx_io.save(q, tmp)
+        counts = onnx_io.op_counts(q)
+        policy = {"format": "QDQ", "weights": "int8 symmetric" + (" per-channel" if params["per_channel"] else ""),
+                  "activations": f"uint8 static ({method})", "smoothquant": sq_summary,
+                  "excluded_nodes": sorted(exclude), "tied_embedding": shared or "fp32 (not quantized)",
+                  "calibration": {"source": str(cal["source"]), "windows": len(windows),
+                                  "seq_len": int(windows.shape[1]), "stride": stride}}
+        return {"metrics": {"op_counts": counts, "quantized_matmuls": counts.get("DequantizeLinear", 0),
+                            "peak_rss_mb": round(peak_rss_mb(), 1)},
+                "extra": {"precision": "int8-static", "kv_dtype": "float32", "quant_policy": policy}}
+
+    return derive(parent_dir, out, "int8-static", params, build, greedy_tokens=int(params["greedy_tokens"]))

@@ -1,0 +1,133 @@
+"""Precision stages: fused, fp16, int8-dynamic, int8-static, int4, each checked against the FP32 export
+with the reference runtime and the budgets in params.yaml."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline import manifest as mf
+from pipeline import onnx_io
+from pipeline.evaluate import evaluate_artifact, model_bytes
+from pipeline.runtime import Runtime
+
+
+def _evaluate(artifact, name, params, export_dir, data_dir):
+    return evaluate_artifact(artifact, (data_dir / "eval.txt").read_text(), params, export_dir, name)
+
+
+def test_fused_counts_parity_and_no_duplicate_table(fused_dir, export_dir, params, data_dir):
+    m = mf.read_manifest(fused_dir)
+    assert m["stage"] == "fused" and m["parent_id"] == mf.read_manifest(export_dir)["artifact_id"]
+    fused = m["metrics"]["fused_ops"]
+    counts = onnx_io.op_counts(onnx_io.load(fused_dir, load_external_data=False))
+    cfg = json.loads((fused_dir / "config.json").read_text())
+    # one RMSNorm fused per norm: 2 per layer (one as Skip*), 2 QK-norms per layer, and the final norm
+    assert fused["SimplifiedLayerNormalization"] + fused["SkipSimplifiedLayerNormalization"] == 4 * cfg["num_hidden_layers"] + 1
+    assert all(counts.get(op, 0) == n for op, n in fused.items())
+    assert m["metrics"]["parity_vs_parent"]["greedy_match"] is True
+    metrics = _evaluate(fused_dir, "fused", params, export_dir, data_dir)
+    assert metrics["budget"]["status"] == "pass", metrics
+    assert model_bytes(fused_dir) <= 1.01 * model_bytes(export_dir)
+
+
+def test_rotary_caches_are_cut_to_the_model():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from stages.fuse import trim_rotary_caches
+
+    cos = numpy_helper.from_array(np.ones((131072, 8), np.float32), "cos_cache")
+    sin = numpy_helper.from_array(np.zeros((131072, 8), np.float32), "sin_cache")
+    node = helper.make_node("RotaryEmbedding", ["x", "pos", "cos_cache", "sin_cache"], ["y"], domain="com.microsoft",
+                            num_heads=2)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32]),
+                                            helper.make_tensor_value_info("pos", TensorProto.INT64, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 32])], [cos, sin])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    assert trim_rotary_caches(model, 512) == {"cos_cache": [512, 8], "sin_cache": [512, 8]}
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(1, 3, 32)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x, "pos": np.array([[0, 1, 511]])})[0], x)  # cos 1, sin 0
+
+
+def test_fp16_artifact(derived, params, export_dir, data_dir):
+    d = derived("fp16")
+    rt = Runtime(d)
+    assert rt.io.kv.dtype == np.float16
+    logits, past = rt.forward(np.array([rt.encode("The for statement")]))
+    assert logits.dtype == np.float32 and past[0].dtype == np.float16
+    m = mf.read_manifest(d)
+    assert m["fp16_policy"]["kv_dtype"] == "float16" and m["fp16_policy"]["io_types"]["logits"] == "float"
+    metrics = _evaluate(d, "fp16", params, export_dir, data_dir)
+    assert metrics["budget"]["status"] == "pass", metrics
+    assert len(rt.generate(rt.encode("Exceptions are"), 8, stop_at_eos=False)) == 8
+
+
+def test_int8_dynamic_artifact(derived, params, export_dir, data_dir):
+    d = derived("int8-dynamic")
+    model = onnx_io.load(d, load_external_data=False)
+    counts = onnx_io.op_counts(model)
+    assert counts.get("MatMulInteger", 0) >= 7 * json.loads((d / "config.json").read_text())["num_hidden_layers"]
+    assert counts.get("GatherBlockQuantized") == 1 and counts.get("MatMulNBits") == 1  # shared tied table
+    assert not any(list(t.dims) == [4096, 256] and t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer)
+    metrics = _evaluate(d, "int8-dynamic", params, export_dir, data_dir)
+    assert metrics["budget"]["status"] == "pass", metrics
+
+
+def test_int8_static_artifact(derived, params, export_dir, data_dir):
+    d = derived("int8-static")
+    m = mf.read_manifest(d)
+    policy = m["quant_policy"]
+    counts = onnx_io.op_counts(onnx_io.load(d, load_external_data=False))
+    assert counts.get("QuantizeLinear", 0) > 0 and counts.get("DequantizeLinear", 0) > 0
+    assert policy["smoothquant"]["groups"] > 0 and policy["smoothquant"]["folded_into_norm"] > 0
+    assert policy["calibration"]["windows"] == params["int8_static"]["calibration"]["samples"]
+    assert m["metrics"]["peak_rss_mb"] > 0
+    excluded = set(policy["excluded_nodes"])
+    assert any("MatMul" in n for n in excluded)
+    metrics = _evaluate(d, "int8-static", params, export_dir, data_dir)
+    assert metrics["budget"]["status"] == "pass", metrics
+
+
+def test_int4_artifact(derived, params, export_dir, data_dir):
+    d = derived("int4")
+    counts = onnx_io.op_counts(onnx_io.load(d, load_external_data=False))
+    layers = json.loads((d / "config.json").read_text())["num_hidden_layers"]
+    assert counts.get("MatMulNBits") == 7 * layers + 1 and counts.get("GatherBlockQuantized") == 1
+    metrics = _evaluate(d, "int4", params, export_dir, data_dir)
+    assert metrics["budget"]["status"] == "pass", metrics
+    assert mf.read_manifest(d)["quant_policy"]["weights"].startswith("int4 symmetric blocks of 32")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_shared_tied_table_matches_its_dequantized_values(bits):
+    """GatherBlockQuantized and MatMulNBits read one table; both must equal the numpy dequantization."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.tied import dequantize_blocks, find_tied, quantize_blocks, share_quantized_table
+
+    rng = np.random.default_rng(bits)
+    table = rng.normal(size=(64, 32)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+             helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0], name="t"),
+             helper.make_node("MatMul", ["h", "Et"], ["logits"], name="lm_head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5, 64]),
+                               helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 5, 32])],
+                              [numpy_helper.from_array(table, "E")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert find_tied(model) is not None
+    share_quantized_table(model, bits, 16)
+    assert {t.name for t in model.graph.initializer} == {"E_q%d" % bits, "E_q%d_scales" % bits,
+                                                          "E_q%d_2d_shape" % bits, "E_q%d_scales_2d_shape" % bits}
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 5, 63, 5, 17]])
+    logits, h = sess.run(["logits", "h"], {"ids": ids})
+    deq = dequantize_blocks(*quantize_blocks(table, bits, 16), bits)
+    np.testing.assert_allclose(h[0], deq[ids[0]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits[0], deq[ids[0]] @ deq.T, rtol=1e-3, atol=1e-3)
+    assert np.abs(deq - table).max() <= np.abs(table).max() / (2 ** (bits - 1) - 1)

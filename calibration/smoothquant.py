@@ -3,8 +3,9 @@
 For every group of projection MatMuls that read the same activation X (q/k/v share the attention
 norm's output; gate/up share the MLP norm's), a per-input-channel factor
 ``s_j = max|X_j|^alpha / max|W_j,:|^(1-alpha)`` moves the activation outliers into the weights:
-``X W = (X / s)(diag(s) W)``. ``1/s`` is folded into the preceding RMSNorm's gamma when X comes
-straight from one (no extra op); otherwise a ``Mul`` is inserted. Per-channel maxima come from the
+``X W = (X / s)(diag(s) W)``. ``1/s`` is folded exactly into the graph where it can be (the preceding
+RMSNorm's gamma for q/k/v and gate/up; up_proj's output columns for down_proj), otherwise a ``Mul``
+is inserted (o_proj). Per-channel maxima come from the
 calibration windows, fed through the reference runtime's feed builder, one window at a time."""
 
 from __future__ import annotations
@@ -79,12 +80,12 @@ def smooth(model, config: dict, windows: np.ndarray, alpha: float, exclude: set[
         ratios.append(float(act.max() / max(np.median(act), 1e-9)))
         for m, w in zip(members, weights):
             init[m.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), m.input[1]))
-        prod = producers.get(x)
-        gamma = _gamma(prod, init, len(s)) if prod is not None else None
-        only_group = all(r in members for r in readers.get(x, []))
-        if gamma is not None and only_group and len(readers.get(gamma, [])) == 1 and x == prod.output[0]:
-            g = numpy_helper.to_array(init[gamma]).astype(np.float64)
-            init[gamma].CopyFrom(numpy_helper.from_array((g / s).astype(np.float32), gamma))
+        target = _fold_target(x, producers, readers, init, members, len(s))
+        if target is not None:
+            kind, name = target
+            t = numpy_helper.to_array(init[name]).astype(np.float64)
+            t = t / s if kind == "gamma" else t / s[None, :]  # gamma, or the up_proj output columns
+            init[name].CopyFrom(numpy_helper.from_array(t.astype(np.float32), name))
             folded += 1
         else:
             inv = f"{x}_smooth_inv_scale"
@@ -97,8 +98,32 @@ def smooth(model, config: dict, windows: np.ndarray, alpha: float, exclude: set[
     for first_member, node in new_nodes:  # insert each Mul right before the first MatMul that reads it
         nodes = list(model.graph.node)
         model.graph.node.insert(nodes.index(first_member), node)
-    return {"alpha": alpha, "groups": len(groups), "folded_into_norm": folded, "mul_inserted": inserted,
+    return {"alpha": alpha, "groups": len(groups), "folded": folded, "mul_inserted": inserted,
             "median_outlier_ratio": float(np.median(ratios)) if ratios else None}
+
+
+def _fold_target(x, producers, readers, init, members, channels) -> tuple[str, str] | None:
+    """Where ``x / s`` can be folded exactly, without a new op:
+    - ("gamma", name): x is an RMSNorm output (fused or decomposed) whose gamma only it reads;
+    - ("columns", name): x = act(gate) * up, with ``up`` a projection read only here (down_proj's
+      input): its output columns absorb 1/s.
+    Readers of x other than the group may only be Shape ops (scaling does not change a shape)."""
+    if any(r not in members and r.op_type != "Shape" for r in readers.get(x, [])):
+        return None
+    node = producers.get(x)
+    if node is None or x != node.output[0]:
+        return None
+    gamma = _gamma(node, init, channels)
+    if gamma is not None and len(readers.get(gamma, [])) == 1:
+        return "gamma", gamma
+    if node.op_type == "Mul":
+        for operand in node.input:
+            up = producers.get(operand)
+            if (up is not None and up.op_type == "MatMul" and up.input[1] in init
+                    and len(readers.get(operand, [])) == 1 and len(readers.get(up.input[1], [])) == 1
+                    and list(init[up.input[1]].dims)[-1] == channels):
+                return "columns", up.input[1]
+    return None
 
 
 def _gamma(node, init: dict, channels: int) -> str | None:

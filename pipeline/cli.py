@@ -13,13 +13,21 @@ from .errors import PipelineError
 from .log import info
 from .params import load_params
 
-PARAMS_OPT = click.option("--params", "params_file", default="params.yaml", show_default=True,
-                          type=click.Path(dir_okay=False), help="params file")
+PARAMS_OPT = click.option("--params", "params_file", default=None, type=click.Path(dir_okay=False),
+                          help="params file [default: ./params.yaml]")
 SET_OPT = click.option("-S", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
                        help="override a param, e.g. -S train.steps=50 (repeatable)")
 
 
-def _params(params_file, overrides):
+def _params(params_file, overrides, required: bool = True):
+    """params.yaml (or --params); evaluate/gate/report also run without one (a consumer's machine)."""
+    if params_file is None and not Path("params.yaml").is_file() and not required:
+        params: dict = {}
+        from .params import set_dotted
+
+        for item in overrides:
+            set_dotted(params, item)
+        return params
     return load_params(params_file, overrides)
 
 
@@ -85,7 +93,7 @@ def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, n
     from .errors import BudgetExceeded
     from .evaluate import evaluate_artifact
 
-    params = _params(params_file, overrides)
+    params = _params(params_file, overrides, required=False)
     if text_file:
         if not Path(text_file).is_file():
             raise PipelineError(f"--text {text_file}: no such file")
@@ -216,6 +224,58 @@ def generate(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, 
                 on_token=on_token)
     sys.stdout.write("\n")
     info(f"generate: {len(out)} tokens from {artifact}")
+
+
+@cli.command()
+@PARAMS_OPT
+@SET_OPT
+@click.option("--metrics-dir", default=None, help="metrics directory (default: gate.metrics_dir)")
+@click.option("--baseline", default=None, help="git revision to compare with (through `dvc metrics diff`)")
+@click.option("--baseline-file", default=None, type=click.Path(), help="metrics file/dir or summary.json another deployment published")
+@click.option("--summary", default=None, type=click.Path(), help="append the markdown table here (e.g. $GITHUB_STEP_SUMMARY)")
+def gate(params_file, overrides, metrics_dir, baseline, baseline_file, summary):
+    """Fail (exit 1) when an artifact is over its budget or regressed against a baseline."""
+    from . import gate as g
+
+    params = _params(params_file, overrides)
+    metrics = g.load_metrics(metrics_dir or params.get("gate", {}).get("metrics_dir", "metrics"))
+    if baseline and baseline_file:
+        raise PipelineError("give --baseline or --baseline-file, not both")
+    base = g.baseline_from_rev(baseline, metrics) if baseline else (
+        g.baseline_from_file(baseline_file) if baseline_file else None)
+    rows = g.judge(metrics, params, base)
+    table = g.markdown(rows)
+    click.echo(table)
+    if summary:
+        with open(summary, "a") as fh:
+            fh.write(table)
+    failed = [r["artifact"] for r in rows if r["status"] == "fail"]
+    if failed:
+        from .errors import BudgetExceeded
+
+        raise BudgetExceeded(f"gate failed for {', '.join(failed)}")
+    info(f"gate: {len(rows)} artifacts pass" + (f" (baseline {baseline or baseline_file})" if base else ""))
+
+
+@cli.command()
+@PARAMS_OPT
+@SET_OPT
+@click.option("--metrics-dir", default=None, help="metrics directory (default: gate.metrics_dir)")
+@click.option("--bench", default="benchmarks/results.json", show_default=True, help="benchmark results, if present")
+@click.option("--out", default="reports", show_default=True)
+def report(params_file, overrides, metrics_dir, bench, out):
+    """Write reports/summary.md, summary.json and size_vs_drift.png."""
+    from . import gate as g
+
+    params = _params(params_file, overrides)
+    rows = g.judge(g.load_metrics(metrics_dir or params.get("gate", {}).get("metrics_dir", "metrics")), params)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bench_data = json.loads(Path(bench).read_text()).get("artifacts") if bench and Path(bench).is_file() else None
+    (out / "summary.md").write_text("# Artifacts\n\n" + g.markdown(rows))
+    (out / "summary.json").write_text(json.dumps(g.summary_json(rows), indent=2) + "\n")
+    g.plot(rows, out / "size_vs_drift.png", bench_data)
+    info(f"report: {out}/summary.md, summary.json, size_vs_drift.png ({len(rows)} artifacts)")
 
 
 @cli.command("verify")

@@ -76,7 +76,8 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path) -> dict:
         if result["max_abs_logit_delta"] > float(params["max_abs_logit_delta"]):
             raise PipelineError(f"export parity failed: max |dlogit| {result['max_abs_logit_delta']:.2e} > "
                                 f"export.max_abs_logit_delta {params['max_abs_logit_delta']}")
-        metrics = {**result, "export_seconds": round(export_s, 2), "op_counts": onnx_io.op_counts(model)}
+        metrics = {**result, "export_seconds": round(export_s, 2), "stage_seconds": round(time.perf_counter() - t0, 2),
+                   "op_counts": onnx_io.op_counts(model)}
         manifest = store.publish(tmp, out, stage="export", params=params, parent=parent, source=parent["source"],
                                  metrics=metrics, extra={"opset": onnx_io.opset(model), "task": TASK,
                                                          "precision": "fp32", "kv_dtype": "float32"})

@@ -66,7 +66,7 @@ def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
             if sq.get("enabled"):
                 sq_summary = smooth(model, config, windows, float(sq["alpha"]), exclude, scratch)
                 info(f"int8-static: SmoothQuant alpha {sq['alpha']}: {sq_summary['groups']} groups, "
-                     f"{sq_summary['folded_into_norm']} folded into RMSNorm, {sq_summary['mul_inserted']} Mul inserted")
+                     f"{sq_summary['folded']} folded into the graph (RMSNorm gamma or up_proj), {sq_summary['mul_inserted']} Mul inserted")
             (scratch / "in").mkdir()
             onnx_io.save(model, scratch / "in")
             del model

@@ -112,6 +112,8 @@ def derived(params, fused_dir, export_dir, data_dir, work):
                "int8-static": ("int8_static", "int8_static"), "int4": ("int4", "int4")}
 
     def build(name: str) -> Path:
+        if name == "fused":
+            return fused_dir
         if name not in built:
             module, section = modules[name]
             sp = dict(params[section])

@@ -1,0 +1,164 @@
+"""`pipeline gate` and `pipeline report`: CI on perplexity drift.
+
+The gate re-checks every artifact's metrics against the budgets in params.yaml (so tightening a budget
+fails CI without re-running anything) and, optionally, against a baseline: a git revision (through
+``dvc metrics diff --json``) or a metrics file/directory another deployment published. It prints a
+markdown table for a CI job summary or PR comment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from .errors import PipelineError
+from .evaluate import check_budget
+
+COLUMNS = ("artifact", "PPL", "drift %", "KLD mean", "top-1", "size", "vs FP32", "time s", "status")
+
+
+def load_metrics(metrics_dir: str | Path) -> dict[str, dict]:
+    metrics_dir = Path(metrics_dir)
+    if not metrics_dir.is_dir():
+        raise PipelineError(f"metrics directory {metrics_dir} not found: run `dvc repro` (or pipeline evaluate --out) first")
+    out = {}
+    for path in sorted(metrics_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise PipelineError(f"{path} is not valid JSON") from None
+        out[data.get("artifact", path.stem)] = data
+    if not out:
+        raise PipelineError(f"no metrics files in {metrics_dir}")
+    return out
+
+
+def baseline_from_rev(rev: str, metrics: dict[str, dict], cwd: str | Path = ".") -> dict[str, dict]:
+    """Old values at ``rev`` through ``dvc metrics diff --json``; unchanged values equal today's."""
+    proc = subprocess.run(["dvc", "metrics", "diff", "--json", rev], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        msg = (proc.stderr.strip().splitlines() or ["dvc metrics diff failed"])[-1]
+        raise PipelineError(f"baseline revision {rev!r} cannot be read: {msg.removeprefix('ERROR: ')}")
+    diff = json.loads(proc.stdout or "{}")
+    diff = diff.get("diff", diff)
+    base = {name: dict(m) for name, m in metrics.items()}
+    by_file = {f"{Path(p).stem}": changes for p, changes in diff.items()}
+    for name, changes in by_file.items():
+        entry = base.setdefault(name, {})
+        for key, change in changes.items():
+            if isinstance(change, dict) and "old" in change:
+                entry[key] = change["old"]
+    return base
+
+
+def baseline_from_file(path: str | Path) -> dict[str, dict]:
+    path = Path(path)
+    if path.is_dir():
+        return load_metrics(path)
+    if not path.is_file():
+        raise PipelineError(f"baseline file {path} not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise PipelineError(f"baseline file {path} is not valid JSON") from None
+    if isinstance(data, dict) and isinstance(data.get("artifacts"), dict):
+        return data["artifacts"]  # a gate/report summary.json
+    if isinstance(data, dict) and "artifact" in data:
+        return {data["artifact"]: data}  # one metrics file
+    raise PipelineError(f"baseline file {path} is neither a metrics file nor a pipeline report summary.json")
+
+
+def judge(metrics: dict[str, dict], params: dict, baseline: dict[str, dict] | None = None) -> list[dict]:
+    budgets = params.get("budgets") or {}
+    tol = params.get("gate") or {}
+    rows = []
+    for name in list(budgets) + sorted(set(metrics) - set(budgets)):
+        m = metrics.get(name)
+        if m is None:
+            rows.append({"artifact": name, "status": "fail", "reasons": ["no metrics file (stage not run?)"]})
+            continue
+        verdict = check_budget(m, budgets.get(name))
+        reasons = list(verdict["violations"])
+        status = verdict["status"]
+        old = (baseline or {}).get(name)
+        if old:
+            reasons += _regressions(m, old, tol)
+        if reasons and status != "over budget (report-only)":
+            status = "fail"
+        elif status == "no budget" and not reasons:
+            status = "pass (no budget)"
+        rows.append({"artifact": name, "metrics": m, "status": status, "reasons": reasons,
+                     "baseline_ppl": (old or {}).get("ppl")})
+    return rows
+
+
+def _regressions(new: dict, old: dict, tol: dict) -> list[str]:
+    out = []
+    checks = (("ppl", "max_ppl_regression_pct", lambda n, o: (n - o) / o * 100, "PPL"),
+              ("size_bytes", "max_size_regression_pct", lambda n, o: (n - o) / o * 100, "size"))
+    for key, limit, change, label in checks:
+        if key in new and old.get(key) and limit in tol:
+            delta = change(float(new[key]), float(old[key]))
+            if delta > float(tol[limit]):
+                out.append(f"{label} +{delta:.3f} % vs baseline ({old[key]:.6g} -> {new[key]:.6g}) > {tol[limit]} %")
+    if "drift_pct" in new and old.get("drift_pct") is not None and "max_drift_regression_pct" in tol:
+        delta = abs(float(new["drift_pct"])) - abs(float(old["drift_pct"]))
+        if delta > float(tol["max_drift_regression_pct"]):
+            out.append(f"|drift| +{delta:.3f} points vs baseline > {tol['max_drift_regression_pct']}")
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        m = r.get("metrics") or {}
+        drift = m.get("drift_pct")
+        cells = [r["artifact"],
+                 f"{m['ppl']:.3f}" if "ppl" in m else "—",
+                 f"{drift:+.4f}" if drift is not None else "—",
+                 f"{m['kld_mean']:.2e}" if "kld_mean" in m else "—",
+                 f"{m['top1_agreement']:.2%}" if "top1_agreement" in m else "—",
+                 f"{m['size_bytes'] / 1e6:.2f} MB" if "size_bytes" in m else "—",
+                 f"{m['size_ratio']:.3f}" if "size_ratio" in m else "—",
+                 f"{m['stage_seconds']:.1f}" if m.get("stage_seconds") is not None else "—",
+                 ("✅ " if r["status"].startswith("pass") else "❌ " if r["status"] == "fail" else "⚠️ ") + r["status"]
+                 + (": " + "; ".join(r["reasons"]) if r["reasons"] else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_json(rows: list[dict]) -> dict:
+    return {"artifacts": {r["artifact"]: r.get("metrics") for r in rows if r.get("metrics")},
+            "status": {r["artifact"]: r["status"] for r in rows}}
+
+
+def plot(rows: list[dict], out_png: Path, bench: dict | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    have = [r for r in rows if r.get("metrics") and "size_ratio" in r["metrics"]]
+    panels = 2 if bench else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    ax = axes[0][0]
+    for r in have:
+        m = r["metrics"]
+        x, y = m["size_ratio"], m.get("drift_pct", 0.0)
+        ax.scatter(x, y, s=60, color="tab:green" if r["status"].startswith("pass") else "tab:red")
+        ax.annotate(r["artifact"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("size vs FP32 export")
+    ax.set_ylabel("perplexity drift vs FP32 export (%)")
+    ax.set_title("size vs PPL drift")
+    ax.grid(alpha=0.3)
+    if bench:
+        ax2 = axes[0][1]
+        names = [n for n in (r["artifact"] for r in have) if n in bench]
+        ax2.bar(names, [bench[n]["decode_tok_s"] for n in names], color="tab:blue")
+        ax2.set_ylabel("decode tokens/s (CPU, batch 1)")
+        ax2.set_title("throughput")
+        ax2.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,120 @@
+"""End to end with real DVC: `dvc repro` on a fresh copy of this project (small training budget), a
+no-op second run, a param change that re-runs only what it touches, then publishing to a DVC remote
+and consuming from a second repo with `dvc import`, `dvc get` and `dvc artifacts get`."""
+
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, SMALL, assert_clean_failure, run_cli
+
+pytestmark = pytest.mark.slow
+NAMES = ("export", "fused", "fp16", "int8-dynamic", "int8-static", "int4")
+
+
+def sh(*args, cwd, check=True, timeout=1200):
+    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def git(*args, cwd):
+    return sh("git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", *args, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def publisher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e") / "publisher"
+    files = sh("git", "ls-files", cwd=REPO).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, root / f)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for override in SMALL:
+        key, value = override.split("=")
+        node, *path = key.split(".")
+        target = params[node] if node in params else None
+        if target is None:
+            continue
+        for part in path[:-1]:
+            target = target.get(part) if isinstance(target, dict) else None
+        if isinstance(target, dict) and path and path[-1] in target:
+            target[path[-1]] = yaml.safe_load(value)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stale in ("dvc.lock", "metrics", "reports"):
+        p = root / stale
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    git("init", "-q", "-b", "main", cwd=root)
+    sh("git", "config", "user.email", "ci@example.com", cwd=root)  # gto tags need an identity
+    sh("git", "config", "user.name", "ci", cwd=root)
+    git("add", "-A", cwd=root)
+    git("commit", "-qm", "project", cwd=root)
+    t0 = time.perf_counter()
+    proc = sh("dvc", "repro", cwd=root)
+    root.joinpath(".repro_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
+    assert "Running stage 'report'" in proc.stdout
+    return root
+
+
+def test_repro_builds_every_artifact_and_the_second_run_is_a_noop(publisher):
+    for name in NAMES:
+        assert (publisher / "artifacts" / name / "manifest.json").is_file()
+        metrics = json.loads((publisher / "metrics" / f"{name}.json").read_text())
+        assert metrics["budget"]["status"] == "pass", metrics
+    assert (publisher / "reports" / "size_vs_drift.png").is_file()
+    second = sh("dvc", "repro", cwd=publisher)
+    assert "Running stage" not in second.stdout
+    assert "up to date" in second.stdout.lower()
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=publisher).stdout)
+    text = json.dumps(shown)
+    assert all(f"metrics/{n}.json" in text for n in NAMES) and '"drift_pct"' in text
+    assert run_cli("gate", cwd=publisher).returncode == 0
+
+
+def test_publish_and_consume_with_real_dvc(publisher, tmp_path):
+    remote = tmp_path / "remote"
+    sh("dvc", "remote", "add", "-d", "shared", str(remote), cwd=publisher)
+    git("add", "-A", cwd=publisher)
+    git("commit", "-qm", "publish", cwd=publisher)
+    sh("dvc", "push", cwd=publisher)
+    # register a version in DVC's model registry (a GTO git tag, name@v0.0.1)
+    sh("gto", "register", "qwen3-onnx-int8-dynamic", "--version", "v0.0.1", cwd=publisher)
+    consumer = tmp_path / "consumer"
+    consumer.mkdir()
+    git("init", "-q", cwd=consumer)
+    sh("dvc", "init", "-q", cwd=consumer)
+    sh("dvc", "import", str(publisher), "artifacts/int4", "-o", "int4", cwd=consumer)
+    sh("dvc", "get", str(publisher), "artifacts/fp16", "-o", "fp16", cwd=consumer)
+    sh("dvc", "artifacts", "get", str(publisher), "qwen3-onnx-int8-dynamic", "--rev", "v0.0.1", "-o", "int8",
+       cwd=consumer)
+    sh("dvc", "artifacts", "get", str(publisher), "qwen3-onnx-int8-dynamic", "-o", "int8-latest", cwd=consumer)
+    assert (consumer / "int8-latest" / "manifest.json").read_bytes() == (consumer / "int8" / "manifest.json").read_bytes()
+    ids = {n: json.loads((publisher / "artifacts" / n / "manifest.json").read_text())["artifact_id"]
+           for n in ("int4", "fp16", "int8-dynamic")}
+    for local, name in (("int4", "int4"), ("fp16", "fp16"), ("int8", "int8-dynamic")):
+        proc = run_cli("verify", str(consumer / local), cwd=consumer, check=True)
+        assert ids[name] in proc.stdout
+    proc = run_cli("generate", "--artifact", str(consumer / "int8"), "The for statement", "--max-new-tokens", "8",
+                   cwd=consumer, check=True)
+    assert proc.stdout.startswith("The for statement")
+    assert (consumer / "int4.dvc").is_file()  # import is tracked: `dvc update` follows the publisher
+    # a consumer's copy that was tampered with is refused
+    onnx_data = consumer / "fp16" / "model.onnx_data"
+    data = bytearray(onnx_data.read_bytes())
+    data[-1] ^= 1
+    onnx_data.write_bytes(bytes(data))
+    assert_clean_failure(run_cli("generate", "--artifact", str(consumer / "fp16"), "The", cwd=consumer), "sha256")
+
+
+def test_a_param_change_reruns_exactly_what_it_touches(publisher):
+    proc = sh("dvc", "exp", "run", "-S", "int4.block_size=64", cwd=publisher)
+    ran = {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"int4", "evaluate@int4", "report"}, proc.stdout
+    m = json.loads((publisher / "artifacts" / "int4" / "manifest.json").read_text())
+    assert m["params"]["block_size"] == 64

@@ -19,6 +19,14 @@ SET_OPT = click.option("-S", "--set", "overrides", multiple=True, metavar="KEY=V
                        help="override a param, e.g. -S train.steps=50 (repeatable)")
 
 
+def _write_json(path, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _params(params_file, overrides, required: bool = True):
     """params.yaml (or --params); evaluate/gate/report also run without one (a consumer's machine)."""
     if params_file is None and not Path("params.yaml").is_file() and not required:
@@ -54,14 +62,19 @@ def data(params_file, overrides, out):
 @click.option("--data", "data_dir", default="artifacts/data", show_default=True)
 @click.option("--source", default=None, help="model.source: builtin:qwen3-tiny, a local HF dir or a hub id")
 @click.option("--out", default="artifacts/checkpoint", show_default=True)
-def checkpoint(params_file, overrides, data_dir, source, out):
+@click.option("--metrics", "metrics_out", default=None, help="also write the stage's figures to this JSON file")
+def checkpoint(params_file, overrides, data_dir, source, out, metrics_out):
     """Train the built-in model or import a checkpoint (local dir / hub id)."""
     from stages import checkpoint as stage
+
+    from .evaluate import checkpoint_metrics
 
     params = _params(params_file, overrides)
     if source:
         params["model"]["source"] = source
-    stage.run(params, data_dir, out)
+    manifest = stage.run(params, data_dir, out)
+    if metrics_out:
+        _write_json(metrics_out, checkpoint_metrics(manifest))
 
 
 @cli.command()
@@ -102,10 +115,7 @@ def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, n
         text = read_split(data_dir, "eval")
     metrics = evaluate_artifact(artifact, text, params, reference, name, provider)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        tmp.replace(out)
+        _write_json(out, metrics)
     summary = f"evaluate: {metrics['artifact']} ({metrics['artifact_id']}) ppl {metrics['ppl']:.4f}"
     if "drift_pct" in metrics:
         summary += (f", vs {metrics['reference']} ppl {metrics['ref_ppl']:.4f}: drift {metrics['drift_pct']:+.4f} %, "
@@ -117,8 +127,41 @@ def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, n
                              f"(budgets.{metrics['artifact']} in params.yaml; set report_only: true to only report)")
 
 
+EVAL_OPTS = (
+    click.option("--eval/--no-eval", "eval_after", default=True, show_default=True,
+                 help="score the new artifact against --reference on the eval split and print its drift "
+                      "(dvc.yaml passes --no-eval: an evaluate stage follows)"),
+    click.option("--reference", "eval_reference", default="artifacts/export", show_default=True,
+                 help="reference for --eval"),
+    click.option("--data", "eval_data", default="artifacts/data", show_default=True, help="data artifact for --eval"),
+)
+
+
+def _eval_opts(fn):
+    for opt in reversed(EVAL_OPTS):
+        fn = opt(fn)
+    return fn
+
+
+def _summary(manifest: dict, params: dict, eval_after: bool, reference: str, data_dir: str) -> None:
+    """The one line a stage ends with: artifact id, size and (by hand) drift against the FP32 export."""
+    line = f"{manifest['stage']}: {manifest['artifact_id']}, {manifest['size_bytes'] / 1e6:.1f} MB"
+    eval_text = Path(data_dir) / "eval.txt"
+    if eval_after and eval_text.is_file() and Path(reference, "manifest.json").is_file():
+        from .evaluate import evaluate_artifact
+
+        m = evaluate_artifact(Path(manifest["_dir"]), eval_text.read_text(), params, reference, manifest["stage"])
+        line += (f" ({m['size_ratio']:.3f}x FP32), ppl {m['ppl']:.3f}, drift {m['drift_pct']:+.3f} % vs "
+                 f"{m['reference']}, KLD {m['kld_mean']:.2e}, top-1 {m['top1_agreement']:.2%} "
+                 f"[{m['budget']['status']}]")
+    elif eval_after:
+        line += f" (drift not measured: no {eval_text} or {reference}; run `pipeline evaluate`)"
+    click.echo(line)
+
+
 def _derive_opts(default_in, default_out):
     def wrap(fn):
+        fn = _eval_opts(fn)
         fn = click.option("--out", default=default_out, show_default=True)(fn)
         fn = click.option("--input", "input_dir", default=default_in, show_default=True, help="parent artifact")(fn)
         fn = SET_OPT(fn)
@@ -128,20 +171,22 @@ def _derive_opts(default_in, default_out):
 
 @cli.command()
 @_derive_opts("artifacts/export", "artifacts/fused")
-def fuse(params_file, overrides, input_dir, out):
+def fuse(params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data):
     """ORT transformer optimizer (qwen3): fused RMSNorm, SkipRMSNorm, RoPE."""
     from stages import fuse as stage
 
-    stage.run(_params(params_file, overrides)["fused"], input_dir, out)
+    params = _params(params_file, overrides)
+    _summary({**stage.run(params["fused"], input_dir, out), "_dir": out}, params, eval_after, eval_reference, eval_data)
 
 
 @cli.command()
 @_derive_opts("artifacts/fused", "artifacts/fp16")
-def fp16(params_file, overrides, input_dir, out):
+def fp16(params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data):
     """FP16 weights and KV cache (the GPU artifact), valid on CPU too."""
     from stages import fp16 as stage
 
-    stage.run(_params(params_file, overrides)["fp16"], input_dir, out)
+    params = _params(params_file, overrides)
+    _summary({**stage.run(params["fp16"], input_dir, out), "_dir": out}, params, eval_after, eval_reference, eval_data)
 
 
 MODES = {"dynamic": ("int8_dynamic", "int8-dynamic"), "static": ("int8_static", "int8-static"),
@@ -163,8 +208,9 @@ MODES = {"dynamic": ("int8_dynamic", "int8-dynamic"), "static": ("int8_static", 
 @click.option("--alpha", type=float, default=None, help="static: SmoothQuant alpha")
 @click.option("--block-size", type=int, default=None, help="int4: block size")
 @click.option("--symmetric/--asymmetric", default=None, help="int4: symmetric blocks")
+@_eval_opts
 def quantize(mode, params_file, overrides, input_dir, out, calibration, text_column, samples, seq_len, method,
-             smoothquant, alpha, block_size, symmetric):
+             smoothquant, alpha, block_size, symmetric, eval_after, eval_reference, eval_data):
     """INT8 dynamic, INT8 static (calibrated, QDQ) or INT4 weight-only (MatMulNBits)."""
     import importlib
 
@@ -188,7 +234,9 @@ def quantize(mode, params_file, overrides, input_dir, out, calibration, text_col
         else:
             sp[head] = value
     stage = importlib.import_module(f"stages.{section}")
-    stage.run(sp, input_dir or f"artifacts/{sp['parent']}", out or f"artifacts/{stage_name}")
+    out = out or f"artifacts/{stage_name}"
+    manifest = stage.run(sp, input_dir or f"artifacts/{sp['parent']}", out)
+    _summary({**manifest, "_dir": out}, params, eval_after, eval_reference, eval_data)
 
 
 @cli.command()

@@ -101,26 +101,45 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params: dict, refere
         ratio = 1.0
     metrics = {"artifact": name, "artifact_id": manifest["artifact_id"], "stage": manifest["stage"],
                "reference": (ref_manifest or {}).get("stage"), **metrics, "size_bytes": size, "size_ratio": ratio,
-               "stage_seconds": manifest["metrics"].get("stage_seconds")}
+               "stage_seconds": manifest["metrics"].get("stage_seconds"), **parity_metrics(manifest)}
     metrics["budget"] = check_budget(metrics, (params.get("budgets") or {}).get(name))
     return metrics
 
 
-BUDGET_KEYS = {"drift_pct": "max_drift_pct", "kld_mean": "max_kld_mean", "size_ratio": "max_size_ratio"}
-
-
 def check_budget(metrics: dict, budget: dict | None) -> dict:
-    """Compare metrics with a budget {max_drift_pct, max_kld_mean, max_size_ratio, min_top1, report_only}."""
+    """Compare metrics with a budget: ``max_<metric>`` / ``min_<metric>`` keys (drift compared by its
+    magnitude), plus ``report_only``. A budgeted metric that is absent is a violation too."""
     if not budget:
         return {"status": "no budget", "violations": []}
     violations = []
-    for key, limit_key in BUDGET_KEYS.items():
-        if limit_key in budget and metrics.get(key) is not None:
-            value = abs(metrics[key]) if key == "drift_pct" else metrics[key]
-            if value > float(budget[limit_key]):
-                violations.append(f"{key} {metrics[key]:.4g} > {budget[limit_key]}")
-    if "min_top1" in budget and metrics.get("top1_agreement") is not None:
-        if metrics["top1_agreement"] < float(budget["min_top1"]):
-            violations.append(f"top1_agreement {metrics['top1_agreement']:.4g} < {budget['min_top1']}")
+    for key, limit in budget.items():
+        bound, _, metric = key.partition("_")
+        if bound not in ("max", "min") or not metric:
+            continue
+        value = metrics.get(metric)
+        if value is None:
+            violations.append(f"{metric} missing")
+            continue
+        value = abs(value) if metric == "drift_pct" else value
+        if (bound == "max" and value > float(limit)) or (bound == "min" and value < float(limit)):
+            violations.append(f"{metric} {metrics[metric]:.4g} {'>' if bound == 'max' else '<'} {limit}")
     status = "pass" if not violations else ("over budget (report-only)" if budget.get("report_only") else "fail")
-    return {"status": status, "violations": violations, **{k: v for k, v in budget.items()}}
+    return {"status": status, "violations": violations, **budget}
+
+
+def parity_metrics(manifest: dict) -> dict:
+    """The stage's own parity check (vs PyTorch for the export, vs its parent otherwise), flattened."""
+    m = manifest.get("metrics", {})
+    parity = m.get("parity_vs_parent", m)
+    out = {f"parity_{k}": parity[k] for k in ("max_abs_logit_delta", "greedy_match", "greedy_prefix_match")
+           if k in parity}
+    if out:
+        out["parity_vs"] = "pytorch" if manifest["stage"] == "export" else (manifest.get("lineage") or [{}])[0].get("stage")
+    if "export_seconds" in m:
+        out["export_seconds"] = m["export_seconds"]
+    return out
+
+
+def checkpoint_metrics(manifest: dict) -> dict:
+    return {"artifact": "checkpoint", "artifact_id": manifest["artifact_id"], "stage": "checkpoint",
+            "source": manifest["source"].get("model"), **manifest["metrics"]}

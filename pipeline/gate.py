@@ -112,6 +112,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         m = r.get("metrics") or {}
+        m = {**m, "ppl": m["heldout_ppl"]} if "heldout_ppl" in m and "ppl" not in m else m
         drift = m.get("drift_pct")
         cells = [r["artifact"],
                  f"{m['ppl']:.3f}" if "ppl" in m else "—",

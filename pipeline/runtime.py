@@ -148,7 +148,7 @@ class GraphIO:
             feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + length, dtype=np.int64),
                                                     (batch, length)).copy()
         if self.past_names:
-            for name, value in zip(self.past_names, past or self.empty_past(batch)):
+            for name, value in zip(self.past_names, past or self.empty_past(batch), strict=True):
                 feeds[name] = value
         return feeds
 

@@ -184,7 +184,6 @@ def import_checkpoint(source: str, revision: str, tmp: Path) -> dict:
     else:
         try:
             from huggingface_hub import snapshot_download
-            from huggingface_hub.utils import HfHubHTTPError  # noqa: F401
 
             local = snapshot_download(source, revision=revision, allow_patterns=list(CHECKPOINT_PATTERNS))
         except Exception as exc:  # offline: LocalEntryNotFoundError, ConnectionError, ...

@@ -16,8 +16,9 @@ sys.path.insert(0, str(REPO))
 from pipeline.params import load_params  # noqa: E402
 
 # Same stages, same architecture; a training budget that fits a test run.
-SMALL = ("train.steps=40", "train.warmup=5", "eval.max_windows=12", "calibration.samples=8",
-         "int8_static.calibration.samples=8")
+SMALL = ("train.steps=40", "train.warmup=5", "eval.max_windows=12", "int8_static.calibration.samples=8",
+         # 40 training steps cannot reach a quarter of the unigram perplexity: report, don't fail
+         "budgets.checkpoint.report_only=true")
 
 
 def small_params(*extra: str) -> dict:

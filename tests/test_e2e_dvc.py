@@ -10,7 +10,8 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import REPO, SMALL, assert_clean_failure, run_cli
+from pipeline.params import set_dotted
+from tests.conftest import REPO, SMALL, _known, assert_clean_failure, run_cli
 
 pytestmark = pytest.mark.slow
 NAMES = ("export", "fused", "fp16", "int8-dynamic", "int8-static", "int4")
@@ -37,15 +38,8 @@ def publisher(tmp_path_factory):
             shutil.copy2(REPO / f, root / f)
     params = yaml.safe_load((root / "params.yaml").read_text())
     for override in SMALL:
-        key, value = override.split("=")
-        node, *path = key.split(".")
-        target = params[node] if node in params else None
-        if target is None:
-            continue
-        for part in path[:-1]:
-            target = target.get(part) if isinstance(target, dict) else None
-        if isinstance(target, dict) and path and path[-1] in target:
-            target[path[-1]] = yaml.safe_load(value)
+        if _known(override):
+            set_dotted(params, override)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for stale in ("dvc.lock", "metrics", "reports"):
         p = root / stale
@@ -63,6 +57,7 @@ def publisher(tmp_path_factory):
 
 
 def test_repro_builds_every_artifact_and_the_second_run_is_a_noop(publisher):
+    assert json.loads((publisher / "metrics" / "checkpoint.json").read_text())["heldout_ppl"] > 0
     for name in NAMES:
         assert (publisher / "artifacts" / name / "manifest.json").is_file()
         metrics = json.loads((publisher / "metrics" / f"{name}.json").read_text())

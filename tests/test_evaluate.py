@@ -44,8 +44,10 @@ def test_self_reference_has_zero_drift_and_pytorch_agrees(export_dir, checkpoint
 
 def test_budget_check():
     assert check_budget({"drift_pct": 0.5, "size_ratio": 0.3}, {"max_drift_pct": 1.0})["status"] == "pass"
-    failed = check_budget({"drift_pct": -2.0, "top1_agreement": 0.9}, {"max_drift_pct": 1.0, "min_top1": 0.95})
+    failed = check_budget({"drift_pct": -2.0, "top1_agreement": 0.9},
+                          {"max_drift_pct": 1.0, "min_top1_agreement": 0.95})
     assert failed["status"] == "fail" and len(failed["violations"]) == 2
+    assert check_budget({"ppl": 3.0}, {"max_kld_mean": 0.1})["violations"] == ["kld_mean missing"]
     assert check_budget({"drift_pct": 2.0}, {"max_drift_pct": 1.0, "report_only": True})["status"].startswith("over")
 
 
@@ -57,6 +59,8 @@ def test_cli_evaluate_writes_the_metrics_file_and_reproduces_it(export_dir, chec
     first = json.loads(out.read_text())
     assert {"ppl", "ref_ppl", "drift_pct", "kld_mean", "kld_p99", "top1_agreement", "size_bytes", "size_ratio"} <= first.keys()
     assert first["windows"] == 6 and first["budget"]["status"] == "pass"
+    assert first["parity_vs"] == "pytorch" and first["parity_greedy_match"] is True
+    assert first["parity_max_abs_logit_delta"] < 1e-3 and first["export_seconds"] > 0
     assert "ppl" in proc.stdout and "drift" in proc.stdout
     run_cli(*args, check=True)
     second = json.loads(out.read_text())
@@ -65,7 +69,7 @@ def test_cli_evaluate_writes_the_metrics_file_and_reproduces_it(export_dir, chec
 
 def test_cli_evaluate_fails_over_budget_unless_report_only(export_dir, checkpoint_dir, data_dir, tmp_path):
     base = ["evaluate", "--artifact", str(export_dir), "--reference", str(checkpoint_dir), "--data", str(data_dir),
-            "--name", "export", "-S", "eval.max_windows=3", "-S", "budgets.export.min_top1=1.01"]
+            "--name", "export", "-S", "eval.max_windows=3", "-S", "budgets.export.min_top1_agreement=1.01"]
     proc = run_cli(*base)
     assert proc.returncode == 1 and "outside its budget" in proc.stderr
     assert run_cli(*base, "-S", "budgets.export.report_only=true").returncode == 0

@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from pipeline.evaluate import evaluate_artifact
+from pipeline import manifest as mf
+from pipeline.evaluate import checkpoint_metrics, evaluate_artifact
 from tests.conftest import REPO, assert_clean_failure, run_cli
 
 NAMES = ("fused", "fp16", "int8-dynamic", "int8-static", "int4")
@@ -15,6 +16,7 @@ NAMES = ("fused", "fp16", "int8-dynamic", "int8-static", "int4")
 @pytest.fixture(scope="module")
 def metrics_dir(derived, fused_dir, export_dir, checkpoint_dir, data_dir, params, tmp_path_factory):
     out = tmp_path_factory.mktemp("metrics")
+    (out / "checkpoint.json").write_text(json.dumps(checkpoint_metrics(mf.read_manifest(checkpoint_dir))))
     text = (data_dir / "eval.txt").read_text()
     dirs = {"fused": fused_dir, **{n: derived(n) for n in NAMES[1:]}}
     m = evaluate_artifact(export_dir, text, params, checkpoint_dir, "export")
@@ -24,8 +26,12 @@ def metrics_dir(derived, fused_dir, export_dir, checkpoint_dir, data_dir, params
     return out
 
 
+SMALL_MODEL = ("-S", "budgets.checkpoint.report_only=true")  # 40 training steps: report the unigram ratio only
+
+
 def gate(metrics_dir, *args, cwd=REPO):
-    return run_cli("gate", "--params", str(REPO / "params.yaml"), "--metrics-dir", str(metrics_dir), *args, cwd=cwd)
+    return run_cli("gate", "--params", str(REPO / "params.yaml"), "--metrics-dir", str(metrics_dir), *SMALL_MODEL,
+                   *args, cwd=cwd)
 
 
 def test_gate_passes_and_prints_a_markdown_table(metrics_dir, tmp_path):
@@ -34,7 +40,10 @@ def test_gate_passes_and_prints_a_markdown_table(metrics_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("| artifact | PPL | drift % | KLD mean | top-1 | size |")
-    assert len(lines) == 2 + 6 and all("pass" in line for line in lines[2:])
+    assert len(lines) == 2 + 7
+    rows = {line.split("|")[1].strip(): line for line in lines[2:]}
+    assert all("pass" in rows[n] for n in ("export", *NAMES))
+    assert "ppl_ratio_vs_unigram" in rows["checkpoint"] and "report-only" in rows["checkpoint"]
     assert summary.read_text().strip() == proc.stdout.strip()
 
 
@@ -80,11 +89,11 @@ def test_gate_against_a_git_revision_through_dvc(metrics_dir, tmp_path):
     subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
     git("add", "-A")
     git("-c", "user.email=ci@x", "-c", "user.name=ci", "commit", "-qm", "baseline")
-    assert run_cli("gate", "--baseline", "HEAD", cwd=repo).returncode == 0
+    assert run_cli("gate", "--baseline", "HEAD", *SMALL_MODEL, cwd=repo).returncode == 0
     m = json.loads((repo / "metrics" / "int4.json").read_text())
     m["ppl"] *= 1.02
     (repo / "metrics" / "int4.json").write_text(json.dumps(m))
-    proc = run_cli("gate", "--baseline", "HEAD", cwd=repo)
+    proc = run_cli("gate", "--baseline", "HEAD", *SMALL_MODEL, cwd=repo)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "vs baseline" in next(line for line in proc.stdout.splitlines() if line.startswith("| int4 "))
     assert_clean_failure(run_cli("gate", "--baseline", "no-such-rev", cwd=repo), "baseline revision 'no-such-rev'")
@@ -97,7 +106,7 @@ def test_report_writes_table_json_and_plot(metrics_dir, tmp_path):
     proc = run_cli("report", "--params", str(REPO / "params.yaml"), "--metrics-dir", str(metrics_dir), "--out",
                    str(out), "--bench", str(bench), check=True)
     assert "size_vs_drift.png" in proc.stderr
-    assert (out / "summary.md").read_text().count("\n| ") == 7
-    assert set(json.loads((out / "summary.json").read_text())["artifacts"]) == {"export", *NAMES}
+    assert (out / "summary.md").read_text().count("\n| ") == 8
+    assert set(json.loads((out / "summary.json").read_text())["artifacts"]) == {"checkpoint", "export", *NAMES}
     png = (out / "size_vs_drift.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -13,22 +13,26 @@ SMALL = ["-S", "int8_static.calibration.samples=4", "-S", "int8_static.calibrati
 
 
 def _static(fused_dir, out, *extra):
-    return run_cli("quantize", "--mode", "static", "--input", str(fused_dir), "--out", str(out), *SMALL, *extra)
+    evaluate = () if "--eval" in extra else ("--no-eval",)
+    return run_cli("quantize", "--mode", "static", "--input", str(fused_dir), "--out", str(out), *SMALL, *evaluate,
+                   *extra)
 
 
-def test_static_with_a_users_calibration_file(fused_dir, data_dir, tmp_path):
+def test_static_with_a_users_calibration_file(fused_dir, export_dir, data_dir, tmp_path):
     own = tmp_path / "mine.jsonl"
     paras = (data_dir / "calibration.txt").read_text().split("\n\n")
     own.write_text("".join(json.dumps({"body": p}) + "\n" for p in paras))
     out = tmp_path / "int8-static"
     proc = _static(fused_dir, out, "--calibration", str(own), "--text-column", "body", "--method", "Percentile",
-                   "--no-smoothquant")
+                   "--no-smoothquant", "--eval", "--reference", str(export_dir), "--data", str(data_dir),
+                   "-S", "eval.max_windows=4")
     assert proc.returncode == 0, proc.stderr
     m = mf.read_manifest(out)
     assert m["quant_policy"]["calibration"]["source"] == str(own)
     assert m["quant_policy"]["activations"] == "uint8 static (Percentile)" and m["quant_policy"]["smoothquant"] is None
     assert "calibrate 4/4" in proc.stderr  # progress
-    assert "int8-static: " in proc.stderr.splitlines()[-1]  # one-line summary last
+    summary = proc.stdout.strip().splitlines()[-1]  # one-line summary last: id, size, drift
+    assert summary.startswith(f"int8-static: {m['artifact_id']}") and "drift" in summary and "vs export" in summary
 
 
 @pytest.mark.parametrize("method", ["MinMax", "Entropy"])

@@ -67,11 +67,14 @@ def main() -> None:
                        "onnxruntime": onnxruntime.__version__, "provider": "CPUExecutionProvider"},
            "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats},
            "artifacts": results}
+    peer_file = Path(args.out).with_name("genai_peer.json")
+    if peer_file.is_file():  # onnxruntime-genai, measured from its own venv (benchmarks/genai_peer.py)
+        doc["peers"] = json.loads(peer_file.read_text())
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print("| artifact | size MB | prefill tok/s | decode tok/s | ms/token | load s |\n|---|---|---|---|---|---|")
-    for name, r in results.items():
+    for name, r in {**results, **doc.get("peers", {})}.items():
         print(f"| {name} | {r['model_mb']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "
-              f"{r['decode_ms_per_token']} | {r['session_load_s']} |")
+              f"{r['decode_ms_per_token']} | {r.get('session_load_s', '—')} |")
 
 
 if __name__ == "__main__":

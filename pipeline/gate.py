@@ -143,11 +143,11 @@ def plot(rows: list[dict], out_png: Path, bench: dict | None = None) -> None:
     panels = 2 if bench else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
     ax = axes[0][0]
-    for r in have:
+    for i, r in enumerate(have):
         m = r["metrics"]
         x, y = m["size_ratio"], m.get("drift_pct", 0.0)
         ax.scatter(x, y, s=60, color="tab:green" if r["status"].startswith("pass") else "tab:red")
-        ax.annotate(r["artifact"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        ax.annotate(r["artifact"], (x, y), textcoords="offset points", xytext=(6, 5 if i % 2 else -13), fontsize=9)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("size vs FP32 export")
     ax.set_ylabel("perplexity drift vs FP32 export (%)")

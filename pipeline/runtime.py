@@ -1,7 +1,7 @@
 """The reference runtime: one piece used by evaluation, calibration and generation alike.
 
 It loads an artifact directory, discovers input/output names, dtypes and KV-cache shapes from the
-graph (FP32 or FP16 KV), and runs prefill then decode with the KV cache. :meth:`Runtime.feeds` is
+graph (FP32 or FP16 KV), and runs prefill then decode with the KV cache. :meth:`GraphIO.feeds` is
 the only place that builds the merged decoder's inputs (ids, attention mask, position ids, past).
 No torch, no transformers: onnxruntime, numpy and tokenizers only.
 """

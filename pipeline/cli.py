@@ -144,7 +144,10 @@ def _eval_opts(fn):
 
 
 def _summary(manifest: dict, params: dict, eval_after: bool, reference: str, data_dir: str) -> None:
-    """The one line a stage ends with: artifact id, size and (by hand) drift against the FP32 export."""
+    """By hand (``--eval``), the line a stage ends with: artifact id, size and drift against the FP32
+    export. Under DVC (``--no-eval``) the stage's own summary line is the last word."""
+    if not eval_after:
+        return
     line = f"{manifest['stage']}: {manifest['artifact_id']}, {manifest['size_bytes'] / 1e6:.1f} MB"
     eval_text = Path(data_dir) / "eval.txt"
     if eval_after and eval_text.is_file() and Path(reference, "manifest.json").is_file():
@@ -154,7 +157,7 @@ def _summary(manifest: dict, params: dict, eval_after: bool, reference: str, dat
         line += (f" ({m['size_ratio']:.3f}x FP32), ppl {m['ppl']:.3f}, drift {m['drift_pct']:+.3f} % vs "
                  f"{m['reference']}, KLD {m['kld_mean']:.2e}, top-1 {m['top1_agreement']:.2%} "
                  f"[{m['budget']['status']}]")
-    elif eval_after:
+    else:
         line += f" (drift not measured: no {eval_text} or {reference}; run `pipeline evaluate`)"
     click.echo(line)
 

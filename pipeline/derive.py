@@ -10,7 +10,8 @@ from typing import Callable
 from . import manifest as mf
 from . import onnx_io, parity, store
 from .errors import PipelineError
-from .log import info
+from .evaluate import model_bytes
+from .log import heartbeat, info
 from .runtime import Runtime
 from .verify import verify
 
@@ -27,7 +28,8 @@ def derive(parent_dir: str | Path, out: str | Path, stage: str, params: dict,
     mf.expect_stage(parent, parents, parent_dir)
     t0 = time.perf_counter()
     with store.staging_dir(out) as tmp:
-        made = build(parent_dir, parent, tmp)
+        with heartbeat(stage):
+            made = build(parent_dir, parent, tmp)
         onnx_io.copy_side_files(parent_dir, tmp)
         # The graph check is onnxruntime loading it (Runtime below): fused graphs hold ORT-only ops
         # (SimplifiedLayerNormalization, com.microsoft.*) that onnx.checker does not know.
@@ -43,8 +45,8 @@ def derive(parent_dir: str | Path, out: str | Path, stage: str, params: dict,
         extra.setdefault("opset", onnx_io.opset(onnx_io.load(tmp, load_external_data=False)))
         manifest = store.publish(tmp, out, stage=stage, params=params, parent=parent, source=parent["source"],
                                  metrics=metrics, extra=extra)
-    ratio = manifest["size_bytes"] / max(1, parent["size_bytes"])
-    info(f"{stage}: {manifest['artifact_id']} {manifest['size_bytes'] / 1e6:.1f} MB ({ratio:.2f}x {parent['stage']}), "
+    size = model_bytes(Path(out))
+    info(f"{stage}: {manifest['artifact_id']} {size / 1e6:.1f} MB ({size / model_bytes(parent_dir):.3f}x {parent['stage']}), "
          f"max |dlogit| vs {parent['stage']} {result['max_abs_logit_delta']:.2e}, greedy prefix match "
          f"{result['greedy_prefix_match']:.0%}, {build_s:.1f} s")
     return manifest

@@ -102,7 +102,8 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params: dict, refere
     metrics = {"artifact": name, "artifact_id": manifest["artifact_id"], "stage": manifest["stage"],
                "reference": (ref_manifest or {}).get("stage"), **metrics, "size_bytes": size, "size_ratio": ratio,
                "stage_seconds": manifest["metrics"].get("stage_seconds"), **parity_metrics(manifest)}
-    metrics["budget"] = check_budget(metrics, (params.get("budgets") or {}).get(name))
+    metrics["budget"] = (check_budget(metrics, (params.get("budgets") or {}).get(name)) if reference else
+                         {"status": "not checked (no --reference)", "violations": []})
     return metrics
 
 

@@ -26,3 +26,28 @@ class Progress:
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+class heartbeat:
+    """``with heartbeat("export"):`` prints ``  export: still running (30 s)`` every ``every_s`` seconds
+    while a silent library call (optimum export, ORT optimizer, quantizers) works on a large model."""
+
+    def __init__(self, label: str, every_s: float = 15.0):
+        import threading
+
+        self.label, self.every_s = label, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        while not self._stop.wait(self.every_s):
+            info(f"  {self.label}: still running ({time.perf_counter() - start:.0f} s)")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline import manifest as mf
 from pipeline import onnx_io, parity, store
 from pipeline.errors import PipelineError
-from pipeline.log import info
+from pipeline.log import heartbeat, info
 from pipeline.runtime import Runtime
 
 TASK = "text-generation-with-past"
@@ -53,7 +53,7 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path) -> dict:
         quiet = io.StringIO()
         logging.getLogger("optimum").setLevel(logging.ERROR)
         try:
-            with contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+            with contextlib.redirect_stdout(quiet), warnings.catch_warnings(), heartbeat("export"):
                 warnings.simplefilter("ignore")  # torch.jit tracer warnings on every export
                 main_export(str(checkpoint_dir), output=raw, task=TASK, opset=opset, device="cpu",
                             do_validation=False, local_files_only=True, trust_remote_code=False)

@@ -73,3 +73,6 @@ def test_cli_evaluate_fails_over_budget_unless_report_only(export_dir, checkpoin
     proc = run_cli(*base)
     assert proc.returncode == 1 and "outside its budget" in proc.stderr
     assert run_cli(*base, "-S", "budgets.export.report_only=true").returncode == 0
+    no_ref = [a for a in base if a not in ("--reference", str(checkpoint_dir))]
+    proc = run_cli(*no_ref)  # PPL only: drift/KLD budgets cannot be judged without a reference
+    assert proc.returncode == 0 and "not checked (no --reference)" in proc.stdout

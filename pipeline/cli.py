@@ -256,7 +256,7 @@ def generate(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, 
     from .runtime import Runtime
     from .verify import verify
 
-    verify(artifact)
+    verify(artifact, load=False)  # files, hashes, id, external data; opening the session is the load check
     rt = Runtime(artifact, provider=provider)
     ids = rt.encode(prompt)
     out: list[int] = []

@@ -79,7 +79,7 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params: dict, refere
     from .verify import verify
 
     artifact = Path(artifact)
-    manifest = verify(artifact)
+    manifest = verify(artifact, load=False)  # opening the Runtime's session is the load check
     candidate = Runtime(artifact, provider=provider)
     ref_model, ref_manifest = None, None
     if reference:

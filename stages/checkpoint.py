@@ -53,9 +53,10 @@ def encode_text(tokenizer, text: str) -> np.ndarray:
 
 def unigram_ppl(train_ids: np.ndarray, windows: np.ndarray, vocab: int) -> float:
     """Add-one unigram model from the train split, scored on the same tokens as the LM."""
+    targets = windows[:, windows.shape[1] // 2:].reshape(-1)
+    vocab = max(vocab, int(targets.max()) + 1)
     counts = np.bincount(train_ids, minlength=vocab).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
-    targets = windows[:, windows.shape[1] // 2:].reshape(-1)
     return float(np.exp(-logp[targets].mean()))
 
 
@@ -63,21 +64,19 @@ def train_builtin(params: dict, data_dir: Path, tmp: Path) -> dict:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    from pipeline.torch_ref import TorchModel
     from calibration.sources import read_split
 
-    tp, ep = params["train"], params["eval"]
+    tp = params["train"]
     seed = int(tp["seed"])
     torch.manual_seed(seed)
     torch.set_num_threads(os.cpu_count() or 1)
-    train_text, eval_text = read_split(data_dir, "train"), read_split(data_dir, "eval")
+    train_text = read_split(data_dir, "train")
 
     t0 = time.perf_counter()
     tokenizer = train_tokenizer(train_text, int(params["tokenizer"]["vocab_size"]), tmp)
     train_ids = encode_text(tokenizer, train_text)
-    eval_ids = encode_text(tokenizer, eval_text)
-    info(f"checkpoint: tokenizer {len(tokenizer)} tokens; train {len(train_ids):,} tokens, "
-         f"eval {len(eval_ids):,} tokens ({time.perf_counter() - t0:.1f} s)")
+    info(f"checkpoint: tokenizer {len(tokenizer)} tokens; train {len(train_ids):,} tokens "
+         f"({time.perf_counter() - t0:.1f} s)")
 
     config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=int(tp["hidden_size"]), intermediate_size=int(tp["intermediate_size"]),
@@ -131,16 +130,29 @@ def train_builtin(params: dict, data_dir: Path, tmp: Path) -> dict:
                                                pad_token_id=tokenizer.eos_token_id, do_sample=False)
     model.save_pretrained(str(tmp), safe_serialization=True)
 
-    windows = make_windows(eval_ids, int(ep["ctx"]), int(ep.get("max_windows") or 0))
-    held_out = score(TorchModel(tmp), windows, label="held-out ppl")
-    uni = unigram_ppl(train_ids, windows, len(tokenizer))
     return {
         "source": {"model": BUILTIN, "data_id": _data_id(data_dir)},
         "metrics": {"params_m": round(n_params / 1e6, 3), "train_seconds": round(train_s, 1),
-                    "train_tokens": steps * bs * seq, "final_loss": round(loss_ema, 4),
-                    "heldout_ppl": held_out["ppl"], "unigram_ppl": uni, "ppl_ratio_vs_unigram": held_out["ppl"] / uni,
-                    "eval_tokens_scored": held_out["tokens_scored"]},
+                    "train_tokens": steps * bs * seq, "final_loss": round(loss_ema, 4)},
     }
+
+
+def score_checkpoint(directory: Path, data_dir: Path, eval_params: dict) -> dict:
+    """Held-out PPL of the checkpoint (PyTorch, llama.cpp-style windows) and of a unigram model from the
+    train split with the same tokenizer, on the same tokens: is it a real model?"""
+    from transformers import AutoTokenizer
+
+    from calibration.sources import read_split
+    from pipeline.torch_ref import TorchModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    train_ids = encode_text(tokenizer, read_split(data_dir, "train"))
+    windows = make_windows(encode_text(tokenizer, read_split(data_dir, "eval")), int(eval_params["ctx"]),
+                           int(eval_params.get("max_windows") or 0))
+    held_out = score(TorchModel(directory), windows, label="held-out ppl")
+    uni = unigram_ppl(train_ids, windows, len(tokenizer))
+    return {"heldout_ppl": held_out["ppl"], "unigram_ppl": uni, "ppl_ratio_vs_unigram": held_out["ppl"] / uni,
+            "eval_tokens_scored": held_out["tokens_scored"]}
 
 
 def _data_id(data_dir: Path) -> str | None:
@@ -213,13 +225,12 @@ def run(params: dict, data_dir: str | Path, out: str | Path) -> dict:
             made = import_checkpoint(source, str(params["model"].get("revision", "main")), tmp)
             stage_params = {"model": params["model"]}
         config = json.loads((tmp / "config.json").read_text())
+        made["metrics"].update(score_checkpoint(tmp, Path(data_dir), params["eval"]))
         manifest = store.publish(tmp, out, stage="checkpoint", params=stage_params, source=made["source"],
                                  metrics=made["metrics"], extra={"config": config})
     m = manifest["metrics"]
-    if "heldout_ppl" in m:
-        info(f"checkpoint: {manifest['artifact_id']} built-in Qwen3 {m['params_m']} M params, held-out ppl "
-             f"{m['heldout_ppl']:.2f} vs unigram {m['unigram_ppl']:.1f} (ratio {m['ppl_ratio_vs_unigram']:.3f}), "
-             f"trained {m['train_seconds']:.0f} s")
-    else:
-        info(f"checkpoint: {manifest['artifact_id']} imported {source} ({manifest['size_bytes'] / 1e6:.1f} MB)")
+    what = (f"built-in Qwen3 {m['params_m']} M params trained {m['train_seconds']:.0f} s" if "train_seconds" in m
+            else f"imported {source} ({manifest['size_bytes'] / 1e6:.1f} MB)")
+    info(f"checkpoint: {manifest['artifact_id']} {what}, held-out ppl {m['heldout_ppl']:.2f} vs unigram "
+         f"{m['unigram_ppl']:.1f} (ratio {m['ppl_ratio_vs_unigram']:.3f})")
     return manifest

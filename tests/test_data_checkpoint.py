@@ -81,5 +81,9 @@ def test_local_checkpoint_directory_is_imported(checkpoint_dir, params, data_dir
     m = checkpoint.run({**params, "model": {"source": str(checkpoint_dir), "revision": "main"}}, data_dir,
                        tmp_path / "imported")
     assert m["source"]["kind"] == "local"
+    # scored like the built-in model: same weights, same held-out text, same figure
+    built = mf.read_manifest(checkpoint_dir)["metrics"]
+    assert m["metrics"]["heldout_ppl"] == pytest.approx(built["heldout_ppl"], rel=1e-6)
+    assert m["metrics"]["unigram_ppl"] == pytest.approx(built["unigram_ppl"], rel=1e-9)
     assert m["source"]["file_sha256"]["model.safetensors"] == mf.sha256_file(checkpoint_dir / "model.safetensors")
     assert (tmp_path / "imported" / "tokenizer.json").is_file()

@@ -139,18 +139,28 @@ def train_builtin(params: dict, data_dir: Path, tmp: Path) -> dict:
 
 def score_checkpoint(directory: Path, data_dir: Path, eval_params: dict) -> dict:
     """Held-out PPL of the checkpoint (PyTorch, llama.cpp-style windows) and of a unigram model from the
-    train split with the same tokenizer, on the same tokens: is it a real model?"""
-    from transformers import AutoTokenizer
+    train split with the same tokenizer, on the same tokens: is it a real model?
+
+    Tokenizes with ``tokenizer.json`` through `tokenizers`, exactly as the reference runtime does."""
+    from tokenizers import Tokenizer
 
     from calibration.sources import read_split
     from pipeline.torch_ref import TorchModel
 
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    train_ids = encode_text(tokenizer, read_split(data_dir, "train"))
-    windows = make_windows(encode_text(tokenizer, read_split(data_dir, "eval")), int(eval_params["ctx"]),
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+
+    def encode(text: str) -> np.ndarray:
+        return np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    windows = make_windows(encode(read_split(data_dir, "eval")), int(eval_params["ctx"]),
                            int(eval_params.get("max_windows") or 0))
-    held_out = score(TorchModel(directory), windows, label="held-out ppl")
-    uni = unigram_ppl(train_ids, windows, len(tokenizer))
+    try:
+        model = TorchModel(directory)
+    except Exception as exc:  # transformers raises many types for unloadable checkpoints
+        raise PipelineError(f"{directory} cannot be loaded with transformers ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]})") from None
+    held_out = score(model, windows, label="held-out ppl")
+    uni = unigram_ppl(encode(read_split(data_dir, "train")), windows, tok.get_vocab_size())
     return {"heldout_ppl": held_out["ppl"], "unigram_ppl": uni, "ppl_ratio_vs_unigram": held_out["ppl"] / uni,
             "eval_tokens_scored": held_out["tokens_scored"]}
 

@@ -30,6 +30,16 @@ def _stride(n: int, wanted: int) -> int:
     return max(d for d in range(1, max(1, min(n, wanted)) + 1) if n % d == 0)
 
 
+def _with_types(model):
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    except Exception as exc:  # inference is best effort: quantize with what is known
+        info(f"int8-static: symbolic shape inference failed ({type(exc).__name__}); some activations may stay float")
+        return model
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -67,6 +77,10 @@ def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
                 sq_summary = smooth(model, config, windows, float(sq["alpha"]), exclude, scratch)
                 info(f"int8-static: SmoothQuant alpha {sq['alpha']}: {sq_summary['groups']} groups, "
                      f"{sq_summary['folded']} folded into the graph (RMSNorm gamma or up_proj), {sq_summary['mul_inserted']} Mul inserted")
+            # Types for every tensor (ORT's symbolic inference knows the contrib ops of the fused graph):
+            # without them the calibrator skips the outputs of RMSNorm & co. and their MatMuls keep
+            # float activations.
+            model = _with_types(model)
             (scratch / "in").mkdir()
             onnx_io.save(model, scratch / "in")
             del model
@@ -90,7 +104,9 @@ def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
                   "excluded_nodes": sorted(exclude), "tied_embedding": shared or "fp32 (not quantized)",
                   "calibration": {"source": str(cal["source"]), "windows": len(windows),
                                   "seq_len": int(windows.shape[1]), "stride": stride}}
-        return {"metrics": {"op_counts": counts, "quantized_matmuls": counts.get("DequantizeLinear", 0),
+        dq = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        quantized = sum(1 for n in q.graph.node if n.op_type == "MatMul" and all(i in dq for i in n.input[:2]))
+        return {"metrics": {"op_counts": counts, "quantized_matmuls": quantized,
                             "peak_rss_mb": round(peak_rss_mb(), 1)},
                 "extra": {"precision": "int8-static", "kv_dtype": "float32", "quant_policy": policy}}
 

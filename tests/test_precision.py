@@ -85,6 +85,8 @@ def test_int8_static_artifact(derived, params, export_dir, data_dir):
     policy = m["quant_policy"]
     counts = onnx_io.op_counts(onnx_io.load(d, load_external_data=False))
     assert counts.get("QuantizeLinear", 0) > 0 and counts.get("DequantizeLinear", 0) > 0
+    layers = json.loads((d / "config.json").read_text())["num_hidden_layers"]
+    assert m["metrics"]["quantized_matmuls"] == 7 * layers  # the projections; attention MatMuls and lm_head excluded
     assert policy["smoothquant"]["groups"] > 0 and policy["smoothquant"]["folded"] > policy["smoothquant"]["mul_inserted"]
     assert policy["calibration"]["windows"] == params["int8_static"]["calibration"]["samples"]
     assert m["metrics"]["peak_rss_mb"] > 0

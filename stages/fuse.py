@@ -45,8 +45,8 @@ def retie_embedding(model) -> list[str]:
     from onnx import helper, numpy_helper
 
     init = {t.name: t for t in model.graph.initializer}
-    tables = {model.graph.node[i].input[0] for i, n in enumerate(model.graph.node)
-              if n.name in set(onnx_io.embedding_nodes(model))}
+    gathers = set(onnx_io.embedding_nodes(model))
+    tables = {n.input[0] for n in model.graph.node if n.name in gathers}
     removed = []
     for table in tables:
         e = numpy_helper.to_array(init[table])

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.manifest import machine  # noqa: E402
 from pipeline.runtime import Runtime  # noqa: E402
 
 NAMES = ("export", "fused", "fp16", "int8-dynamic", "int8-static", "int4")
@@ -61,10 +60,10 @@ def main() -> None:
         if (d / "model.onnx").is_file():
             results[name] = bench(d, args.prompt_tokens, args.new_tokens, args.repeats)
             print(f"  {name}: {results[name]}", file=sys.stderr, flush=True)
-    import onnxruntime
+    import subprocess
 
-    doc = {"machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                       "onnxruntime": onnxruntime.__version__, "provider": "CPUExecutionProvider"},
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    doc = {"machine": {**machine(), "provider": "CPUExecutionProvider"}, "commit": commit,
            "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats},
            "artifacts": results}
     peer_file = Path(args.out).with_name("genai_peer.json")

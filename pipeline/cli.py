@@ -82,11 +82,15 @@ def checkpoint(params_file, overrides, data_dir, source, out, metrics_out):
 @SET_OPT
 @click.option("--checkpoint", "checkpoint_dir", default="artifacts/checkpoint", show_default=True)
 @click.option("--out", default="artifacts/export", show_default=True)
-def export(params_file, overrides, checkpoint_dir, out):
+@click.option("--eval/--no-eval", "eval_after", default=True, show_default=True,
+              help="score the export against PyTorch (the checkpoint) on the held-out text before publishing it")
+@click.option("--data", "eval_data", default="artifacts/data", show_default=True, help="data artifact for --eval")
+def export(params_file, overrides, checkpoint_dir, out, eval_after, eval_data):
     """Export the checkpoint to FP32 ONNX with KV cache and check parity with PyTorch."""
     from stages import export as stage
 
-    stage.run(_params(params_file, overrides)["export"], checkpoint_dir, out)
+    params = _params(params_file, overrides)
+    stage.run(params["export"], checkpoint_dir, out, _evaluation(params, eval_after, checkpoint_dir, eval_data))
 
 
 @cli.command()
@@ -99,7 +103,8 @@ def export(params_file, overrides, checkpoint_dir, out):
 @click.option("--name", default=None, help="artifact name for budgets.<name> (default: directory name)")
 @click.option("--out", default=None, help="write the metrics JSON here")
 @click.option("--provider", default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True)
-def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, name, out, provider):
+@click.option("--rescore", is_flag=True, help="score again even when the stage recorded figures for this reference and text")
+def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, name, out, provider, rescore):
     """Perplexity (llama.cpp style), and vs a reference: drift, KL divergence, top-1 agreement."""
     from calibration.sources import read_split
 
@@ -113,7 +118,7 @@ def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, n
         text = Path(text_file).read_text()
     else:
         text = read_split(data_dir, "eval")
-    metrics = evaluate_artifact(artifact, text, params, reference, name, provider)
+    metrics = evaluate_artifact(artifact, text, params, reference, name, provider, rescore=rescore)
     if out:
         _write_json(out, metrics)
     summary = f"evaluate: {metrics['artifact']} ({metrics['artifact_id']}) ppl {metrics['ppl']:.4f}"
@@ -129,10 +134,10 @@ def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, n
 
 EVAL_OPTS = (
     click.option("--eval/--no-eval", "eval_after", default=True, show_default=True,
-                 help="score the new artifact against --reference on the eval split and print its drift "
-                      "(dvc.yaml passes --no-eval: an evaluate stage follows)"),
+                 help="score the new artifact against --reference on the held-out text before publishing it: "
+                      "the figures go into its manifest and model card, and `pipeline evaluate` reuses them"),
     click.option("--reference", "eval_reference", default="artifacts/export", show_default=True,
-                 help="reference for --eval"),
+                 help="reference for --eval (an artifact, or the checkpoint = PyTorch)"),
     click.option("--data", "eval_data", default="artifacts/data", show_default=True, help="data artifact for --eval"),
 )
 
@@ -143,23 +148,16 @@ def _eval_opts(fn):
     return fn
 
 
-def _summary(manifest: dict, params: dict, eval_after: bool, reference: str, data_dir: str) -> None:
-    """By hand (``--eval``), the line a stage ends with: artifact id, size and drift against the FP32
-    export. Under DVC (``--no-eval``) the stage's own summary line is the last word."""
+def _evaluation(params: dict, eval_after: bool, reference: str, data_dir: str) -> dict | None:
+    """What a stage scores its artifact against when it builds it (None: not scored, and why)."""
     if not eval_after:
-        return
-    line = f"{manifest['stage']}: {manifest['artifact_id']}, {manifest['size_bytes'] / 1e6:.1f} MB"
+        return None
     eval_text = Path(data_dir) / "eval.txt"
-    if eval_after and eval_text.is_file() and Path(reference, "manifest.json").is_file():
-        from .evaluate import evaluate_artifact
-
-        m = evaluate_artifact(Path(manifest["_dir"]), eval_text.read_text(), params, reference, manifest["stage"])
-        line += (f" ({m['size_ratio']:.3f}x FP32), ppl {m['ppl']:.3f}, drift {m['drift_pct']:+.3f} % vs "
-                 f"{m['reference']}, KLD {m['kld_mean']:.2e}, top-1 {m['top1_agreement']:.2%} "
-                 f"[{m['budget']['status']}]")
-    else:
-        line += f" (drift not measured: no {eval_text} or {reference}; run `pipeline evaluate`)"
-    click.echo(line)
+    if not eval_text.is_file() or not Path(reference, "manifest.json").is_file():
+        info(f"note: the new artifact will not be scored (no {eval_text} or no artifact at {reference}); "
+             f"`pipeline evaluate` scores it later")
+        return None
+    return {"text": eval_text.read_text(), "reference": reference, "params": params.get("eval", {})}
 
 
 def _derive_opts(default_in, default_out):
@@ -179,7 +177,7 @@ def fuse(params_file, overrides, input_dir, out, eval_after, eval_reference, eva
     from stages import fuse as stage
 
     params = _params(params_file, overrides)
-    _summary({**stage.run(params["fused"], input_dir, out), "_dir": out}, params, eval_after, eval_reference, eval_data)
+    stage.run(params["fused"], input_dir, out, _evaluation(params, eval_after, eval_reference, eval_data))
 
 
 @cli.command()
@@ -189,7 +187,7 @@ def fp16(params_file, overrides, input_dir, out, eval_after, eval_reference, eva
     from stages import fp16 as stage
 
     params = _params(params_file, overrides)
-    _summary({**stage.run(params["fp16"], input_dir, out), "_dir": out}, params, eval_after, eval_reference, eval_data)
+    stage.run(params["fp16"], input_dir, out, _evaluation(params, eval_after, eval_reference, eval_data))
 
 
 MODES = {"dynamic": ("int8_dynamic", "int8-dynamic"), "static": ("int8_static", "int8-static"),
@@ -238,8 +236,8 @@ def quantize(mode, params_file, overrides, input_dir, out, calibration, text_col
             sp[head] = value
     stage = importlib.import_module(f"stages.{section}")
     out = out or f"artifacts/{stage_name}"
-    manifest = stage.run(sp, input_dir or f"artifacts/{sp['parent']}", out)
-    _summary({**manifest, "_dir": out}, params, eval_after, eval_reference, eval_data)
+    stage.run(sp, input_dir or f"artifacts/{sp['parent']}", out,
+              _evaluation(params, eval_after, eval_reference, eval_data))
 
 
 @cli.command()
@@ -251,14 +249,24 @@ def quantize(mode, params_file, overrides, input_dir, out, calibration, text_col
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--provider", default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True)
-def generate(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, provider):
-    """Stream a continuation of PROMPT from an artifact (verified first)."""
+@click.option("--chat", is_flag=True, help="PROMPT is a user message: apply the chat template the artifact ships")
+@click.option("--system", default=None, help="with --chat: a system message before PROMPT")
+def generate(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, provider, chat, system):
+    """Stream a continuation of PROMPT from an artifact (verified first); with --chat, the assistant's reply."""
     from .runtime import Runtime
     from .verify import verify
 
+    if system is not None and not chat:
+        raise PipelineError("--system applies to --chat only")
     verify(artifact, load=False)  # files, hashes, id, external data; opening the session is the load check
+    text = prompt
+    if chat:
+        from .chat import render
+
+        messages = ([{"role": "system", "content": system}] if system is not None else [])
+        text = render(artifact, messages + [{"role": "user", "content": prompt}])
     rt = Runtime(artifact, provider=provider)
-    ids = rt.encode(prompt)
+    ids = rt.encode(text)
     out: list[int] = []
     shown = [""]
 
@@ -270,7 +278,8 @@ def generate(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, 
             sys.stdout.flush()
             shown[0] = text
 
-    sys.stdout.write(prompt)
+    if not chat:  # a continuation reads on from the prompt; a chat reply stands alone
+        sys.stdout.write(prompt)
     rt.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                 on_token=on_token)
     sys.stdout.write("\n")
@@ -322,11 +331,12 @@ def report(params_file, overrides, metrics_dir, bench, out):
     rows = g.judge(g.load_metrics(metrics_dir or params.get("gate", {}).get("metrics_dir", "metrics")), params)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    bench_data = json.loads(Path(bench).read_text()).get("artifacts") if bench and Path(bench).is_file() else None
+    bench_data, bench_label = g.bench_for_plot(
+        json.loads(Path(bench).read_text()) if bench and Path(bench).is_file() else None)
     (out / "summary.md").write_text("# Artifacts\n\n" + g.markdown(rows))
     (out / "summary.json").write_text(json.dumps(g.summary_json(rows), indent=2) + "\n")
-    g.plot(rows, out / "size_vs_drift.png", bench_data)
-    info(f"report: {out}/summary.md, summary.json, size_vs_drift.png ({len(rows)} artifacts)")
+    g.plot(rows, out / "size_vs_drift.png", bench_data, bench_label)
+    info(f"report: {out}/summary.md, summary.json, size_vs_drift.png ({len(rows)} artifacts; {bench_label})")
 
 
 @cli.command("verify")

@@ -71,29 +71,67 @@ def model_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).glob("model.onnx*") if p.is_file())
 
 
+def text_sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def score_record(candidate, reference, ref_manifest: dict, text: str, eval_params: dict, label: str) -> dict:
+    """Score ``candidate`` (a Runtime) against ``reference`` (a Runtime or the PyTorch model) on ``text``:
+    the figures a stage records in its manifest (``metrics.eval``) and its model card, with what they were
+    measured against, so `pipeline evaluate` can reuse them instead of running the reference again."""
+    ctx, max_windows = int(eval_params.get("ctx", 128)), int(eval_params.get("max_windows") or 0)
+    windows = make_windows(candidate.encode(text), ctx, max_windows)
+    return {"reference": ref_manifest["stage"], "reference_id": ref_manifest["artifact_id"],
+            "text_sha256": text_sha256(text), "max_windows": max_windows,
+            **score(candidate, windows, reference, label=label)}
+
+
+def _recorded(manifest: dict, ref_manifest: dict | None, text: str, eval_params: dict) -> dict | None:
+    """The stage's own scoring, if it was against this reference, on this text, with these settings."""
+    rec = manifest.get("metrics", {}).get("eval")
+    if not rec or ref_manifest is None:
+        return None
+    same = (rec.get("reference_id") == ref_manifest["artifact_id"] and rec.get("text_sha256") == text_sha256(text)
+            and rec.get("ctx") == int(eval_params.get("ctx", 128))
+            and rec.get("max_windows") == int(eval_params.get("max_windows") or 0))
+    return rec if same else None
+
+
 def evaluate_artifact(artifact: str | Path, eval_text: str, params: dict, reference: str | Path | None = None,
-                      name: str | None = None, provider: str = "cpu") -> dict:
+                      name: str | None = None, provider: str = "cpu", rescore: bool = False) -> dict:
     """Score ``artifact`` on ``eval_text``; against ``reference`` (an ONNX artifact, or the checkpoint
-    = PyTorch) also drift, KL divergence and top-1 agreement; then apply ``budgets.<name>``."""
-    from .runtime import Runtime
+    = PyTorch) also drift, KL divergence and top-1 agreement; then apply ``budgets.<name>``.
+
+    A stage that scored its artifact when building it (``metrics.eval`` in the manifest) against the same
+    reference, text and settings is not scored again (``rescore`` forces it)."""
+    from .log import info
     from .verify import verify
 
     artifact = Path(artifact)
     manifest = verify(artifact, load=False)  # opening the Runtime's session is the load check
-    candidate = Runtime(artifact, provider=provider)
-    ref_model, ref_manifest = None, None
-    if reference:
-        ref_manifest = verify(reference, load=False)
-        if ref_manifest["stage"] == "checkpoint":
+    ref_manifest = verify(reference, load=False) if reference else None
+    ep = params.get("eval", {})
+    name = name or artifact.name
+    metrics = None if rescore else _recorded(manifest, ref_manifest, eval_text, ep)
+    if metrics is not None:
+        info(f"evaluate {name}: figures recorded when the stage built it (same reference {ref_manifest['artifact_id']}, "
+             f"text and eval params); --rescore measures again")
+        metrics = {k: v for k, v in metrics.items() if k not in ("reference", "reference_id", "text_sha256")}
+    else:
+        from .runtime import Runtime
+
+        candidate = Runtime(artifact, provider=provider)
+        ref_model = None
+        if ref_manifest is not None and ref_manifest["stage"] == "checkpoint":
             from .torch_ref import TorchModel
 
             ref_model = TorchModel(reference)
-        else:
+        elif ref_manifest is not None:
             ref_model = Runtime(reference, provider=provider)
-    ep = params.get("eval", {})
-    windows = make_windows(candidate.encode(eval_text), int(ep.get("ctx", 128)), int(ep.get("max_windows") or 0))
-    name = name or artifact.name
-    metrics = score(candidate, windows, ref_model, label=f"evaluate {name}")
+        windows = make_windows(candidate.encode(eval_text), int(ep.get("ctx", 128)), int(ep.get("max_windows") or 0))
+        metrics = score(candidate, windows, ref_model, label=f"evaluate {name}")
     size = model_bytes(artifact)
     if ref_manifest is not None and ref_manifest["stage"] != "checkpoint":
         ratio = size / model_bytes(Path(reference))

@@ -50,14 +50,37 @@ def list_files(directory: Path) -> list[dict]:
     return entries
 
 
+CARD = "README.md"  # the model card: hashed and listed, but not part of the id (see pipeline/card.py)
+
+
 def compute_artifact_id(files: list[dict], parent_id: str | None, stage: str, params: dict) -> str:
+    """Content hash over the files (the model card excepted), the parent's id, the stage and its params."""
     payload = _canonical({
-        "files": [[f["path"], f["sha256"]] for f in sorted(files, key=lambda f: f["path"])],
+        "files": [[f["path"], f["sha256"]] for f in sorted(files, key=lambda f: f["path"]) if f["path"] != CARD],
         "parent_id": parent_id,
         "stage": stage,
         "params": params,
     })
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def machine() -> dict:
+    """The machine a figure was measured on: CPU model, cores, onnxruntime version."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        ort = metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:
+        ort = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort}
 
 
 def tool_versions() -> dict:

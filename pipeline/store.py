@@ -30,6 +30,11 @@ def publish(tmp: Path, out: str | Path, **manifest_fields) -> dict:
     for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700; artifacts are shared read-only data
         path.chmod(0o755 if path.is_dir() else 0o644)
     manifest = mf.build_manifest(tmp, **manifest_fields)
+    if (tmp / "model.onnx").is_file():  # every ONNX artifact explains itself: README.md, a model card
+        from . import card
+
+        manifest["files"] = sorted([*manifest["files"], card.write(tmp, manifest)], key=lambda f: f["path"])
+        manifest["size_bytes"] = sum(f["size"] for f in manifest["files"])
     mf.write_manifest(tmp, manifest)
     old = None
     if out.exists() or out.is_symlink():

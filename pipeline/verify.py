@@ -64,11 +64,22 @@ def check_loads(directory: Path) -> None:
         raise PipelineError(f"onnxruntime {ort.__version__} cannot load {directory}/{MODEL}: {first}{hint}") from None
 
 
+def check_card(directory: Path, manifest: dict) -> None:
+    """An ONNX artifact carries its model card, listed in the manifest (so hashed) and naming its id."""
+    if not any(f["path"] == mf.CARD for f in manifest["files"]):
+        raise PipelineError(f"{directory}: no model card ({mf.CARD}) in the manifest: every ONNX artifact carries one; "
+                            f"rebuild it with this version of the pipeline")
+    if f"`{manifest['artifact_id']}`" not in (directory / mf.CARD).read_text(errors="replace"):
+        raise PipelineError(f"{directory}/{mf.CARD} does not name artifact {manifest['artifact_id']}: "
+                            f"the card belongs to another artifact")
+
+
 def verify(directory: str | Path, load: bool = True) -> dict:
     directory = Path(directory)
     manifest = mf.read_manifest(directory)
     mf.check_files(directory, manifest)
     if (directory / MODEL).is_file():
+        check_card(directory, manifest)
         check_external_data(directory)
         if load:
             check_loads(directory)

@@ -25,6 +25,16 @@ from pipeline.log import info
 
 BUILTIN = "builtin:qwen3-tiny"
 EOS = "<|endoftext|>"
+# Qwen's chat markers, special tokens of the built-in tokenizer as of Qwen3's, so the chat path
+# (`pipeline generate --chat`) runs on the default model exactly as on Qwen3-4B-Instruct.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# A minimal Qwen-style (ChatML) template: the shape of Qwen3-Instruct-2507's, without tools.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 # Files copied from a local or hub checkpoint; weights only as safetensors (never pickle).
 CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.json", "*.txt")
 
@@ -37,10 +47,16 @@ def train_tokenizer(text: str, vocab_size: int, out_dir: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, IM_START, IM_END], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(text.split("\n\n"), trainer=trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+    # What a Qwen3 tokenizer_config.json declares, where it applies: its real inputs (no
+    # token_type_ids, which optimum's generate() would refuse), no BOS, EOS/pad <|endoftext|>, the chat
+    # template, and no clean-up of spaces on decode.
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=None,
+                                 model_input_names=["input_ids", "attention_mask"], chat_template=CHAT_TEMPLATE,
+                                 clean_up_tokenization_spaces=False, split_special_tokens=False,
+                                 additional_special_tokens=[IM_START, IM_END])
     hf.model_max_length = 1 << 30
     hf.save_pretrained(str(out_dir))
     return hf
@@ -126,7 +142,9 @@ def train_builtin(params: dict, data_dir: Path, tmp: Path) -> dict:
                  f"eta {(steps - step) * (now - t0) / step:.0f} s)")
     train_s = time.perf_counter() - t0
     model.eval()
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+    # As Qwen3-Instruct's generation_config: a turn ends at <|im_end|> or <|endoftext|>.
+    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id,
+                                                             tokenizer.convert_tokens_to_ids(IM_END)],
                                                pad_token_id=tokenizer.eos_token_id, do_sample=False)
     model.save_pretrained(str(tmp), safe_serialization=True)
 

@@ -36,8 +36,12 @@ def _check_exportable(config: dict) -> None:
                             f"use a causal LM architecture it supports (qwen3, llama, mistral, ...)")
 
 
-def run(params: dict, checkpoint_dir: str | Path, out: str | Path) -> dict:
+def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
+    """``evaluation`` = {text, reference: the checkpoint, params}: score the export against PyTorch on
+    held-out text when built, recorded in the manifest and model card (see pipeline.derive)."""
     from optimum.exporters.onnx import main_export
+
+    from pipeline.derive import decode_speed, evaluation_record, summary_figures
 
     from pipeline.torch_ref import TorchModel
 
@@ -69,19 +73,23 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path) -> dict:
         onnx_io.check(tmp / onnx_io.MODEL)
         info(f"export: graph checked ({export_s:.1f} s); parity with PyTorch on {len(parity.PROMPTS)} prompts ...")
         runtime = Runtime(tmp)
-        result = parity.check(runtime, TorchModel(checkpoint_dir), runtime.encode, int(params["greedy_tokens"]))
+        torch_model = TorchModel(checkpoint_dir)
+        result = parity.check(runtime, torch_model, runtime.encode, int(params["greedy_tokens"]))
         if not result["greedy_match"]:
             raise PipelineError(f"export parity failed: greedy tokens differ from PyTorch (prefix match "
                                 f"{result['greedy_prefix_match']:.0%}, max |dlogit| {result['max_abs_logit_delta']:.2e})")
         if result["max_abs_logit_delta"] > float(params["max_abs_logit_delta"]):
             raise PipelineError(f"export parity failed: max |dlogit| {result['max_abs_logit_delta']:.2e} > "
                                 f"export.max_abs_logit_delta {params['max_abs_logit_delta']}")
+        scored = evaluation_record(runtime, evaluation, {checkpoint_dir.resolve(): torch_model}, "export")
         metrics = {**result, "export_seconds": round(export_s, 2), "stage_seconds": round(time.perf_counter() - t0, 2),
-                   "op_counts": onnx_io.op_counts(model)}
+                   "op_counts": onnx_io.op_counts(model), "decode": decode_speed(result)}
+        if scored:
+            metrics["eval"] = scored
         manifest = store.publish(tmp, out, stage="export", params=params, parent=parent, source=parent["source"],
                                  metrics=metrics, extra={"opset": onnx_io.opset(model), "task": TASK,
                                                          "precision": "fp32", "kv_dtype": "float32"})
     info(f"export: {manifest['artifact_id']} fp32 {manifest['size_bytes'] / 1e6:.1f} MB, opset {manifest['opset']}, "
          f"max |dlogit| vs PyTorch {result['max_abs_logit_delta']:.2e}, greedy {result['greedy_tokens']} tokens "
-         f"identical on {result['greedy_prompts']} prompts, {export_s:.1f} s")
+         f"identical on {result['greedy_prompts']} prompts{summary_figures(scored) if scored else ''}, {export_s:.1f} s")
     return manifest

@@ -12,7 +12,8 @@ from pipeline import onnx_io
 from pipeline.derive import derive
 
 
-def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
+def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
+    """``evaluation`` = {text, reference, params}: score the artifact when built (see pipeline.derive)."""
     def build(parent_dir: Path, parent: dict, tmp: Path) -> dict:
         from onnxruntime.transformers import float16
         from onnxruntime.transformers.onnx_model import OnnxModel
@@ -31,7 +32,8 @@ def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
         return {"metrics": {"op_counts": onnx_io.op_counts(model.model)},
                 "extra": {"precision": "fp16", "kv_dtype": kv, "fp16_policy": policy}}
 
-    return derive(parent_dir, out, "fp16", params, build, greedy_tokens=int(params["greedy_tokens"]))
+    return derive(parent_dir, out, "fp16", params, build, greedy_tokens=int(params["greedy_tokens"]),
+                  evaluation=evaluation)
 
 
 def _elem(value_info) -> str:

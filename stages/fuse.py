@@ -59,7 +59,9 @@ def retie_embedding(model) -> list[str]:
     return removed
 
 
-def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
+def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
+    """``evaluation`` = {text, reference, params}: score the artifact when built (see pipeline.derive)."""
+
     def build(parent_dir: Path, parent: dict, tmp: Path) -> dict:
         from onnxruntime.transformers.optimizer import optimize_model
 
@@ -79,4 +81,4 @@ def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
                 "extra": {"precision": "fp32", "kv_dtype": "float32"}}
 
     return derive(parent_dir, out, "fused", params, build, parents=("export",),
-                  require_greedy_match=True, greedy_tokens=int(params["greedy_tokens"]))
+                  require_greedy_match=True, greedy_tokens=int(params["greedy_tokens"]), evaluation=evaluation)

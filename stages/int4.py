@@ -27,7 +27,8 @@ def _algo_config(params: dict):
     raise PipelineError(f"unknown int4.algorithm {algorithm!r}: use rtn or k_quant")
 
 
-def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
+def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
+    """``evaluation`` = {text, reference, params}: score the artifact when built (see pipeline.derive)."""
     def build(parent_dir: Path, parent: dict, tmp: Path) -> dict:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -51,4 +52,5 @@ def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
         return {"metrics": {"op_counts": onnx_io.op_counts(q)},
                 "extra": {"precision": "int4", "kv_dtype": "float32", "quant_policy": policy}}
 
-    return derive(parent_dir, out, "int4", params, build, greedy_tokens=int(params["greedy_tokens"]))
+    return derive(parent_dir, out, "int4", params, build, greedy_tokens=int(params["greedy_tokens"]),
+                  evaluation=evaluation)

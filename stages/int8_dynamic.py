@@ -15,7 +15,8 @@ from pipeline.derive import derive
 from pipeline.tied import find_tied, share_quantized_table
 
 
-def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
+def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
+    """``evaluation`` = {text, reference, params}: score the artifact when built (see pipeline.derive)."""
     def build(parent_dir: Path, parent: dict, tmp: Path) -> dict:
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -38,4 +39,5 @@ def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
         return {"metrics": {"op_counts": onnx_io.op_counts(q)},
                 "extra": {"precision": "int8-dynamic", "kv_dtype": "float32", "quant_policy": policy}}
 
-    return derive(parent_dir, out, "int8-dynamic", params, build, greedy_tokens=int(params["greedy_tokens"]))
+    return derive(parent_dir, out, "int8-dynamic", params, build, greedy_tokens=int(params["greedy_tokens"]),
+                  evaluation=evaluation)

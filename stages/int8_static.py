@@ -44,7 +44,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
+def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
+    """``evaluation`` = {text, reference, params}: score the artifact when built (see pipeline.derive)."""
     method = params["method"]
     if method not in METHODS:
         raise PipelineError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
@@ -110,4 +111,5 @@ def run(params: dict, parent_dir: str | Path, out: str | Path) -> dict:
                             "peak_rss_mb": round(peak_rss_mb(), 1)},
                 "extra": {"precision": "int8-static", "kv_dtype": "float32", "quant_policy": policy}}
 
-    return derive(parent_dir, out, "int8-static", params, build, greedy_tokens=int(params["greedy_tokens"]))
+    return derive(parent_dir, out, "int8-static", params, build, greedy_tokens=int(params["greedy_tokens"]),
+                  evaluation=evaluation)

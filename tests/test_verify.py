@@ -13,11 +13,16 @@ from pipeline import manifest as mf
 from tests.conftest import REPO, assert_clean_failure, run_cli
 
 
-def rehash(directory):
-    """What a careless (or hostile) publisher would do: rewrite the manifest to match the files."""
+def rehash(directory, card=True):
+    """What a careless (or hostile) publisher would do: rewrite the manifest (and, with ``card``, the model
+    card) to match the files."""
+    from pipeline import card as model_card
+
     m = json.loads((directory / "manifest.json").read_text())
-    m["files"] = mf.list_files(directory)
+    m["files"] = [f for f in mf.list_files(directory) if not (card and f["path"] == mf.CARD)]
     m["artifact_id"] = mf.compute_artifact_id(m["files"], m["parent_id"], m["stage"], m["params"])
+    if card:
+        m["files"] = sorted([*m["files"], model_card.write(directory, m)], key=lambda f: f["path"])
     (directory / "manifest.json").write_text(json.dumps(m))
 
 
@@ -126,6 +131,7 @@ def test_consumer_needs_only_onnxruntime(derived, data_dir, tmp_path):
     d = derived("int8-dynamic")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for args in (["verify", str(d)], ["generate", "--artifact", str(d), "The", "--max-new-tokens", "4"],
+                 ["generate", "--artifact", str(d), "--chat", "Hello", "--max-new-tokens", "4"],
                  ["evaluate", "--artifact", str(d), "--text", str(data_dir / "eval.txt"), "-S", "eval.ctx=64",
                   "-S", "eval.max_windows=2"]):
         proc = subprocess.run([sys.executable, "-c", BLOCKER, *args], capture_output=True, text=True, env=env,

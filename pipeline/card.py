@@ -1,0 +1,180 @@
+"""The model card (``README.md``) every ONNX artifact carries, generated from its manifest.
+
+Hugging Face model-card conventions: YAML front-matter (``library_name``, ``base_model``,
+``pipeline_tag``, tags), then what the artifact is, its figures, its quantization policy, its lineage
+and three ways to run it. The card is listed and hashed in the manifest like every other file; it is
+left out of the artifact id (which names the model's content, params and lineage), because it holds
+wall times and speeds measured on the building machine, exactly as the manifest's metrics do, and
+those must not change the id from one machine to the next. `verify` checks the card's hash and that
+it names the manifest's artifact id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .manifest import CARD
+
+PRECISION_TAGS = {"export": "fp32", "fused": "fp32", "fp16": "fp16", "int8-dynamic": "int8",
+                  "int8-static": "int8", "int4": "int4"}
+WHAT = {
+    "export": "FP32 ONNX export (optimum-onnx, merged decoder with KV cache), checked against PyTorch",
+    "fused": "FP32, ONNX Runtime transformer fusions (RMSNorm / SkipRMSNorm)",
+    "fp16": "FP16 weights and KV cache, float32 logits: the GPU artifact",
+    "int8-dynamic": "INT8 weights, activations quantized at run time (dynamic quantization)",
+    "int8-static": "INT8 static QDQ, calibrated (for execution providers that consume QDQ)",
+    "int4": "INT4 weight-only, block-wise (MatMulNBits, the format onnxruntime-genai uses)",
+}
+
+
+def base_model(manifest: dict) -> str:
+    """The checkpoint the lineage starts from, as a hub id where there is one."""
+    source = manifest.get("source") or {}
+    model = str(source.get("model", "unknown"))
+    if source.get("kind") == "local":
+        return Path(model).name
+    return model
+
+
+def _front_matter(manifest: dict, directory: Path) -> str:
+    stage = manifest["stage"]
+    tags = ["onnx", "onnxruntime", stage, PRECISION_TAGS.get(stage, "fp32"), "kv-cache", "text-generation"]
+    config = directory / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if model_type:
+        tags.insert(2, model_type)
+    lines = ["---", "library_name: onnxruntime", f"base_model: {json.dumps(base_model(manifest))}",
+             "pipeline_tag: text-generation", "tags:"]
+    lines += [f"  - {t}" for t in dict.fromkeys(tags)]
+    return "\n".join(lines + ["---", ""])
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _quality(metrics: dict) -> list[str]:
+    ev = metrics.get("eval")
+    if not ev:
+        return ["Not scored when built (built without `--eval`): run "
+                "`pipeline evaluate --artifact . --reference <export>` for PPL, drift, KLD and top-1.", ""]
+    ref = "PyTorch (the checkpoint)" if ev["reference"] == "checkpoint" else f"the {ev['reference']} artifact"
+    return [
+        f"Scored on held-out text ({ev['tokens_scored']:,} tokens in {ev['windows']} windows of {ev['ctx']}, the "
+        f"second half of each window scored, as llama.cpp's perplexity tool does) against {ref} "
+        f"(`{ev['reference_id']}`):", "",
+        "| PPL | reference PPL | drift | KLD mean | KLD p99 | top-1 agreement |",
+        "|---|---|---|---|---|---|",
+        f"| {ev['ppl']:.4f} | {ev['ref_ppl']:.4f} | {ev['drift_pct']:+.4f} % | {ev['kld_mean']:.2e} | "
+        f"{ev['kld_p99']:.2e} | {ev['top1_agreement']:.2%} |", ""]
+
+
+def _parity(manifest: dict) -> list[str]:
+    m = manifest.get("metrics", {})
+    p = m.get("parity_vs_parent", m)
+    if "max_abs_logit_delta" not in p:
+        return []
+    vs = "PyTorch" if manifest["stage"] == "export" else (manifest.get("lineage") or [{}])[0].get("stage", "parent")
+    return [f"Parity with {vs}: max |Δlogit| {p['max_abs_logit_delta']:.2e} on {p.get('greedy_prompts', '?')} fixed "
+            f"prompts; greedy {p.get('greedy_tokens', '?')} tokens "
+            f"{'identical' if p.get('greedy_match') else 'match for ' + _fmt(p.get('greedy_prefix_match'), '.0%')}.", ""]
+
+
+def _speed(metrics: dict) -> list[str]:
+    speed = metrics.get("decode")
+    if not speed:
+        return []
+    machine = speed.get("machine", {})
+    return [f"Decode speed when built: {speed['tok_s']:.1f} tok/s (greedy, batch 1, through the reference runtime, "
+            f"{speed['tokens']} tokens after short prompts) on {machine.get('cpu', '?')}, {machine.get('cores', '?')} "
+            f"cores, onnxruntime {machine.get('onnxruntime', '?')} {machine.get('provider', 'CPU EP')}. "
+            f"A figure of that machine, not of yours: `python benchmarks/bench.py` measures yours.", ""]
+
+
+def _policy(manifest: dict) -> list[str]:
+    out = []
+    for key in ("quant_policy", "fp16_policy"):
+        policy = manifest.get(key)
+        if policy:
+            out += ["| setting | value |", "|---|---|"]
+            out += [f"| {k} | {json.dumps(v) if not isinstance(v, str) else v} |" for k, v in policy.items()]
+            out.append("")
+    if not out:
+        out = [f"{manifest.get('precision', 'fp32')} weights, {manifest.get('kv_dtype', 'float32')} KV cache; "
+               f"nothing quantized.", ""]
+    return out
+
+
+def _lineage(manifest: dict) -> list[str]:
+    chain = [f"`{manifest['stage']}` {manifest['artifact_id']}"]
+    chain += [f"`{p['stage']}` {p['artifact_id']}" for p in manifest.get("lineage", [])]
+    versions = manifest.get("versions") or {}
+    tools = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+    return [" ← ".join(chain) + f" ← source `{(manifest.get('source') or {}).get('model', '?')}`", "",
+            f"Built with: {tools}.", ""]
+
+
+def _run(manifest: dict, has_genai: bool) -> list[str]:
+    name = manifest["stage"]
+    out = [
+        "**Our reference runtime** (numpy + onnxruntime + tokenizers; `pip install qwen-onnx-pipeline`):", "",
+        "```bash", "pipeline verify .", f'pipeline generate --artifact . "The for statement" --max-new-tokens 64',
+        "```", "",
+        "**optimum** (`pip install optimum-onnx`):", "",
+        "```python",
+        "from optimum.onnxruntime import ORTModelForCausalLM",
+        "from transformers import AutoTokenizer",
+        "",
+        f'tok = AutoTokenizer.from_pretrained("{name}")',
+        f'model = ORTModelForCausalLM.from_pretrained("{name}")',
+        'print(tok.decode(model.generate(**tok("The for statement", return_tensors="pt"))[0]))',
+        "```", "",
+        "**onnxruntime-genai** (`pip install onnxruntime-genai`):", "",
+    ]
+    if has_genai:
+        out += ["```python", "import onnxruntime_genai as og", "",
+                f'model = og.Model("{name}")', "tok = og.Tokenizer(model)",
+                "params = og.GeneratorParams(model)", 'params.set_search_options(max_length=64)',
+                "gen = og.Generator(model, params)", 'gen.append_tokens(tok.encode("The for statement"))',
+                "while not gen.is_done():", "    gen.generate_next_token()",
+                "print(tok.decode(gen.get_sequence(0)))", "```", ""]
+    else:
+        out += ["This artifact ships no `genai_config.json`, which onnxruntime-genai needs beside the model.", ""]
+    return out
+
+
+def render(manifest: dict, directory: Path) -> str:
+    """The card for ``manifest`` (its ``files`` not yet holding the card) of the artifact in ``directory``."""
+    stage = manifest["stage"]
+    m = manifest.get("metrics", {})
+    model_bytes = sum(f["size"] for f in manifest["files"] if re.fullmatch(r"model\.onnx(_data)?", f["path"]))
+    parent = (manifest.get("lineage") or [{}])[0].get("stage")
+    lines = [_front_matter(manifest, directory),
+             f"# {base_model(manifest)} — {stage} (ONNX)", "",
+             f"{WHAT.get(stage, stage)}. Artifact id `{manifest['artifact_id']}`, built by qwen-onnx-pipeline "
+             f"from `{base_model(manifest)}`.", "",
+             "## Figures", "", *_quality(m), *_parity(manifest)]
+    size = f"Model size: {model_bytes / 1e6:,.2f} MB (`model.onnx` + `model.onnx_data`)"
+    ratio = (m.get("eval") or {}).get("size_ratio")
+    if ratio is not None:
+        size += f", {ratio:.3f}× the {m['eval']['reference']}"
+    lines += [size + (f"; built from `{parent}` in {m['stage_seconds']:.1f} s" if parent and m.get("stage_seconds")
+                      else "") + ".", "", *_speed(m),
+              "## Precision", "", *_policy(manifest),
+              "## Lineage", "", *_lineage(manifest),
+              "## How to run it", "", *_run(manifest, (directory / "genai_config.json").is_file()),
+              "`manifest.json` holds every figure above, the params, the tool versions and the sha256 of every file.",
+              ""]
+    return "\n".join(lines)
+
+
+def write(directory: Path, manifest: dict) -> dict:
+    """Write the card into ``directory``; return its manifest file entry."""
+    from .manifest import sha256_file
+
+    path = directory / CARD
+    path.write_text(render(manifest, directory))
+    path.chmod(0o644)
+    return {"path": CARD, "size": path.stat().st_size, "sha256": sha256_file(path)}

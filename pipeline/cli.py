@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -242,31 +243,41 @@ def quantize(mode, params_file, overrides, input_dir, out, calibration, text_col
 
 @cli.command()
 @click.option("--artifact", required=True, type=click.Path(), help="ONNX artifact directory")
-@click.argument("prompt")
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
-@click.option("--top-k", default=0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
+@click.argument("prompts", nargs=-1, required=True, metavar="PROMPT...")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--provider", default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True)
-@click.option("--chat", is_flag=True, help="PROMPT is a user message: apply the chat template the artifact ships")
+@click.option("--chat", is_flag=True, help="each PROMPT is a user message: apply the chat template the artifact ships")
 @click.option("--system", default=None, help="with --chat: a system message before PROMPT")
-def generate(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, provider, chat, system):
-    """Stream a continuation of PROMPT from an artifact (verified first); with --chat, the assistant's reply."""
+def generate(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, provider, chat, system):
+    """Stream a continuation of PROMPT from an artifact (verified first); with --chat, the assistant's reply.
+
+    Several PROMPTs run as one left-padded batch and print when all are done."""
     from .runtime import Runtime
     from .verify import verify
 
     if system is not None and not chat:
         raise PipelineError("--system applies to --chat only")
     verify(artifact, load=False)  # files, hashes, id, external data; opening the session is the load check
-    text = prompt
+    texts = list(prompts)
     if chat:
         from .chat import render
 
-        messages = ([{"role": "system", "content": system}] if system is not None else [])
-        text = render(artifact, messages + [{"role": "user", "content": prompt}])
+        head = [{"role": "system", "content": system}] if system is not None else []
+        texts = [render(artifact, head + [{"role": "user", "content": p}]) for p in prompts]
     rt = Runtime(artifact, provider=provider)
-    ids = rt.encode(text)
+    ids = [rt.encode(t) for t in texts]
+    rt.check_request(ids, max_new_tokens)  # refuse before printing anything
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    if len(ids) > 1:
+        outs = rt.generate_batch(ids, max_new_tokens, **sampling)
+        for i, (prompt, out) in enumerate(zip(prompts, outs)):
+            click.echo(f"[{i + 1}] " + ("" if chat else prompt) + rt.decode(out))
+        info(f"generate: {len(outs)} prompts as one batch, {sum(map(len, outs))} tokens from {artifact}")
+        return
     out: list[int] = []
     shown = [""]
 
@@ -279,9 +290,8 @@ def generate(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, 
             shown[0] = text
 
     if not chat:  # a continuation reads on from the prompt; a chat reply stands alone
-        sys.stdout.write(prompt)
-    rt.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                on_token=on_token)
+        sys.stdout.write(prompts[0])
+    rt.generate(ids[0], max_new_tokens, on_token=on_token, **sampling)
     sys.stdout.write("\n")
     info(f"generate: {len(out)} tokens from {artifact}")
 
@@ -339,6 +349,15 @@ def report(params_file, overrides, metrics_dir, bench, out):
     info(f"report: {out}/summary.md, summary.json, size_vs_drift.png ({len(rows)} artifacts; {bench_label})")
 
 
+@cli.command("check-params")
+@PARAMS_OPT
+@SET_OPT
+def check_params(params_file, overrides):
+    """Check params.yaml (and -S overrides) against the schema; exit non-zero on the first problem."""
+    params = _params(params_file, overrides)
+    click.echo(f"params ok: {params_file or 'params.yaml'} ({len(params)} sections)")
+
+
 @cli.command("verify")
 @click.argument("directory", type=click.Path())
 def verify_cmd(directory):
@@ -366,8 +385,20 @@ def main():
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and "No space left" not in str(exc):
+            _internal(exc)
+        where = f" writing {exc.filename}" if exc.filename else ""
+        click.echo(f"error: no space left on the device{where}: free some space (or write the artifacts to a larger "
+                   f"disk) and run again; nothing was published", err=True)
+        sys.exit(2)
     except Exception as exc:  # a bug, not bad input: one line, traceback on request
-        if os.environ.get("PIPELINE_DEBUG"):
-            raise
-        click.echo(f"internal error: {type(exc).__name__}: {exc} (set PIPELINE_DEBUG=1 for the traceback)", err=True)
-        sys.exit(3)
+        _internal(exc)
+
+
+def _internal(exc: BaseException):
+    """A bug, not bad input: one line, the traceback on request."""
+    if os.environ.get("PIPELINE_DEBUG"):
+        raise exc
+    click.echo(f"internal error: {type(exc).__name__}: {exc} (set PIPELINE_DEBUG=1 for the traceback)", err=True)
+    sys.exit(3)

@@ -17,12 +17,13 @@ from typing import Any
 
 from .errors import PipelineError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: manifest_sha256 (integrity of the manifest itself), README.md model cards
 MANIFEST = "manifest.json"
 TRACKED_TOOLS = ("onnx", "onnxruntime", "optimum", "optimum-onnx", "transformers", "torch", "tokenizers",
                  "qwen-onnx-pipeline")
 REQUIRED_KEYS = ("schema_version", "artifact_id", "stage", "parent_id", "source", "params", "versions",
-                 "files", "metrics", "lineage")
+                 "files", "metrics", "lineage", "manifest_sha256")
+DIGEST = "manifest_sha256"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -117,8 +118,19 @@ def build_manifest(directory: Path, *, stage: str, params: dict, source: dict, m
     return manifest
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 over the manifest's content without this digest: any later change to any field shows."""
+    as_read = json.loads(_serialize({k: v for k, v in manifest.items() if k != DIGEST}))  # the types a reader sees
+    return hashlib.sha256(_canonical(as_read).encode()).hexdigest()
+
+
+def _serialize(manifest: dict) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def write_manifest(directory: Path, manifest: dict) -> None:
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    manifest[DIGEST] = manifest_digest(manifest)
+    (directory / MANIFEST).write_text(_serialize(manifest))
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -137,8 +149,11 @@ def read_manifest(directory: str | Path) -> dict:
         raise PipelineError(f"{path} is malformed: expected a JSON object")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
+        how = ("an older artifact: rebuild it with this version (dvc repro), or read it with the version that built it"
+               if isinstance(version, int) and version < SCHEMA_VERSION else
+               "upgrade qwen-onnx-pipeline to read newer artifacts")
         raise PipelineError(f"{path} has manifest schema version {version!r}; this tool reads version "
-                            f"{SCHEMA_VERSION} (upgrade qwen-onnx-pipeline to read newer artifacts)")
+                            f"{SCHEMA_VERSION} ({how})")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise PipelineError(f"{path} is malformed: missing {', '.join(missing)}")
@@ -175,6 +190,11 @@ def check_files(directory: str | Path, manifest: dict) -> None:
     if expected != manifest["artifact_id"]:
         raise PipelineError(f"{directory}: artifact id {manifest['artifact_id']} does not match its content "
                             f"({expected}): the manifest was edited")
+    if manifest_digest(manifest) != manifest[DIGEST]:
+        raise PipelineError(f"{directory}/{MANIFEST} does not match its {DIGEST}: a field (metrics, lineage, "
+                            f"source, versions ...) was changed after the pipeline wrote it")
+    if (directory / MANIFEST).read_text() != _serialize(manifest):
+        raise PipelineError(f"{directory}/{MANIFEST} is not byte for byte as the pipeline wrote it: edited or damaged")
 
 
 def expect_stage(manifest: dict, stages: tuple[str, ...], directory: Path) -> None:

@@ -24,14 +24,20 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
     params = copy.deepcopy(params)
     for item in overrides:
         set_dotted(params, item)
-    return params
+    from .schema import validate
+
+    where = str(path) + (" with -S " + " ".join(overrides) if overrides else "")
+    return validate(params, where)
 
 
 def set_dotted(params: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise PipelineError(f"override {assignment!r} must look like section.key=value")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        raise PipelineError(f"override {assignment!r}: the value is not valid YAML") from None
     node = params
     parts = key.strip().split(".")
     for part in parts[:-1]:

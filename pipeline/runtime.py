@@ -134,19 +134,32 @@ class GraphIO:
         kv = self.kv
         return [np.zeros((batch, kv.kv_heads, 0, kv.head_dim), dtype=kv.dtype) for _ in self.past_names]
 
-    def feeds(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Inputs for one step: ``input_ids`` (batch, T) after ``past`` (None = empty past of length 0)."""
+    def feeds(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
+              attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Inputs for one step: ``input_ids`` (batch, T) after ``past`` (None = empty past of length 0).
+
+        ``attention_mask`` (batch, past + T), 0 on padding, is given for a left-padded batch; position ids
+        then count only the real tokens, so each row sees the positions it would see alone."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
         batch, length = input_ids.shape
         past_len = 0 if not past else past[0].shape[2]
         feeds = {"input_ids": input_ids}
+        if attention_mask is None:
+            mask = np.ones((batch, past_len + length), dtype=np.int64)
+            positions = np.broadcast_to(np.arange(past_len, past_len + length, dtype=np.int64), (batch, length)).copy()
+        else:
+            mask = np.asarray(attention_mask, dtype=np.int64)
+            if mask.shape != (batch, past_len + length):
+                raise PipelineError(f"attention mask of shape {mask.shape} for {batch} rows of {past_len} + {length} tokens")
+            positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -length:]
         if self.mask_dtype is not None:
-            feeds["attention_mask"] = np.ones((batch, past_len + length), dtype=self.mask_dtype)
+            feeds["attention_mask"] = mask.astype(self.mask_dtype)
+        elif attention_mask is not None and not mask.all():
+            raise PipelineError(f"{self.where} has no attention_mask input: it cannot run a padded batch")
         if "position_ids" in self.input_names:
-            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + length, dtype=np.int64),
-                                                    (batch, length)).copy()
+            feeds["position_ids"] = positions
         if self.past_names:
             for name, value in zip(self.past_names, past or self.empty_past(batch), strict=True):
                 feeds[name] = value
@@ -164,9 +177,10 @@ class Runtime:
         self.eos_ids = _eos_ids(self.dir, self.config)
         self._tokenizer = None
 
-    def forward(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None):
+    def forward(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
+                attention_mask: np.ndarray | None = None):
         """One step: returns (logits float32 (batch, T, V), present KV list)."""
-        outs = self.session.run(["logits"] + self.io.present_names, self.io.feeds(input_ids, past))
+        outs = self.session.run(["logits"] + self.io.present_names, self.io.feeds(input_ids, past, attention_mask))
         return outs[0].astype(np.float32, copy=False), outs[1:]
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
@@ -201,11 +215,7 @@ class Runtime:
         """Prefill the prompt, then decode one token at a time with the KV cache.
 
         ``temperature`` 0 is greedy; otherwise seeded sampling with optional top-k / top-p."""
-        if not prompt_ids:
-            raise PipelineError("the prompt is empty")
-        limit = self.config.get("max_position_embeddings")
-        if limit and len(prompt_ids) + max_new_tokens > limit:
-            max_new_tokens = max(0, limit - len(prompt_ids))
+        max_new_tokens = self.check_request([prompt_ids], max_new_tokens)
         rng = np.random.default_rng(seed)
         logits, past = self.forward(np.asarray(prompt_ids)[None])
         out: list[int] = []
@@ -217,6 +227,56 @@ class Runtime:
             if stop_at_eos and nxt in self.eos_ids:
                 break
             logits, past = self.forward(np.asarray([[nxt]]), past)
+        return out
+
+
+    @property
+    def context(self) -> int | None:
+        """The longest sequence the model takes (config max_position_embeddings), if it says."""
+        limit = self.config.get("max_position_embeddings")
+        return int(limit) if limit else None
+
+    def check_request(self, prompts: list[list[int]], max_new_tokens: int) -> int:
+        """Refuse what cannot run, in one line; return the new-token budget that fits the context
+        (generation stops at the context's end: the documented behaviour for a long prompt plus a long
+        ``max_new_tokens``)."""
+        if max_new_tokens < 1:
+            raise PipelineError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise PipelineError("the prompt is empty" + (f" (prompt {next(i for i, p in enumerate(prompts) if not p) + 1} "
+                                                         f"of {len(prompts)})" if len(prompts) > 1 else ""))
+        longest = max(len(p) for p in prompts)
+        if self.context and longest >= self.context:
+            raise PipelineError(f"the prompt has {longest} tokens; the model's context is {self.context} "
+                                f"(max_position_embeddings), leaving no room to generate: shorten the prompt")
+        return min(max_new_tokens, self.context - longest) if self.context else max_new_tokens
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int = 64, *, temperature: float = 0.0,
+                       top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> list[list[int]]:
+        """Several prompts of any lengths at once: left-padded, masked, each row's positions its own.
+
+        Each row stops at its EOS (or the budget); the result holds each row's new tokens only."""
+        max_new_tokens = self.check_request(prompts, max_new_tokens)
+        rng = np.random.default_rng(seed)
+        width = max(len(p) for p in prompts)
+        pad = int(self.config.get("pad_token_id") or min(self.eos_ids, default=0))  # masked out anyway
+        ids = np.full((len(prompts), width), pad, dtype=np.int64)
+        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+        logits, past = self.forward(ids, None, mask)
+        out: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(len(prompts), dtype=bool)
+        for _ in range(max_new_tokens):
+            nxt = np.array([sample(logits[i, -1], rng, temperature, top_k, top_p) for i in range(len(prompts))])
+            for i in np.flatnonzero(~done):
+                out[i].append(int(nxt[i]))
+                done[i] |= stop_at_eos and int(nxt[i]) in self.eos_ids
+            if done.all():
+                break
+            mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+            logits, past = self.forward(nxt[:, None], past, mask)
         return out
 
 

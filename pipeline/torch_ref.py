@@ -10,15 +10,28 @@ from pathlib import Path
 import numpy as np
 
 
+def trusted(checkpoint_dir: str | Path) -> bool:
+    """Whether the user asked to run the checkpoint's own code (model.trust_remote_code when it was imported)."""
+    import json
+
+    path = Path(checkpoint_dir) / "manifest.json"
+    if not path.is_file():
+        return False
+    return bool(json.loads(path.read_text()).get("params", {}).get("model", {}).get("trust_remote_code", False))
+
+
 class TorchModel:
-    def __init__(self, checkpoint_dir: str | Path):
+    def __init__(self, checkpoint_dir: str | Path, trust_remote_code: bool | None = None):
+        """``trust_remote_code`` None: as the checkpoint's manifest recorded it (model.trust_remote_code), else off."""
         import torch
         from transformers import AutoModelForCausalLM
 
+        if trust_remote_code is None:
+            trust_remote_code = trusted(checkpoint_dir)
         torch.set_num_threads(os.cpu_count() or 1)
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=torch.float32,
-                                                          use_safetensors=True)
+                                                          use_safetensors=True, trust_remote_code=trust_remote_code)
         self.model.eval()
         self.eos_token_id = self.model.config.eos_token_id
 

@@ -85,7 +85,8 @@ def train_builtin(params: dict, data_dir: Path, tmp: Path) -> dict:
     tp = params["train"]
     seed = int(tp["seed"])
     torch.manual_seed(seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(tp["threads"]))
+    torch.use_deterministic_algorithms(True)
     train_text = read_split(data_dir, "train")
 
     t0 = time.perf_counter()
@@ -155,7 +156,7 @@ def train_builtin(params: dict, data_dir: Path, tmp: Path) -> dict:
     }
 
 
-def score_checkpoint(directory: Path, data_dir: Path, eval_params: dict) -> dict:
+def score_checkpoint(directory: Path, data_dir: Path, eval_params: dict, trust_remote_code: bool = False) -> dict:
     """Held-out PPL of the checkpoint (PyTorch, llama.cpp-style windows) and of a unigram model from the
     train split with the same tokenizer, on the same tokens: is it a real model?
 
@@ -173,7 +174,7 @@ def score_checkpoint(directory: Path, data_dir: Path, eval_params: dict) -> dict
     windows = make_windows(encode(read_split(data_dir, "eval")), int(eval_params["ctx"]),
                            int(eval_params.get("max_windows") or 0))
     try:
-        model = TorchModel(directory)
+        model = TorchModel(directory, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for unloadable checkpoints
         raise PipelineError(f"{directory} cannot be loaded with transformers ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200]})") from None
@@ -191,7 +192,10 @@ def _data_id(data_dir: Path) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- imported
-def _check_causal_lm(directory: Path, label: str) -> dict:
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _check_causal_lm(directory: Path, label: str, allow_pickle: bool = False) -> dict:
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise PipelineError(f"{label} has no config.json: not a Hugging Face checkpoint directory")
@@ -204,23 +208,46 @@ def _check_causal_lm(directory: Path, label: str) -> dict:
         raise PipelineError(f"{label} has no tokenizer.json; the pipeline needs the model's fast tokenizer "
                             f"(save it with AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
     if not list(directory.glob("*.safetensors")):
-        raise PipelineError(f"{label} has no .safetensors weights; this pipeline never loads pickled weights "
-                            f"(convert with `transformers` save_pretrained(safe_serialization=True))")
+        pickles = sorted(p.name for pat in PICKLE_WEIGHTS for p in directory.glob(pat))
+        if not pickles:
+            raise PipelineError(f"{label} has no weights (no .safetensors file)")
+        if not allow_pickle:
+            raise PipelineError(
+                f"{label} has only pickled weights ({', '.join(pickles)}): loading a pickle can run arbitrary code. "
+                f"Convert them to safetensors where you trust the file, or set "
+                f"model.allow_unsafe_pickle_weights=true to accept that risk (they are converted to safetensors once)")
     return config
 
 
-def import_checkpoint(source: str, revision: str, tmp: Path) -> dict:
+def _convert_pickle(directory: Path, tmp: Path, trust_remote_code: bool) -> None:
+    """Load pickled weights once (the user accepted the risk) and store them as safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    info(f"checkpoint: loading pickled weights from {directory} (model.allow_unsafe_pickle_weights) ...")
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, use_safetensors=False,
+                                                 trust_remote_code=trust_remote_code)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+
+
+def import_checkpoint(source: str, revision: str, tmp: Path, model_params: dict | None = None) -> dict:
+    mp = model_params or {}
+    allow_pickle, trust = bool(mp.get("allow_unsafe_pickle_weights")), bool(mp.get("trust_remote_code"))
     path = Path(source).expanduser()
     if path.exists() or source.startswith(("/", ".", "~")):
         if not path.is_dir():
             raise PipelineError(f"model.source {source}: no such checkpoint directory")
-        _check_causal_lm(path, source)
+        _check_causal_lm(path, source, allow_pickle)
+        hashes = {p.name: mf.sha256_file(p) for pat in PICKLE_WEIGHTS for p in path.glob(pat)}
         for pattern in CHECKPOINT_PATTERNS:
             for f in path.glob(pattern):
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
-        hashes = {f.name: mf.sha256_file(f) for f in sorted(tmp.iterdir())}
-        src = {"model": str(path.resolve()), "kind": "local", "file_sha256": hashes}
+        if not list(tmp.glob("*.safetensors")):
+            _convert_pickle(path, tmp, trust)
+        hashes.update({f.name: mf.sha256_file(f) for f in sorted(tmp.iterdir())})
+        src = {"model": str(path.resolve()), "kind": "local", "file_sha256": hashes,
+               **({"converted_from_pickle": True} if allow_pickle and not list(path.glob("*.safetensors")) else {})}
     else:
         try:
             from huggingface_hub import snapshot_download
@@ -230,7 +257,7 @@ def import_checkpoint(source: str, revision: str, tmp: Path) -> dict:
             raise PipelineError(
                 f"could not fetch {source!r} from the Hugging Face hub ({type(exc).__name__}): offline or not a "
                 f"model id. Download it on a networked machine and set model.source to the local directory") from None
-        _check_causal_lm(Path(local), source)
+        _check_causal_lm(Path(local), source)  # the hub path fetches safetensors only
         for f in Path(local).iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
@@ -239,21 +266,72 @@ def import_checkpoint(source: str, revision: str, tmp: Path) -> dict:
     return {"source": src, "metrics": {}}
 
 
+# Environment that pins every CPU code path training goes through to AVX2, whatever the CPU offers:
+# ATen's vectorized kernels, MKL's GEMMs (conditional numerical reproducibility) and oneDNN's. A CPU
+# with AVX-512 then computes the same bits as one with AVX2 only (see README, "Reproducibility").
+AVX2_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "DNNL_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def _train_child(params: dict, data_dir: str, tmp: str, conn) -> None:
+    try:
+        conn.send(("ok", train_builtin(params, Path(data_dir), Path(tmp))))
+    except PipelineError as exc:
+        conn.send(("error", str(exc)))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent as one line
+        conn.send(("error", f"training failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"))
+
+
+def train_pinned(params: dict, data_dir: Path, tmp: Path) -> dict:
+    """Train in a fresh interpreter whose CPU code paths and thread count are fixed before torch loads:
+    the libraries read these settings once, at start-up, so they cannot be changed in this process."""
+    import multiprocessing
+
+    tp = params["train"]
+    pins = dict(AVX2_PINS) if tp["cpu_code_path"] == "avx2" else {}
+    pins.update({"OMP_NUM_THREADS": str(tp["threads"]), "MKL_NUM_THREADS": str(tp["threads"])})
+    ctx = multiprocessing.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    saved = {k: os.environ.get(k) for k in pins}
+    os.environ.update(pins)  # the spawned child starts with this environment
+    try:
+        proc = ctx.Process(target=_train_child, args=(params, str(data_dir), str(tmp), child_conn), daemon=True)
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    child_conn.close()
+    try:
+        status, payload = parent_conn.recv()
+    except EOFError:
+        proc.join()
+        raise PipelineError(f"training process died (exit code {proc.exitcode}): out of memory or killed") from None
+    proc.join()
+    if status == "error":
+        raise PipelineError(payload)
+    payload["source"]["cpu_code_path"] = tp["cpu_code_path"]
+    return payload
+
+
 # ---------------------------------------------------------------------------------------------- stage
 def run(params: dict, data_dir: str | Path, out: str | Path) -> dict:
     """params: the whole params.yaml (model, tokenizer, train, eval sections)."""
     source = str(params["model"]["source"])
     with store.staging_dir(out) as tmp:
         if source == BUILTIN:
-            made = train_builtin(params, Path(data_dir), tmp)
+            made = train_pinned(params, Path(data_dir), tmp)
             stage_params = {k: params[k] for k in ("model", "tokenizer", "train")}
         elif source.startswith("builtin:"):
             raise PipelineError(f"unknown built-in model {source!r}; the built-in model is {BUILTIN}")
         else:
-            made = import_checkpoint(source, str(params["model"].get("revision", "main")), tmp)
+            made = import_checkpoint(source, str(params["model"].get("revision", "main")), tmp, params["model"])
             stage_params = {"model": params["model"]}
         config = json.loads((tmp / "config.json").read_text())
-        made["metrics"].update(score_checkpoint(tmp, Path(data_dir), params["eval"]))
+        made["metrics"].update(score_checkpoint(tmp, Path(data_dir), params["eval"],
+                                                bool(params["model"].get("trust_remote_code"))))
         manifest = store.publish(tmp, out, stage="checkpoint", params=stage_params, source=made["source"],
                                  metrics=made["metrics"], extra={"config": config})
     m = manifest["metrics"]

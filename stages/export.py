@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import logging
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -43,7 +42,7 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
 
     from pipeline.derive import decode_speed, evaluation_record, summary_figures
 
-    from pipeline.torch_ref import TorchModel
+    from pipeline.torch_ref import TorchModel, trusted
 
     checkpoint_dir = Path(checkpoint_dir)
     parent = mf.read_manifest(checkpoint_dir)
@@ -52,7 +51,7 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
     _check_exportable(config)
     opset = int(params["opset"])
     t0 = time.perf_counter()
-    with store.staging_dir(out) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".export-raw-") as raw:
+    with store.staging_dir(out) as tmp, store.scratch_dir(tmp, "raw") as raw:
         info(f"export: optimum-onnx {TASK}, opset {opset} ...")
         quiet = io.StringIO()
         logging.getLogger("optimum").setLevel(logging.ERROR)
@@ -60,7 +59,7 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
             with contextlib.redirect_stdout(quiet), warnings.catch_warnings(), heartbeat("export"):
                 warnings.simplefilter("ignore")  # torch.jit tracer warnings on every export
                 main_export(str(checkpoint_dir), output=raw, task=TASK, opset=opset, device="cpu",
-                            do_validation=False, local_files_only=True, trust_remote_code=False)
+                            do_validation=False, local_files_only=True, trust_remote_code=trusted(checkpoint_dir))
         except Exception as exc:
             raise PipelineError(f"optimum-onnx export of {checkpoint_dir} failed: "
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None

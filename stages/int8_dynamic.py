@@ -7,10 +7,9 @@ it stays FP32. Both were measured (README); quantizing it is what meets the size
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
-from pipeline import onnx_io
+from pipeline import onnx_io, store
 from pipeline.derive import derive
 from pipeline.tied import find_tied, share_quantized_table
 
@@ -25,7 +24,7 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
         tied = bool(params["quantize_tied"]) and find_tied(model) is not None
         exclude = list(params.get("nodes_to_exclude") or []) + (onnx_io.lm_head_nodes(model) if tied else [])
         logging.getLogger().setLevel(logging.ERROR)  # ORT's "please pre-process" advice on every call
-        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".int8d-") as scratch:
+        with store.scratch_dir(tmp, "int8d") as scratch:
             quantize_dynamic(str(parent_dir / onnx_io.MODEL), str(Path(scratch) / "model.onnx"),
                              per_channel=bool(params["per_channel"]), weight_type=QuantType.QInt8,
                              op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude, use_external_data_format=True,

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import resource
-import tempfile
 from pathlib import Path
 
 from calibration.reader import CalibrationReader, calibration_windows
 from calibration.smoothquant import smooth
-from pipeline import onnx_io
+from pipeline import onnx_io, store
 from pipeline.derive import derive
 from pipeline.errors import PipelineError
 from pipeline.log import info
@@ -71,7 +70,7 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
             exclude |= set(onnx_io.activation_matmuls(model))
         sq = params["smoothquant"]
         logging.getLogger().setLevel(logging.ERROR)
-        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".int8s-") as scratch:
+        with store.scratch_dir(tmp, "int8s") as scratch:
             scratch = Path(scratch)
             sq_summary = None
             if sq.get("enabled"):

@@ -23,7 +23,7 @@ def rehash(directory, card=True):
     m["artifact_id"] = mf.compute_artifact_id(m["files"], m["parent_id"], m["stage"], m["params"])
     if card:
         m["files"] = sorted([*m["files"], model_card.write(directory, m)], key=lambda f: f["path"])
-    (directory / "manifest.json").write_text(json.dumps(m))
+    mf.write_manifest(directory, m)
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_missing_malformed_and_unknown_schema_manifest(copy):
     assert_clean_failure(run_cli("verify", str(d)), "not valid JSON")
     (d / "manifest.json").write_text(json.dumps({"schema_version": 99}))
     assert_clean_failure(run_cli("verify", str(d)), "schema version 99")
-    (d / "manifest.json").write_text(json.dumps({"schema_version": 1, "stage": "int4"}))
+    (d / "manifest.json").write_text(json.dumps({"schema_version": mf.SCHEMA_VERSION, "stage": "int4"}))
     assert_clean_failure(run_cli("verify", str(d)), "malformed")
     (d / "manifest.json").unlink()
     assert_clean_failure(run_cli("verify", str(d)), "no manifest.json")

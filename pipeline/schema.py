@@ -1,0 +1,260 @@
+"""The typed schema of params.yaml, checked before any stage does work (pydantic, the way Olive types its
+pass configs). Unknown keys are refused with the closest valid key; wrong types and out-of-range values
+with one line naming the key, the value and what is allowed. ``-S`` overrides go through the same check.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import PipelineError
+
+PosInt = Field(ge=1)
+ARTIFACTS = ("checkpoint", "export", "fused", "fp16", "int8-dynamic", "int8-static", "int4")
+# The metrics a budget can bound (max_<metric> / min_<metric>), as evaluate and the checkpoint write them.
+BUDGET_METRICS = ("drift_pct", "kld_mean", "kld_p99", "top1_agreement", "size_ratio", "ppl", "ref_ppl",
+                  "ppl_ratio_vs_unigram", "heldout_ppl", "parity_max_abs_logit_delta", "parity_greedy_prefix_match")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _power_of_two(v: int) -> int:
+    if v < 16 or v & (v - 1):
+        raise ValueError("must be a power of two, at least 16")
+    return v
+
+
+class Fractions(Section):
+    train: float = Field(gt=0, lt=1)
+    calibration: float = Field(gt=0, lt=1)
+    eval: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum(self):
+        if abs(self.train + self.calibration + self.eval - 1.0) > 1e-6:
+            raise ValueError("train + calibration + eval must sum to 1")
+        return self
+
+
+class Data(Section):
+    source: str = Field(min_length=1)
+    text_column: str = Field(min_length=1)
+    seed: int = Field(ge=0)
+    fractions: Fractions
+
+
+class Model(Section):
+    source: str = Field(min_length=1)
+    revision: str = "main"
+    # Pickled weights (pytorch_model.bin) can run arbitrary code when loaded: refused unless this says so.
+    allow_unsafe_pickle_weights: bool = False
+    # Code from the checkpoint's repository is never run unless this says so.
+    trust_remote_code: bool = False
+
+
+class Tokenizer(Section):
+    vocab_size: int = Field(ge=260, le=1 << 20)  # the 256-byte alphabet + 3 special tokens, at least
+
+
+class Train(Section):
+    seed: int = Field(ge=0)
+    hidden_size: int = PosInt
+    intermediate_size: int = PosInt
+    layers: int = PosInt
+    heads: int = PosInt
+    kv_heads: int = PosInt
+    head_dim: int = Field(ge=2, multiple_of=2)
+    max_position_embeddings: int = Field(ge=8)
+    seq_len: int = Field(ge=8)
+    batch_size: int = PosInt
+    steps: int = PosInt
+    lr: float = Field(gt=0, le=1)
+    warmup: int = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    threads: int = PosInt
+    cpu_code_path: Literal["avx2", "native"]
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.seq_len > self.max_position_embeddings:
+            raise ValueError(f"seq_len ({self.seq_len}) must not exceed max_position_embeddings "
+                             f"({self.max_position_embeddings})")
+        return self
+
+
+class Eval(Section):
+    ctx: int = Field(ge=4)
+    max_windows: int = Field(ge=0)  # 0 = every window
+
+
+class Export(Section):
+    opset: int = Field(ge=14, le=21)
+    greedy_tokens: int = PosInt
+    max_abs_logit_delta: float = Field(gt=0)
+
+
+class Fused(Section):
+    model_type: str
+    opt_level: Literal[0, 1, 2, 99]
+    greedy_tokens: int = PosInt
+
+
+class FP16(Section):
+    keep_io_types: list[str]
+    op_block_list: list[str]
+    node_block_list: list[str]
+    greedy_tokens: int = PosInt
+
+
+class Int8Dynamic(Section):
+    parent: Literal["export", "fused"]
+    per_channel: bool
+    quantize_tied: bool
+    tied_block_size: int
+    nodes_to_exclude: list[str]
+    greedy_tokens: int = PosInt
+
+    _block = field_validator("tied_block_size")(_power_of_two)
+
+
+class Int4(Section):
+    parent: Literal["export", "fused"]
+    algorithm: Literal["rtn", "k_quant"]
+    block_size: int
+    symmetric: bool
+    accuracy_level: Optional[Literal[0, 1, 2, 3, 4]]
+    quantize_tied: bool
+    nodes_to_exclude: list[str]
+    greedy_tokens: int = PosInt
+
+    _block = field_validator("block_size")(_power_of_two)
+
+
+class Calibration(Section):
+    source: str = Field(min_length=1)
+    text_column: str = Field(min_length=1)
+    samples: int = PosInt
+    seq_len: int = Field(ge=8)
+    stride: int = PosInt
+
+
+class Exclude(Section):
+    lm_head: bool
+    activation_matmuls: bool
+    nodes: list[str]
+
+
+class SmoothQuant(Section):
+    enabled: bool
+    alpha: float = Field(ge=0, le=1)
+
+
+class Int8Static(Section):
+    parent: Literal["export", "fused"]
+    calibration: Calibration
+    method: Literal["MinMax", "Entropy", "Percentile"]
+    percentile: float = Field(gt=50, le=100)
+    per_channel: bool
+    exclude: Exclude
+    smoothquant: SmoothQuant
+    quantize_tied: bool
+    tied_block_size: int
+    greedy_tokens: int = PosInt
+
+    _block = field_validator("tied_block_size")(_power_of_two)
+
+
+class Gate(Section):
+    metrics_dir: str
+    max_ppl_regression_pct: float = Field(ge=0)
+    max_drift_regression_pct: float = Field(ge=0)
+    max_size_regression_pct: float = Field(ge=0)
+
+
+class Params(Section):
+    data: Data
+    model: Model
+    tokenizer: Tokenizer
+    train: Train
+    eval: Eval
+    export: Export
+    budgets: dict[str, dict[str, float | bool]]
+    fused: Fused
+    fp16: FP16
+    int8_dynamic: Int8Dynamic
+    int4: Int4
+    int8_static: Int8Static
+    gate: Gate
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, budgets):
+        for name, budget in budgets.items():
+            if name not in ARTIFACTS:
+                raise ValueError(_unknown(f"budgets.{name}", name, ARTIFACTS, "artifact name"))
+            for key, value in budget.items():
+                if key == "report_only":
+                    if not isinstance(value, bool):
+                        raise ValueError(f"budgets.{name}.report_only must be true or false")
+                    continue
+                bound, _, metric = key.partition("_")
+                if bound not in ("max", "min") or metric not in BUDGET_METRICS:
+                    valid = [f"{b}_{m}" for b in ("max", "min") for m in BUDGET_METRICS] + ["report_only"]
+                    raise ValueError(_unknown(f"budgets.{name}.{key}", key, valid, "budget key"))
+                if isinstance(value, bool):
+                    raise ValueError(f"budgets.{name}.{key} must be a number, not {value}")
+        return budgets
+
+
+def _unknown(where: str, key: str, valid, what: str) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(sorted(valid))}"
+    return f"{where}: unknown {what} ({hint})"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that holds the key at ``loc`` (for suggesting valid keys)."""
+    model: type[BaseModel] | None = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _message(err: dict, source: str) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        model = _model_at(loc)
+        valid = model.model_fields if model else []
+        close = difflib.get_close_matches(loc[-1], list(valid), n=1, cutoff=0.6)
+        prefix = ".".join(loc[:-1])
+        hint = (f"did you mean {(prefix + '.' if prefix else '') + close[0]}?" if close
+                else f"valid keys here: {', '.join(valid)}")
+        return f"{source}: unknown key {key} ({hint})"
+    if err["type"] == "missing":
+        return f"{source}: {key} is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if msg.startswith(f"{loc[0]}."):  # our own validators name the key themselves
+        return f"{source}: {msg}"
+    if isinstance(err.get("input"), dict):  # a check across a section's keys
+        return f"{source}: {key}: {msg}"
+    return f"{source}: {key} = {err.get('input')!r}: {msg}"
+
+
+def validate(params: dict, source: str = "params.yaml") -> dict:
+    """The params, type-checked and normalised; one PipelineError line for the first problem."""
+    try:
+        return Params.model_validate(params).model_dump(mode="python")
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise PipelineError(_message(errors[0], source) + more) from None

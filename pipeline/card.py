@@ -161,7 +161,8 @@ def render(manifest: dict, directory: Path) -> str:
     if ratio is not None:
         size += f", {ratio:.3f}× the {m['eval']['reference']}"
     lines += [size + (f"; built from `{parent}` in {m['stage_seconds']:.1f} s" if parent and m.get("stage_seconds")
-                      else "") + ".", "", *_speed(m),
+                      else "") + (f"; the stage took {m['wall_seconds']:.1f} s and peaked at {m['peak_rss_mb']:,.0f} MB "
+                                  f"of RAM" if m.get("peak_rss_mb") else "") + ".", "", *_speed(m),
               "## Precision", "", *_policy(manifest),
               "## Lineage", "", *_lineage(manifest),
               "## How to run it", "", *_run(manifest, (directory / "genai_config.json").is_file()),

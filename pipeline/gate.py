@@ -83,7 +83,7 @@ def judge(metrics: dict[str, dict], params: dict, baseline: dict[str, dict] | No
         old = (baseline or {}).get(name)
         if old:
             reasons += _regressions(m, old, tol)
-        if reasons and status != "over budget (report-only)":
+        if reasons and not status.startswith("over budget (report-only)"):
             status = "fail"
         elif status == "no budget" and not reasons:
             status = "pass (no budget)"

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import resource
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from . import manifest as mf
@@ -69,13 +71,24 @@ def staging_dir(out: str | Path):
         # so a killed run leaves nothing in /tmp either.
         lib_tmp = Path(tempfile.mkdtemp(prefix=f"{tmp.name}-lib-", dir=out.parent))
         saved, tempfile.tempdir = tempfile.tempdir, str(lib_tmp)
+        _started[tmp] = time.perf_counter()
         try:
             yield tmp
         finally:
+            _started.pop(tmp, None)
             tempfile.tempdir = saved
             for scratch in (tmp, lib_tmp):
                 if scratch.exists():
                     shutil.rmtree(scratch, ignore_errors=True)
+
+
+_started: dict[Path, float] = {}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process. (Not RUSAGE_CHILDREN: on Linux it carries the peak of
+    whatever the parent shell ran before; a stage that works in a child reports the child's itself.)"""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 def scratch_dir(tmp: Path, tag: str):
@@ -89,6 +102,10 @@ def publish(tmp: Path, out: str | Path, **manifest_fields) -> dict:
     out = Path(out)
     for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700; artifacts are shared read-only data
         path.chmod(0o755 if path.is_dir() else 0o644)
+    if tmp in _started:  # every stage records its own wall time and peak memory
+        metrics = manifest_fields.get("metrics", {})
+        manifest_fields["metrics"] = {**metrics, "peak_rss_mb": max(peak_rss_mb(), metrics.get("child_peak_rss_mb", 0)),
+                                      "wall_seconds": round(time.perf_counter() - _started[tmp], 2)}
     manifest = mf.build_manifest(tmp, **manifest_fields)
     if (tmp / "model.onnx").is_file():  # every ONNX artifact explains itself: README.md, a model card
         from . import card

@@ -14,6 +14,28 @@ from .errors import PipelineError
 from .onnx_io import embedding_nodes, lm_head_nodes
 
 
+def retie_embedding(model) -> list[str]:
+    """Store the tied table once: an initializer equal to ``embed_table.T`` (the lm_head's weight, as the
+    export writes it without optimum's post-processing, or as ORT's optimizer folds it) is replaced by a
+    ``Transpose(embed_table)`` node. onnxruntime folds the transpose in memory when the session starts.
+    Returns the names removed."""
+    from onnx import helper, numpy_helper
+
+    init = {t.name: t for t in model.graph.initializer}
+    gathers = set(embedding_nodes(model))
+    tables = {n.input[0] for n in model.graph.node if n.name in gathers}
+    removed = []
+    for table in tables:
+        e = numpy_helper.to_array(init[table])
+        for t in list(model.graph.initializer):
+            if t.name != table and list(t.dims) == list(reversed(e.shape)) and np.array_equal(numpy_helper.to_array(t), e.T):
+                model.graph.initializer.remove(t)
+                model.graph.node.insert(0, helper.make_node("Transpose", [table], [t.name], perm=[1, 0],
+                                                            name=f"{t.name}_retied"))
+                removed.append(t.name)
+    return removed
+
+
 def find_tied(model):
     """(embedding Gather node, lm_head node, table initializer name), or None when not tied."""
     nodes = {n.name: n for n in model.graph.node}

@@ -191,6 +191,67 @@ def _data_id(data_dir: Path) -> str | None:
         return None
 
 
+# ---------------------------------------------------------------------------------------------- random
+# The published Qwen3 shapes (config.json of Qwen/Qwen3-0.6B, -1.7B and Qwen3-4B-Instruct-2507): real
+# sizes offline, with random weights. Every one ties its embedding and has the real 151,936-token vocab.
+QWEN3_SHAPES = {
+    "qwen3-0.6b": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "max_position_embeddings": 40960, "rope_theta": 1_000_000.0},
+    "qwen3-1.7b": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "max_position_embeddings": 40960, "rope_theta": 1_000_000.0},
+    "qwen3-4b": {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "max_position_embeddings": 262144, "rope_theta": 5_000_000.0},
+}
+QWEN3_VOCAB = 151936
+RANDOM_PREFIX = "random:"
+
+
+def parse_random(source: str) -> tuple[str, dict]:
+    """``random:qwen3-4b?layers=9`` -> ("qwen3-4b", {"num_hidden_layers": 9})."""
+    name, _, query = source[len(RANDOM_PREFIX):].partition("?")
+    if name not in QWEN3_SHAPES:
+        raise PipelineError(f"unknown shape {name!r} in model.source {source!r}; use one of "
+                            f"{', '.join(RANDOM_PREFIX + k for k in QWEN3_SHAPES)} (optionally ?layers=N)")
+    overrides = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key != "layers" or not value.isdigit() or int(value) < 1:
+            raise PipelineError(f"model.source {source!r}: only ?layers=N (N >= 1) may follow the shape name")
+        overrides["num_hidden_layers"] = int(value)
+    return name, overrides
+
+
+def random_qwen3(source: str, params: dict, data_dir: Path, tmp: Path) -> dict:
+    """A Qwen3 of a published shape with random weights from ``train.seed`` and the built-in tokenizer
+    (the real vocab size kept, so the embedding and lm_head are the real size). Its perplexity means
+    nothing; the stages after it measure what they measure on any model: drift, KLD, top-1, size, time."""
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from calibration.sources import read_split
+
+    name, overrides = parse_random(source)
+    tokenizer = train_tokenizer(read_split(data_dir, "train"), int(params["tokenizer"]["vocab_size"]), tmp)
+    shape = {**QWEN3_SHAPES[name], **overrides}
+    config = Qwen3Config(vocab_size=QWEN3_VOCAB, head_dim=128, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id, use_cache=True, torch_dtype="float32", **shape)
+    torch.manual_seed(int(params["train"]["seed"]))
+    t0 = time.perf_counter()
+    model = Qwen3ForCausalLM(config)
+    model.eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    info(f"checkpoint: random {name} {config.num_hidden_layers} layers x {config.hidden_size}, "
+         f"{n_params / 1e6:,.0f} M params, {n_params * 4 / 1e9:.2f} GB fp32 ({time.perf_counter() - t0:.1f} s)")
+    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],
+                                               pad_token_id=tokenizer.eos_token_id, do_sample=False)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    del model
+    return {"source": {"model": source, "kind": "random", "random_weights": True, "shape": name,
+                       "data_id": _data_id(data_dir)},
+            "metrics": {"params_m": round(n_params / 1e6, 3), "random_weights": True}}
+
+
 # ---------------------------------------------------------------------------------------------- imported
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 
@@ -275,7 +336,11 @@ AVX2_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "DNNL_MAX
 
 def _train_child(params: dict, data_dir: str, tmp: str, conn) -> None:
     try:
-        conn.send(("ok", train_builtin(params, Path(data_dir), Path(tmp))))
+        made = train_builtin(params, Path(data_dir), Path(tmp))
+        from pipeline.store import peak_rss_mb
+
+        made["metrics"]["child_peak_rss_mb"] = peak_rss_mb()  # the training interpreter's own peak
+        conn.send(("ok", made))
     except PipelineError as exc:
         conn.send(("error", str(exc)))
     except BaseException as exc:  # noqa: BLE001 - reported by the parent as one line
@@ -324,6 +389,9 @@ def run(params: dict, data_dir: str | Path, out: str | Path) -> dict:
         if source == BUILTIN:
             made = train_pinned(params, Path(data_dir), tmp)
             stage_params = {k: params[k] for k in ("model", "tokenizer", "train")}
+        elif source.startswith(RANDOM_PREFIX):
+            made = random_qwen3(source, params, Path(data_dir), tmp)
+            stage_params = {k: params[k] for k in ("model", "tokenizer")} | {"seed": params["train"]["seed"]}
         elif source.startswith("builtin:"):
             raise PipelineError(f"unknown built-in model {source!r}; the built-in model is {BUILTIN}")
         else:
@@ -336,7 +404,8 @@ def run(params: dict, data_dir: str | Path, out: str | Path) -> dict:
                                  metrics=made["metrics"], extra={"config": config})
     m = manifest["metrics"]
     what = (f"built-in Qwen3 {m['params_m']} M params trained {m['train_seconds']:.0f} s" if "train_seconds" in m
-            else f"imported {source} ({manifest['size_bytes'] / 1e6:.1f} MB)")
+            else f"{source} ({manifest['size_bytes'] / 1e6:,.1f} MB)")
+    note = " (random weights: this perplexity means nothing)" if m.get("random_weights") else ""
     info(f"checkpoint: {manifest['artifact_id']} {what}, held-out ppl {m['heldout_ppl']:.2f} vs unigram "
-         f"{m['unigram_ppl']:.1f} (ratio {m['ppl_ratio_vs_unigram']:.3f})")
+         f"{m['unigram_ppl']:.1f} (ratio {m['ppl_ratio_vs_unigram']:.3f}){note}")
     return manifest

@@ -16,6 +16,7 @@ from pipeline import onnx_io, parity, store
 from pipeline.errors import PipelineError
 from pipeline.log import heartbeat, info
 from pipeline.runtime import Runtime
+from pipeline.tied import retie_embedding
 
 TASK = "text-generation-with-past"
 
@@ -58,14 +59,21 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
         try:
             with contextlib.redirect_stdout(quiet), warnings.catch_warnings(), heartbeat("export"):
                 warnings.simplefilter("ignore")  # torch.jit tracer warnings on every export
+                # no_post_process: optimum's tied-weight de-duplication serializes the whole model in
+                # memory and fails on any model over protobuf's 2 GB (every Qwen3 up to 4B in FP32);
+                # the table is stored once by retie_embedding below instead, on any size.
                 main_export(str(checkpoint_dir), output=raw, task=TASK, opset=opset, device="cpu",
-                            do_validation=False, local_files_only=True, trust_remote_code=trusted(checkpoint_dir))
+                            do_validation=False, local_files_only=True, trust_remote_code=trusted(checkpoint_dir),
+                            no_post_process=True)
         except Exception as exc:
             raise PipelineError(f"optimum-onnx export of {checkpoint_dir} failed: "
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
         raw = Path(raw)
         model = onnx_io.load(raw)
+        retied = retie_embedding(model) if config.get("tie_word_embeddings", True) else []
         onnx_io.save(model, tmp)
+        counts, opset_found = onnx_io.op_counts(model), onnx_io.opset(model)
+        del model  # at most one model's weights in memory: PyTorch's comes next
         onnx_io.copy_side_files(raw, tmp)
         onnx_io.copy_side_files(checkpoint_dir, tmp)  # tokenizer files optimum may not copy
         export_s = time.perf_counter() - t0
@@ -82,11 +90,11 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
                                 f"export.max_abs_logit_delta {params['max_abs_logit_delta']}")
         scored = evaluation_record(runtime, evaluation, {checkpoint_dir.resolve(): torch_model}, "export")
         metrics = {**result, "export_seconds": round(export_s, 2), "stage_seconds": round(time.perf_counter() - t0, 2),
-                   "op_counts": onnx_io.op_counts(model), "decode": decode_speed(result)}
+                   "op_counts": counts, "decode": decode_speed(result), "retied_initializers": retied}
         if scored:
             metrics["eval"] = scored
         manifest = store.publish(tmp, out, stage="export", params=params, parent=parent, source=parent["source"],
-                                 metrics=metrics, extra={"opset": onnx_io.opset(model), "task": TASK,
+                                 metrics=metrics, extra={"opset": opset_found, "task": TASK,
                                                          "precision": "fp32", "kv_dtype": "float32"})
     info(f"export: {manifest['artifact_id']} fp32 {manifest['size_bytes'] / 1e6:.1f} MB, opset {manifest['opset']}, "
          f"max |dlogit| vs PyTorch {result['max_abs_logit_delta']:.2e}, greedy {result['greedy_tokens']} tokens "

@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline import onnx_io
 from pipeline.derive import derive
+from pipeline.tied import retie_embedding
 
 FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
              "Attention", "MultiHeadAttention", "GroupQueryAttention")
@@ -35,28 +36,6 @@ def trim_rotary_caches(model, max_positions: int) -> dict:
             tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
             trimmed[name] = [int(d) for d in tensor.dims]
     return trimmed
-
-
-def retie_embedding(model) -> list[str]:
-    """Undo the optimizer's folding of ``Transpose(embed_table)`` (the tied lm_head) into a second copy.
-
-    The copy is replaced by the Transpose node again: the file stores the table once, and onnxruntime
-    still folds the transpose in memory when the session starts. Returns the names removed."""
-    from onnx import helper, numpy_helper
-
-    init = {t.name: t for t in model.graph.initializer}
-    gathers = set(onnx_io.embedding_nodes(model))
-    tables = {n.input[0] for n in model.graph.node if n.name in gathers}
-    removed = []
-    for table in tables:
-        e = numpy_helper.to_array(init[table])
-        for t in list(model.graph.initializer):
-            if t.name != table and list(t.dims) == list(reversed(e.shape)) and np.array_equal(numpy_helper.to_array(t), e.T):
-                model.graph.initializer.remove(t)
-                model.graph.node.insert(0, helper.make_node("Transpose", [table], [t.name], perm=[1, 0],
-                                                            name=f"{t.name}_retied"))
-                removed.append(t.name)
-    return removed
 
 
 def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:

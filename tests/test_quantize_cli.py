@@ -31,7 +31,7 @@ def test_static_with_a_users_calibration_file(fused_dir, export_dir, data_dir, t
     assert m["quant_policy"]["calibration"]["source"] == str(own)
     assert m["quant_policy"]["activations"] == "uint8 static (Percentile)" and m["quant_policy"]["smoothquant"] is None
     assert "calibrate 4/4" in proc.stderr  # progress
-    summary = proc.stdout.strip().splitlines()[-1]  # one-line summary last: id, size, drift
+    summary = proc.stderr.strip().splitlines()[-1]  # one-line summary last: id, size, drift
     assert summary.startswith(f"int8-static: {m['artifact_id']}") and "drift" in summary and "vs export" in summary
 
 
@@ -62,7 +62,8 @@ def test_calibration_source_problems(fused_dir, tmp_path):
 def test_unknown_mode_and_method(fused_dir, tmp_path):
     proc = run_cli("quantize", "--mode", "int3", "--input", str(fused_dir), "--out", str(tmp_path / "q"))
     assert_clean_failure(proc, "--mode")
-    assert_clean_failure(_static(fused_dir, tmp_path / "q", "-S", "int8_static.method=KL"), "unknown calibration method")
+    assert_clean_failure(_static(fused_dir, tmp_path / "q", "-S", "int8_static.method=KL"),
+                         "int8_static.method = 'KL'", "'MinMax', 'Entropy' or 'Percentile'")
     assert not (tmp_path / "q").exists()
 
 

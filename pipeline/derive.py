@@ -28,16 +28,15 @@ def decode_speed(parity_result: dict) -> dict | None:
             "machine": {**mf.machine(), "provider": "CPU EP"}}
 
 
-def evaluation_record(candidate, evaluation: dict | None, ready: dict, label: str) -> dict | None:
+def evaluation_record(candidate, evaluation: dict | None, label: str, reference=None) -> dict | None:
     """Score the freshly built ``candidate`` against ``evaluation["reference"]`` on its text.
 
-    ``ready`` maps reference directories already open (the parent used for parity) to their scorers, so
-    a reference is never loaded twice."""
+    ``reference``: that reference's scorer when the caller already has it open (the parent used for
+    parity), so it is never loaded twice; else it is opened here."""
     if not evaluation:
         return None
     ref_dir = Path(evaluation["reference"])
     ref_manifest = verify(ref_dir, load=False)
-    reference = ready.get(ref_dir.resolve())
     if reference is None:
         reference = Runtime(ref_dir)
     info(f"{label}: scoring against {ref_manifest['stage']} on the held-out text ...")
@@ -72,10 +71,9 @@ def derive(parent_dir: str | Path, out: str | Path, stage: str, params: dict,
         if require_greedy_match and not result["greedy_match"]:
             raise PipelineError(f"{stage} parity failed: greedy tokens differ from {parent['stage']} (prefix match "
                                 f"{result['greedy_prefix_match']:.0%}, max |dlogit| {result['max_abs_logit_delta']:.2e})")
-        ready = {parent_dir.resolve(): parent_rt}
         if evaluation and Path(evaluation["reference"]).resolve() != parent_dir.resolve():
-            ready, parent_rt = {}, None  # at most the candidate and one reference in memory
-        scored = evaluation_record(candidate, evaluation, ready, stage)
+            parent_rt = None  # at most the candidate and one reference in memory
+        scored = evaluation_record(candidate, evaluation, stage, parent_rt)
         metrics = {**made.get("metrics", {}), "parity_vs_parent": result, "stage_seconds": round(build_s, 2),
                    "decode": decode_speed(result)}
         if scored:

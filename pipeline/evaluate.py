@@ -77,11 +77,16 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def window_params(eval_params: dict) -> tuple[int, int]:
+    """(ctx, max_windows) from the ``eval`` params (max_windows 0 = every window)."""
+    return int(eval_params.get("ctx", 128)), int(eval_params.get("max_windows") or 0)
+
+
 def score_record(candidate, reference, ref_manifest: dict, text: str, eval_params: dict, label: str) -> dict:
     """Score ``candidate`` (a Runtime) against ``reference`` (a Runtime or the PyTorch model) on ``text``:
     the figures a stage records in its manifest (``metrics.eval``) and its model card, with what they were
     measured against, so `pipeline evaluate` can reuse them instead of running the reference again."""
-    ctx, max_windows = int(eval_params.get("ctx", 128)), int(eval_params.get("max_windows") or 0)
+    ctx, max_windows = window_params(eval_params)
     windows = make_windows(candidate.encode(text), ctx, max_windows)
     return {"reference": ref_manifest["stage"], "reference_id": ref_manifest["artifact_id"],
             "text_sha256": text_sha256(text), "max_windows": max_windows,
@@ -94,8 +99,7 @@ def _recorded(manifest: dict, ref_manifest: dict | None, text: str, eval_params:
     if not rec or ref_manifest is None:
         return None
     same = (rec.get("reference_id") == ref_manifest["artifact_id"] and rec.get("text_sha256") == text_sha256(text)
-            and rec.get("ctx") == int(eval_params.get("ctx", 128))
-            and rec.get("max_windows") == int(eval_params.get("max_windows") or 0))
+            and (rec.get("ctx"), rec.get("max_windows")) == window_params(eval_params))
     return rec if same else None
 
 
@@ -130,7 +134,7 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params: dict, refere
             ref_model = TorchModel(reference)
         elif ref_manifest is not None:
             ref_model = Runtime(reference, provider=provider)
-        windows = make_windows(candidate.encode(eval_text), int(ep.get("ctx", 128)), int(ep.get("max_windows") or 0))
+        windows = make_windows(candidate.encode(eval_text), *window_params(ep))
         metrics = score(candidate, windows, ref_model, label=f"evaluate {name}")
     size = model_bytes(artifact)
     if ref_manifest is not None and ref_manifest["stage"] != "checkpoint":

@@ -215,20 +215,8 @@ class Runtime:
         """Prefill the prompt, then decode one token at a time with the KV cache.
 
         ``temperature`` 0 is greedy; otherwise seeded sampling with optional top-k / top-p."""
-        max_new_tokens = self.check_request([prompt_ids], max_new_tokens)
-        rng = np.random.default_rng(seed)
-        logits, past = self.forward(np.asarray(prompt_ids)[None])
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            nxt = sample(logits[0, -1], rng, temperature, top_k, top_p)
-            out.append(nxt)
-            if on_token:
-                on_token(nxt)
-            if stop_at_eos and nxt in self.eos_ids:
-                break
-            logits, past = self.forward(np.asarray([[nxt]]), past)
-        return out
-
+        return self.generate_batch([prompt_ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   seed=seed, stop_at_eos=stop_at_eos, on_token=on_token)[0]
 
     @property
     def context(self) -> int | None:
@@ -252,10 +240,14 @@ class Runtime:
         return min(max_new_tokens, self.context - longest) if self.context else max_new_tokens
 
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int = 64, *, temperature: float = 0.0,
-                       top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> list[list[int]]:
+                       top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+                       on_token: Callable[[int], None] | None = None) -> list[list[int]]:
         """Several prompts of any lengths at once: left-padded, masked, each row's positions its own.
 
-        Each row stops at its EOS (or the budget); the result holds each row's new tokens only."""
+        Each row stops at its EOS (or the budget); the result holds each row's new tokens only.
+        ``on_token`` streams the tokens of a single prompt."""
+        if on_token is not None and len(prompts) != 1:
+            raise PipelineError("on_token streams one prompt; a batch returns its rows when done")
         max_new_tokens = self.check_request(prompts, max_new_tokens)
         rng = np.random.default_rng(seed)
         width = max(len(p) for p in prompts)
@@ -272,6 +264,8 @@ class Runtime:
             nxt = np.array([sample(logits[i, -1], rng, temperature, top_k, top_p) for i in range(len(prompts))])
             for i in np.flatnonzero(~done):
                 out[i].append(int(nxt[i]))
+                if on_token:
+                    on_token(int(nxt[i]))
                 done[i] |= stop_at_eos and int(nxt[i]) in self.eos_ids
             if done.all():
                 break

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import manifest as mf
 from pipeline import store
 from pipeline.errors import PipelineError
-from pipeline.evaluate import make_windows, score
+from pipeline.evaluate import make_windows, score, window_params
 from pipeline.log import info
 
 BUILTIN = "builtin:qwen3-tiny"
@@ -171,8 +171,7 @@ def score_checkpoint(directory: Path, data_dir: Path, eval_params: dict, trust_r
     def encode(text: str) -> np.ndarray:
         return np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
-    windows = make_windows(encode(read_split(data_dir, "eval")), int(eval_params["ctx"]),
-                           int(eval_params.get("max_windows") or 0))
+    windows = make_windows(encode(read_split(data_dir, "eval")), *window_params(eval_params))
     try:
         model = TorchModel(directory, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for unloadable checkpoints

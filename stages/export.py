@@ -88,7 +88,8 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
         if result["max_abs_logit_delta"] > float(params["max_abs_logit_delta"]):
             raise PipelineError(f"export parity failed: max |dlogit| {result['max_abs_logit_delta']:.2e} > "
                                 f"export.max_abs_logit_delta {params['max_abs_logit_delta']}")
-        scored = evaluation_record(runtime, evaluation, {checkpoint_dir.resolve(): torch_model}, "export")
+        same = evaluation and Path(evaluation["reference"]).resolve() == checkpoint_dir.resolve()
+        scored = evaluation_record(runtime, evaluation, "export", torch_model if same else None)
         metrics = {**result, "export_seconds": round(export_s, 2), "stage_seconds": round(time.perf_counter() - t0, 2),
                    "op_counts": counts, "decode": decode_speed(result), "retied_initializers": retied}
         if scored:

@@ -1,79 +1,313 @@
-"""Throughput of every artifact on this machine, through the reference runtime (ONNX Runtime, CPU EP).
+"""One benchmark, one run, one table: every artifact against the peers, on this machine.
 
-    python benchmarks/bench.py [--artifacts artifacts] [--prompt-tokens 128] [--new-tokens 64] [--repeats 3]
+    python benchmarks/bench.py [--artifacts artifacts] [--peer-python /tmp/genai-venv/bin/python]
+                               [--prompt-tokens 128] [--new-tokens 64] [--repeats 3] [--out benchmarks/results.json]
 
-Prefill: one forward pass over a prompt; decode: greedy tokens with the KV cache (EOS ignored).
-Best of ``--repeats`` runs. Writes benchmarks/results.json (read by `pipeline report`) and prints a
-markdown table. Speed targets live here, never in the test suite."""
+Engines (each in its own process, so its peak RSS is its own; batch 1, greedy, EOS ignored):
+
+- ``ours``      our reference runtime on every artifact (IO binding, shared KV buffers under GQA);
+- ``genai``     onnxruntime-genai's runtime on every artifact, as shipped (its genai_config.json);
+- ``optimum``   optimum's ``ORTModelForCausalLM`` on the FP32 export;
+- ``torch``     PyTorch eager FP32 (transformers) on the checkpoint;
+- ``builder``   onnxruntime-genai's model builder (fp32 / int8 / int4) from the same checkpoint, run by
+                genai's runtime. The builder needs transformers 5.x, so it runs from its own venv
+                (``--peer-python``; left out, and said so, when that venv is missing):
+
+      python3 -m venv /tmp/genai-venv
+      /tmp/genai-venv/bin/pip install onnxruntime-genai==0.18.0 torch==2.13.0 "transformers>=5" onnx onnx-ir
+
+Figures: prefill tok/s (one pass over ``--prompt-tokens``), time to first token and decode tok/s after a
+16-token prompt (median of ``--repeats``), peak RSS, and the bandwidth bound: this machine's measured copy
+bandwidth / the weight bytes read per token. Writes ``--out`` (read by `pipeline report`) and prints the
+table with the ratios the README quotes. Speed targets live here, never in the test suite.
+
+This file imports nothing of ours at the top: its worker mode also runs inside the peer venv."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.manifest import machine  # noqa: E402
-from pipeline.runtime import Runtime  # noqa: E402
-
+REPO = Path(__file__).resolve().parents[1]
 NAMES = ("export", "fused", "fp16", "int8-dynamic", "int8-static", "int4")
+BUILDER = ("fp32", "int8", "int4")
 
 
-def bench(directory: Path, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+# ------------------------------------------------------------------------------------------------ workers
+def _ours(path: str):
+    sys.path.insert(0, str(REPO))
+    from pipeline.runtime import Runtime
+
+    rt = Runtime(path)
+
+    def prefill(ids):
+        rt.forward([ids])
+
+    def decode(ids, n):
+        first = []
+        t0 = time.perf_counter()
+        rt.generate(ids, n, stop_at_eos=False, on_token=lambda _: first or first.append(time.perf_counter()))
+        return first[0] - t0, time.perf_counter() - t0
+
+    return prefill, decode
+
+
+def _genai(path: str):
+    import onnxruntime_genai as og
+
+    model = og.Model(path)
+
+    def run(ids, n):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        gen.generate_next_token()
+        ttft = time.perf_counter() - t0
+        while not gen.is_done():
+            gen.generate_next_token()
+        return ttft, time.perf_counter() - t0
+
+    return (lambda ids: run(ids, 1)), run
+
+
+def _hf(model):
+    import torch
+
+    def prefill(ids):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
+
+    def decode(ids, n):
+        x = torch.tensor([ids])
+        kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(x))
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model.generate(x, max_new_tokens=1, **kw)
+            ttft = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
+        return ttft, time.perf_counter() - t0
+
+    return prefill, decode
+
+
+def _optimum(path: str):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    return _hf(ORTModelForCausalLM.from_pretrained(path))
+
+
+def _torch(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return _hf(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+
+
+ENGINES = {"ours": _ours, "genai": _genai, "builder": _genai, "optimum": _optimum, "torch": _torch}
+
+
+def worker(engine: str, path: str, ids_file: str, new_tokens: int, repeats: int) -> dict:
+    ids = json.loads(Path(ids_file).read_text())
     t0 = time.perf_counter()
-    rt = Runtime(directory)
+    prefill, decode = ENGINES[engine](path)
     load_s = time.perf_counter() - t0
-    text = (Path("artifacts/data/eval.txt").read_text() if Path("artifacts/data/eval.txt").is_file()
-            else "The for statement is used to iterate over the elements of a sequence. " * 40)
-    ids = np.asarray(rt.encode(text)[:prompt_tokens])
-    rt.generate(list(ids[:16]), 4, stop_at_eos=False)  # warm-up
-    prefill, decode = [], []
+    decode(ids[:16], 4)  # warm-up
+    pre, ttft, dec = [], [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        rt.forward(ids[None])
-        prefill.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        out = rt.generate(list(ids[:16]), new_tokens, stop_at_eos=False)
-        decode.append((time.perf_counter() - t) / len(out))
-    size = sum(p.stat().st_size for p in directory.glob("model.onnx*"))
-    return {"prefill_tok_s": round(len(ids) / min(prefill), 1), "decode_tok_s": round(1 / min(decode), 1),
-            "decode_ms_per_token": round(1000 * min(decode), 3), "session_load_s": round(load_s, 3),
-            "model_mb": round(size / 1e6, 2)}
+        prefill(ids)
+        pre.append(time.perf_counter() - t)
+        first, total = decode(ids[:16], new_tokens)
+        ttft.append(first)
+        dec.append((total - first) / (new_tokens - 1))
+    return {"prefill_tok_s": round(len(ids) / statistics.median(pre), 1),
+            "ttft_ms": round(1000 * statistics.median(ttft), 2),
+            "decode_tok_s": round(1 / statistics.median(dec), 2),
+            "decode_ms_per_token": round(1000 * statistics.median(dec), 3),
+            "decode_tok_s_runs": [round(1 / d, 2) for d in dec],
+            "load_s": round(load_s, 2),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's high-water RSS. VmHWM starts afresh at exec; ru_maxrss would carry the driver's
+    RSS over from the fork."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def copy_bandwidth_gb_s(mb: int = 512) -> float:
+    import numpy as np
+
+    src = np.ones(mb * 2**20 // 8)
+    dst = np.empty_like(src)
+    best = min(_timed(np.copyto, dst, src) for _ in range(5))
+    return round(src.nbytes / best / 1e9, 2)
+
+
+def _timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def weight_bytes(directory: Path) -> int:
+    """Bytes of weights a decode step reads: the graph's external data (the tied table is stored, and
+    read as the lm_head, once), or the checkpoint's safetensors."""
+    files = list(directory.glob("model.onnx_data")) or list(directory.glob("*.onnx.data")) or \
+        list(directory.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) or sum(f.stat().st_size for f in directory.glob("*.onnx"))
+
+
+def run_worker(python: str, engine: str, path: Path, ids_file: str, args) -> dict | str:
+    cmd = [python, str(Path(__file__).resolve()), "--worker", engine, str(path), "--ids", ids_file,
+           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    env = {**os.environ, "PYTHONPATH": ""} if python != sys.executable else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        return f"failed: {lines[-1][:200] if lines else proc.returncode}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def build_peer(python: str, checkpoint: Path, precision: str, cache: Path) -> Path | str:
+    """The builder's model for ``checkpoint`` at ``precision``, cached by the checkpoint's artifact id."""
+    ckpt_id = json.loads((checkpoint / "manifest.json").read_text())["artifact_id"]
+    out = cache / f"{ckpt_id}-{precision}"
+    if (out / "genai_config.json").is_file():
+        return out
+    proc = subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
+                           "-p", precision, "-e", "cpu", "-c", str(cache / "hf-cache")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        return f"builder failed: {lines[-1][:200] if lines else proc.returncode}"
+    return out
+
+
+def ratios(doc: dict) -> dict:
+    e = doc["engines"]
+
+    def tok(name):
+        r = e.get(name)
+        return r["decode_tok_s"] if isinstance(r, dict) else None
+
+    def ratio(a, b):
+        return round(a / b, 2) if a and b else None
+
+    int8 = max((t for t in (tok("ours:int8-dynamic"), tok("ours:int8-static")) if t), default=None)
+    fp32 = max((t for t in (tok("ours:export"), tok("ours:fused")) if t), default=None)
+    best = max((r["decode_tok_s"] for k, r in e.items() if k.startswith("ours:") and isinstance(r, dict)), default=None)
+    bound = doc["bandwidth_bound_tok_s"].get("int8-dynamic")
+    return {"best_int8_vs_genai_int8": ratio(int8, tok("builder:int8")),
+            "int8_vs_our_fp32": ratio(int8, fp32),
+            "int4_vs_genai_int4": ratio(tok("ours:int4"), tok("builder:int4")),
+            "fp32_vs_genai_fp32": ratio(fp32, tok("builder:fp32")),
+            "best_vs_torch_eager": ratio(best, tok("torch:checkpoint")),
+            "fp32_vs_torch_eager": ratio(fp32, tok("torch:checkpoint")),
+            "int8_dynamic_vs_bandwidth_bound": ratio(tok("ours:int8-dynamic"), bound)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifacts", default="artifacts")
+    ap.add_argument("--peer-python", default="/tmp/genai-venv/bin/python")
+    ap.add_argument("--peer-cache", default="/tmp/genai-builder-cache")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated engine kinds to run (default: all)")
     ap.add_argument("--out", default="benchmarks/results.json")
+    ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    results = {}
-    for name in NAMES:
-        d = Path(args.artifacts) / name
-        if (d / "model.onnx").is_file():
-            results[name] = bench(d, args.prompt_tokens, args.new_tokens, args.repeats)
-            print(f"  {name}: {results[name]}", file=sys.stderr, flush=True)
-    import subprocess
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.ids, args.new_tokens, args.repeats)))
+        return
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    doc = {"machine": {**machine(), "provider": "CPUExecutionProvider"}, "commit": commit,
-           "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats},
-           "artifacts": results}
-    peer_file = Path(args.out).with_name("genai_peer.json")
-    if peer_file.is_file():  # onnxruntime-genai, measured from its own venv (benchmarks/genai_peer.py)
-        doc["peers"] = json.loads(peer_file.read_text())
+    sys.path.insert(0, str(REPO))
+    from pipeline.manifest import machine
+    from pipeline.runtime import Runtime
+
+    art = Path(args.artifacts)
+    only = set(filter(None, args.only.split(",")))
+    text = (art / "data" / "eval.txt").read_text()
+    ids = Runtime(art / "export").encode(text)[: args.prompt_tokens]
+    bandwidth = copy_bandwidth_gb_s()
+    print(f"copy bandwidth {bandwidth} GB/s; {len(ids)}-token prompt, {args.new_tokens} new tokens, "
+          f"median of {args.repeats}", file=sys.stderr)
+    jobs = [("ours", n, art / n) for n in NAMES] + [("genai", n, art / n) for n in NAMES]
+    jobs += [("optimum", "export", art / "export"), ("torch", "checkpoint", art / "checkpoint")]
+    peer = Path(args.peer_python)
+    if peer.is_file():
+        for p in BUILDER:
+            if not only or "builder" in only:
+                print(f"  builder {p} ...", file=sys.stderr, flush=True)
+            built = build_peer(str(peer), art / "checkpoint", p, Path(args.peer_cache)) if not only or "builder" in only else None
+            jobs.append(("builder", p, built))
+    engines, bytes_per_token = {}, {}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([int(i) for i in ids], f)
+    try:
+        for kind, name, path in jobs:
+            if only and kind not in only:
+                continue
+            label = f"{kind}:{name}"
+            if isinstance(path, str) or path is None or not Path(path).is_dir():
+                engines[label] = path or "missing"
+            else:
+                python = str(peer) if kind == "builder" else sys.executable
+                engines[label] = run_worker(python, kind, Path(path), f.name, args)
+                bytes_per_token[label] = weight_bytes(Path(path))
+            print(f"  {label}: {engines[label]}", file=sys.stderr, flush=True)
+    finally:
+        os.unlink(f.name)
+    if not peer.is_file():
+        engines["builder"] = f"left out: no peer venv at {peer} (see this file's docstring)"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    doc = {"machine": {**machine(), "provider": "CPUExecutionProvider"}, "commit": commit or None,
+           "settings": {"artifacts": str(art), "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
+                        "repeats": args.repeats, "statistic": "median"},
+           "copy_bandwidth_gb_s": bandwidth,
+           "weight_bytes_per_token": {k.split(":", 1)[1] if k.startswith("ours:") else k: v
+                                      for k, v in bytes_per_token.items() if not k.startswith("genai:")},
+           "engines": engines}
+    doc["bandwidth_bound_tok_s"] = {k: round(bandwidth * 1e9 / v, 1) for k, v in doc["weight_bytes_per_token"].items()}
+    doc["artifacts"] = {k.split(":", 1)[1]: v for k, v in engines.items() if k.startswith("ours:") and isinstance(v, dict)}
+    doc["ratios"] = ratios(doc)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print("| artifact | size MB | prefill tok/s | decode tok/s | ms/token | load s |\n|---|---|---|---|---|---|")
-    for name, r in {**results, **doc.get("peers", {})}.items():
-        print(f"| {name} | {r['model_mb']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "
-              f"{r['decode_ms_per_token']} | {r.get('session_load_s', '—')} |")
+    print(table(doc))
+
+
+def table(doc: dict) -> str:
+    rows = ["| engine : model | decode tok/s | TTFT ms | prefill tok/s | peak RSS MB | bound tok/s |",
+            "|---|---|---|---|---|---|"]
+    bound = doc["bandwidth_bound_tok_s"]
+    for label, r in doc["engines"].items():
+        if not isinstance(r, dict):
+            rows.append(f"| {label} | {r} | | | | |")
+            continue
+        b = bound.get(label.split(":", 1)[1] if label.startswith(("ours:", "genai:")) else label, "")
+        rows.append(f"| {label} | {r['decode_tok_s']} | {r['ttft_ms']} | {r['prefill_tok_s']} | {r['peak_rss_mb']} | {b} |")
+    rows.append("")
+    rows += [f"- {k}: {v}" for k, v in doc["ratios"].items()]
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

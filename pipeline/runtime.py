@@ -32,6 +32,11 @@ def model_path(artifact_dir: str | Path) -> Path:
     return path
 
 
+def uses_gqa(model) -> bool:
+    """Does the graph (an ONNX ModelProto, weights not needed) run GroupQueryAttention?"""
+    return any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+
+
 def session_options(threads: int | None = None):
     import onnxruntime as ort
 
@@ -78,8 +83,9 @@ class GraphIO:
     Built from a live session or from the ONNX file alone (no weights loaded), so calibration can
     build feeds for a model it has not opened in onnxruntime. :meth:`feeds` is the one feed builder."""
 
-    def __init__(self, inputs: list[IOInfo], outputs: list[str], config: dict, where: str):
+    def __init__(self, inputs: list[IOInfo], outputs: list[str], config: dict, where: str, right_padded: bool = False):
         self.where = where
+        self.right_padded = right_padded  # GroupQueryAttention: lengths from the mask, padding on the right
         self.config = config
         byname = {i.name: i for i in inputs}
         self.input_names = set(byname)
@@ -99,9 +105,9 @@ class GraphIO:
         self.mask_dtype = ONNX_DTYPES.get(mask.type, np.int64) if mask is not None else None
 
     @classmethod
-    def from_session(cls, session, config: dict, where: str) -> "GraphIO":
+    def from_session(cls, session, config: dict, where: str, right_padded: bool = False) -> "GraphIO":
         return cls([IOInfo(i.name, i.type, list(i.shape)) for i in session.get_inputs()],
-                   [o.name for o in session.get_outputs()], config, where)
+                   [o.name for o in session.get_outputs()], config, where, right_padded)
 
     @classmethod
     def from_onnx(cls, path: str | Path, config: dict) -> "GraphIO":
@@ -118,7 +124,7 @@ class GraphIO:
             return IOInfo(v.name, dtype, dims)
 
         return cls([info(v) for v in model.graph.input if v.name not in init],
-                   [o.name for o in model.graph.output], config, str(path))
+                   [o.name for o in model.graph.output], config, str(path), uses_gqa(model))
 
     def _kv_spec(self, first: IOInfo) -> KVSpec:
         dtype = ONNX_DTYPES.get(first.type)
@@ -135,11 +141,13 @@ class GraphIO:
         return [np.zeros((batch, kv.kv_heads, 0, kv.head_dim), dtype=kv.dtype) for _ in self.past_names]
 
     def feeds(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
-              attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+              attention_mask: np.ndarray | None = None, with_past: bool = True) -> dict[str, np.ndarray]:
         """Inputs for one step: ``input_ids`` (batch, T) after ``past`` (None = empty past of length 0).
 
-        ``attention_mask`` (batch, past + T), 0 on padding, is given for a left-padded batch; position ids
-        then count only the real tokens, so each row sees the positions it would see alone."""
+        ``attention_mask`` (batch, past + T), 0 on padding, is given for a padded batch; position ids
+        then count only the real tokens, so each row sees the positions it would see alone.
+        ``with_past=False`` leaves the KV inputs out (the caller binds shared KV buffers itself; the
+        mask then says how long each row is)."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
@@ -151,29 +159,83 @@ class GraphIO:
             positions = np.broadcast_to(np.arange(past_len, past_len + length, dtype=np.int64), (batch, length)).copy()
         else:
             mask = np.asarray(attention_mask, dtype=np.int64)
-            if mask.shape != (batch, past_len + length):
+            expected = (batch, past_len + length) if with_past else (batch, mask.shape[1])
+            if mask.shape != expected or mask.shape[1] < length:
                 raise PipelineError(f"attention mask of shape {mask.shape} for {batch} rows of {past_len} + {length} tokens")
-            positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -length:]
+            if self.right_padded and (np.diff(mask, axis=1) > 0).any():
+                raise PipelineError(f"{self.where} runs GroupQueryAttention, which reads each row's length from the "
+                                    f"mask: pad on the right (the runtime's generate_batch does)")
+            positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, mask.shape[1] - length:]
         if self.mask_dtype is not None:
             feeds["attention_mask"] = mask.astype(self.mask_dtype)
         elif attention_mask is not None and not mask.all():
             raise PipelineError(f"{self.where} has no attention_mask input: it cannot run a padded batch")
         if "position_ids" in self.input_names:
             feeds["position_ids"] = positions
-        if self.past_names:
+        if self.past_names and with_past:
             for name, value in zip(self.past_names, past or self.empty_past(batch), strict=True):
                 feeds[name] = value
         return feeds
+
+
+class SharedKV:
+    """KV buffers allocated once for the whole generation and bound as both past and present
+    (GroupQueryAttention writes each step's keys/values in place): no per-step concatenation or copy.
+    On CUDA the buffers live on the device; only ids, mask and logits cross."""
+
+    def __init__(self, session, io: GraphIO, batch: int, max_len: int, device: str = "cpu"):
+        import onnxruntime as ort
+
+        kv = io.kv
+        shape = (batch, kv.kv_heads, max_len, kv.head_dim)
+        self.device = device
+        self._host = []  # CPU buffers: numpy owns the memory the OrtValues point at
+        self.buffers = []
+        for _ in io.past_names:
+            if device == "cpu":
+                self._host.append(np.zeros(shape, dtype=kv.dtype))
+                self.buffers.append(ort.OrtValue.ortvalue_from_numpy(self._host[-1]))
+            else:
+                self.buffers.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, kv.dtype, device, 0))
+        self.binding = session.io_binding()
+        self.binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        for past, present, value in zip(io.past_names, io.present_names, self.buffers, strict=True):
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+        self.session, self.io, self.max_len = session, io, max_len
+        out = next(o for o in session.get_outputs() if o.name == "logits")
+        vocab = out.shape[2] if isinstance(out.shape[2], int) else None
+        self._decode_logits = (np.empty((batch, 1, vocab), dtype=ONNX_DTYPES.get(out.type, np.float32))
+                               if vocab else None)  # one-token steps write their logits here
+
+    def step(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
+        if mask.shape[1] > self.max_len:
+            raise PipelineError(f"the KV buffers hold {self.max_len} positions; step asks for {mask.shape[1]}")
+        for name, value in self.io.feeds(input_ids, None, mask, with_past=False).items():
+            self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        if input_ids.shape[1] == 1 and self._decode_logits is not None:
+            self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._decode_logits))
+            self.session.run_with_iobinding(self.binding)
+            return self._decode_logits
+        self.binding.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(self.binding)
+        return self.binding.get_outputs()[0].numpy()
 
 
 class Runtime:
     """ONNX Runtime session over a merged decoder with ``past_key_values.*`` inputs."""
 
     def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None):
+        import onnx
+
         self.dir = Path(artifact_dir)
         self.session = make_session(model_path(self.dir), provider, threads)
+        self.device = "cuda" if provider == "cuda" else "cpu"
         self.config = _read_json(self.dir / "config.json")
-        self.io = GraphIO.from_session(self.session, self.config, f"{self.dir}/model.onnx")
+        gqa = uses_gqa(onnx.load(str(model_path(self.dir)), load_external_data=False))
+        self.io = GraphIO.from_session(self.session, self.config, f"{self.dir}/model.onnx", right_padded=gqa)
         self.eos_ids = _eos_ids(self.dir, self.config)
         self._tokenizer = None
 
@@ -242,35 +304,51 @@ class Runtime:
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int = 64, *, temperature: float = 0.0,
                        top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
                        on_token: Callable[[int], None] | None = None) -> list[list[int]]:
-        """Several prompts of any lengths at once: left-padded, masked, each row's positions its own.
+        """Several prompts of any lengths at once: padded, masked, each row's positions its own.
 
-        Each row stops at its EOS (or the budget); the result holds each row's new tokens only.
-        ``on_token`` streams the tokens of a single prompt."""
+        Graphs with GroupQueryAttention are right-padded and decode into KV buffers allocated once
+        (past and present bound to the same memory); other graphs are left-padded and concatenate
+        their KV cache. Each row stops at its EOS (or the budget); the result holds each row's new
+        tokens only. ``on_token`` streams the tokens of a single prompt."""
         if on_token is not None and len(prompts) != 1:
             raise PipelineError("on_token streams one prompt; a batch returns its rows when done")
         max_new_tokens = self.check_request(prompts, max_new_tokens)
         rng = np.random.default_rng(seed)
-        width = max(len(p) for p in prompts)
+        rows, width = len(prompts), max(len(p) for p in prompts)
+        lengths = np.array([len(p) for p in prompts])
+        right = self.io.right_padded
         pad = int(self.config.get("pad_token_id") or min(self.eos_ids, default=0))  # masked out anyway
-        ids = np.full((len(prompts), width), pad, dtype=np.int64)
-        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        ids = np.full((rows, width), pad, dtype=np.int64)
+        mask = np.zeros((rows, width + max_new_tokens), dtype=np.int64)  # filled in place, a prefix is fed
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = p
-            mask[i, width - len(p):] = 1
-        logits, past = self.forward(ids, None, mask)
+            start = 0 if right else width - len(p)
+            ids[i, start:start + len(p)] = p
+            mask[i, start:start + len(p)] = 1
+        cache = SharedKV(self.session, self.io, rows, width + max_new_tokens, self.device) if right else None
+        if cache is not None:
+            logits = cache.step(ids, mask[:, :width])
+            last = logits[np.arange(rows), lengths - 1]
+        else:
+            logits, past = self.forward(ids, None, mask[:, :width])
+            last = logits[:, -1]
         out: list[list[int]] = [[] for _ in prompts]
-        done = np.zeros(len(prompts), dtype=bool)
-        for _ in range(max_new_tokens):
-            nxt = np.array([sample(logits[i, -1], rng, temperature, top_k, top_p) for i in range(len(prompts))])
+        done = np.zeros(rows, dtype=bool)
+        for step in range(max_new_tokens):
+            nxt = np.array([sample(last[i], rng, temperature, top_k, top_p) for i in range(rows)])
             for i in np.flatnonzero(~done):
                 out[i].append(int(nxt[i]))
                 if on_token:
                     on_token(int(nxt[i]))
                 done[i] |= stop_at_eos and int(nxt[i]) in self.eos_ids
-            if done.all():
+            if done.all() or step == max_new_tokens - 1:
                 break
-            mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
-            logits, past = self.forward(nxt[:, None], past, mask)
+            if right:
+                mask[np.arange(rows), lengths + step] = 1
+                last = cache.step(nxt[:, None], mask[:, :width + step + 1])[:, -1]
+            else:
+                mask[:, width + step] = 1
+                logits, past = self.forward(nxt[:, None], past, mask[:, :width + step + 1])
+                last = logits[:, -1]
         return out
 
 

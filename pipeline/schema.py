@@ -103,6 +103,7 @@ class Export(Section):
 class Fused(Section):
     model_type: str
     opt_level: Literal[0, 1, 2, 99]
+    attention: Literal["gqa", "none"]
     greedy_tokens: int = PosInt
 
 
@@ -115,13 +116,16 @@ class FP16(Section):
 
 class Int8Dynamic(Section):
     parent: Literal["export", "fused"]
+    format: Literal["matmulnbits", "qoperator"]
+    block_size: int
+    accuracy_level: Optional[Literal[0, 1, 2, 3, 4]]
     per_channel: bool
     quantize_tied: bool
     tied_block_size: int
     nodes_to_exclude: list[str]
     greedy_tokens: int = PosInt
 
-    _block = field_validator("tied_block_size")(_power_of_two)
+    _block = field_validator("tied_block_size", "block_size")(_power_of_two)
 
 
 class Int4(Section):
@@ -166,6 +170,7 @@ class Int8Static(Section):
     smoothquant: SmoothQuant
     quantize_tied: bool
     tied_block_size: int
+    tied_accuracy_level: Optional[Literal[0, 1, 2, 3, 4]]
     greedy_tokens: int = PosInt
 
     _block = field_validator("tied_block_size")(_power_of_two)

@@ -106,6 +106,10 @@ def publish(tmp: Path, out: str | Path, **manifest_fields) -> dict:
         metrics = manifest_fields.get("metrics", {})
         manifest_fields["metrics"] = {**metrics, "peak_rss_mb": max(peak_rss_mb(), metrics.get("child_peak_rss_mb", 0)),
                                       "wall_seconds": round(time.perf_counter() - _started[tmp], 2)}
+    if (tmp / "model.onnx").is_file():  # onnxruntime-genai runs every ONNX artifact as shipped
+        from . import genai
+
+        genai.write(tmp)
     manifest = mf.build_manifest(tmp, **manifest_fields)
     if (tmp / "model.onnx").is_file():  # every ONNX artifact explains itself: README.md, a model card
         from . import card

@@ -1,7 +1,10 @@
-"""Stage `fused`: ORT transformer optimizer (model_type qwen3) -> RMSNorm / SkipRMSNorm / RoPE fused.
+"""Stage `fused`: ORT's transformer optimizer (model_type qwen3) fuses the RMSNorms (SimplifiedLayerNorm,
+SkipSimplifiedLayerNorm); then our rewrite pattern (pipeline/fusions.py) turns each layer's attention,
+QK-norm'd, into one GroupQueryAttention with the rotary embedding inside (caches of
+``max_position_embeddings`` rows) and a KV cache that past and present can share.
 
-Heads and hidden size come from the checkpoint config. The RotaryEmbedding fusion adds cos/sin caches
-for 131072 positions whatever the model; they are cut to ``max_position_embeddings``."""
+Heads and hidden size come from the checkpoint config. If ORT's optimizer fuses a RotaryEmbedding
+(other exports), its 131072-row caches are cut to ``max_position_embeddings`` too."""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import numpy as np
 
 from pipeline import onnx_io
 from pipeline.derive import derive
+from pipeline.errors import PipelineError
+from pipeline.fusions import fuse_attention
 from pipeline.tied import retie_embedding
 
 FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
@@ -50,6 +55,14 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
                                    num_heads=int(config["num_attention_heads"]), hidden_size=int(config["hidden_size"]),
                                    opt_level=int(params["opt_level"]), use_gpu=False)
         model = optimizer.model
+        layers = int(config["num_hidden_layers"])
+        if params["attention"] == "gqa" and config.get("use_sliding_window"):
+            raise PipelineError("the checkpoint uses sliding-window attention, which the GQA fusion does not carry "
+                                "over: set fused.attention: none")
+        gqa = fuse_attention(model, config, int(config["max_position_embeddings"])) if params["attention"] == "gqa" else 0
+        if params["attention"] == "gqa" and gqa != layers:
+            raise PipelineError(f"fused {gqa} of {layers} attention blocks into GroupQueryAttention: the export's "
+                                f"attention is not the pattern pipeline/fusions.py knows (set fused.attention: none)")
         trimmed = trim_rotary_caches(model, int(config["max_position_embeddings"]))
         retied = retie_embedding(model)
         onnx_io.save(model, tmp)
@@ -57,7 +70,7 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
         fused = {op: counts.get(op, 0) for op in FUSED_OPS}
         return {"metrics": {"fused_ops": fused, "op_counts": counts, "rotary_caches_trimmed_to": trimmed,
                             "retied_initializers": retied},
-                "extra": {"precision": "fp32", "kv_dtype": "float32"}}
+                "extra": {"precision": "fp32", "kv_dtype": "float32", "attention": params["attention"]}}
 
     return derive(parent_dir, out, "fused", params, build, parents=("export",),
                   require_greedy_match=True, greedy_tokens=int(params["greedy_tokens"]), evaluation=evaluation)

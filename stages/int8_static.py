@@ -96,7 +96,7 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
                                            **({"CalibPercentile": float(params["percentile"])}
                                               if method == "Percentile" else {})})
             q = onnx_io.load(scratch)
-        shared = share_quantized_table(q, 8, int(params["tied_block_size"])) if tied else None
+        shared = share_quantized_table(q, 8, int(params["tied_block_size"]), params["tied_accuracy_level"]) if tied else None
         onnx_io.save(q, tmp)
         counts = onnx_io.op_counts(q)
         policy = {"format": "QDQ", "weights": "int8 symmetric" + (" per-channel" if params["per_channel"] else ""),

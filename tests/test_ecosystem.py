@@ -57,6 +57,30 @@ def test_optimum_standard_snippet_matches_our_runtime(artifact, data_dir, name):
     assert new == rt.generate(ids, len(new))
 
 
+@pytest.mark.parametrize("name", ARTIFACTS)
+def test_onnxruntime_genai_runs_every_artifact_as_shipped(artifact, data_dir, name):
+    """onnxruntime-genai's own runtime, reading only the artifact's genai_config.json: same greedy tokens."""
+    import onnxruntime_genai as og
+
+    d = artifact(name)
+    rt = Runtime(d)
+    cfg = json.loads((d / "genai_config.json").read_text())
+    assert cfg["search"]["past_present_share_buffer"] is rt.io.right_padded  # shared only under GQA
+    model = og.Model(str(d))
+    ids = rt.encode(_prompt(data_dir))
+    assert list(og.Tokenizer(model).encode(_prompt(data_dir))) == ids
+    options = og.GeneratorParams(model)
+    options.set_search_options(max_length=len(ids) + 24, do_sample=False)
+    gen = og.Generator(model, options)
+    gen.append_tokens(ids)
+    new = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        new.append(int(gen.get_next_tokens()[0]))
+    assert new, "onnxruntime-genai generated nothing"
+    assert new == rt.generate(ids, len(new))
+
+
 TEMPLATE_WITH_HELPERS = (
     "{%- if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
     "{%- for m in messages %}{%- if loop.index0 > 5 %}{% break %}{% endif %}"

@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -266,13 +267,21 @@ def test_context_end_stops_generation(export_dir):
     assert len(rt.generate(prompt, 64, stop_at_eos=False)) == 512 - len(prompt)
 
 
-def test_a_batch_of_different_lengths_equals_one_by_one(export_dir, data_dir):
-    rt = Runtime(export_dir)
+@pytest.mark.parametrize("name", ["export", "fused"])
+def test_a_batch_of_different_lengths_equals_one_by_one(export_dir, fused_dir, data_dir, name):
+    """export: left-padded, KV concatenated; fused (GroupQueryAttention): right-padded, shared KV buffers."""
+    rt = Runtime(export_dir if name == "export" else fused_dir)
+    assert rt.io.right_padded is (name == "fused")
     text = (data_dir / "eval.txt").read_text()
     prompts = [rt.encode(text[:n]) for n in (20, 200, 60, 5)]
     assert len({len(p) for p in prompts}) == 4
     batch = rt.generate_batch(prompts, 12, stop_at_eos=False)
     assert batch == [rt.generate(p, 12, stop_at_eos=False) for p in prompts]
+    if name == "export":
+        return
+    left = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])
+    with pytest.raises(PipelineError, match="pad on the right"):
+        rt.forward(np.array([[5, 6, 7, 8], [5, 6, 7, 8]]), None, left)
     proc = run_cli("generate", "--artifact", str(export_dir), text[:20], text[:60], "--max-new-tokens", "4", check=True)
     assert [line[:3] for line in proc.stdout.splitlines() if line.startswith("[")] == ["[1]", "[2]"]
     assert "2 prompts as one batch" in proc.stderr

@@ -1,0 +1,141 @@
+"""Graph fusions, in one place, written as onnxscript rewrite patterns.
+
+ORT's transformer optimizer (model_type qwen3) fuses the RMSNorms of optimum's export but not its
+rotary embedding or attention, and onnxscript's ready-made ``ort_fusions`` target dynamo exports
+(measured: nothing fused on this export). So the attention of each decoder layer, as optimum writes
+it for Qwen3 (after ORT has turned q_norm/k_norm into ``SimplifiedLayerNormalization``)::
+
+    q_norm(B,S,H,D) -> Transpose -> rotate-half RoPE -> Mul(scale_q) ----------------------\\
+    k_norm(B,S,Hkv,D) -> Transpose -> RoPE -> Concat(past_k) = present_k -> repeat_kv -> Transpose -> Mul(scale_k)
+                                                                         MatMul -> Add(mask) -> Softmax -> NaN guard
+    v(B,S,Hkv*D) -> Reshape -> Transpose -> Concat(past_v) = present_v -> repeat_kv ------> MatMul -> Transpose -> Reshape
+
+is matched by one pattern and replaced with one ``com.microsoft.GroupQueryAttention`` (rotary inside
+the op, cos/sin caches cut to the context, KV cache in the op's BNSH layout, past and present able to
+share one buffer), the op onnxruntime-genai's builder emits. The pattern leaves the shape arithmetic
+(Shape/Gather/Concat feeding Reshape, Expand and Slice) as free variables: the derived artifact's
+parity check (greedy tokens and logits against its parent) is what proves each rewrite right.
+
+GQA reads the sequence lengths instead of a 4-D mask: ``seqlens_k = sum(attention_mask) - 1`` and
+``total_sequence_length = attention_mask.shape[1]``, so padding must be on the right (the runtime
+right-pads for such graphs; see :data:`PADDING_SIDE`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+GQA_SEQLENS = "gqa_seqlens_k"
+GQA_TOTAL = "gqa_total_sequence_length"
+COS_CACHE, SIN_CACHE = "gqa_cos_cache", "gqa_sin_cache"
+
+
+def rotary_caches(config: dict, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin (positions, head_dim/2) for the default (unscaled) RoPE of a Qwen3 config."""
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    theta = float(config.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    freqs = np.outer(np.arange(positions, dtype=np.float64), inv_freq)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def _rope(op, x, cos, sin):
+    """rotate-half RoPE as the export writes it: x*cos + concat(-x[..., D/2:], x[..., :D/2])*sin."""
+    from onnxscript.rewriter.pattern import ANY_VALUE as _
+
+    x2 = op.Slice(x, _, _, _, _)
+    x1 = op.Slice(x, _, _, _, _)
+    return op.Add(op.Mul(x, cos), op.Mul(op.Concat(op.Neg(x2), x1, axis=-1), sin))
+
+
+def _repeat_kv(op, x):
+    from onnxscript.rewriter.pattern import ANY_VALUE as _
+
+    return op.Reshape(op.Expand(op.Unsqueeze(x, _), _), _)
+
+
+def _attention_pattern(op, q, k, v, past_k, past_v, cos, sin, mask4d, scale_q, scale_k):
+    from onnxscript.rewriter.pattern import ANY_VALUE as _
+
+    q_rot = _rope(op, op.Transpose(q, perm=[0, 2, 1, 3]), cos, sin)
+    k_rot = _rope(op, op.Transpose(k, perm=[0, 2, 1, 3]), cos, sin)
+    present_k = op.Concat(past_k, k_rot, axis=-2)
+    present_v = op.Concat(past_v, op.Transpose(op.Reshape(v, _), perm=[0, 2, 1, 3]), axis=-2)
+    k_all, v_all = _repeat_kv(op, present_k), _repeat_kv(op, present_v)
+    scores = op.MatMul(op.Mul(q_rot, scale_q), op.Mul(op.Transpose(k_all, perm=[0, 1, 3, 2]), scale_k))
+    key_len = op.Unsqueeze(op.Gather(op.Shape(k_all), _), _)
+    bias = op.Where(op.Slice(mask4d, _, key_len, _, _), _, _)
+    probs = op.Softmax(op.Add(scores, bias), axis=-1)
+    probs = op.Where(op.IsNaN(probs), _, probs)
+    out = op.Transpose(op.MatMul(probs, v_all), perm=[0, 2, 1, 3])
+    return op.Reshape(out, _), present_k, present_v
+
+
+def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache, flat):
+    """The rewrite rule, bound to the graph's sequence-length values and rotary caches."""
+    from onnxscript.rewriter import _ir_utils, pattern
+
+    def check(context, scale_q, scale_k, **_):
+        result = pattern.MatchResult()
+        for s in (scale_q, scale_k):
+            if _ir_utils.get_singleton_value(s) is None:
+                return result.fail("attention scale is not a constant", s)
+        return True
+
+    def replacement(op, q, k, v, scale_q, scale_k, past_k, past_v, **_):
+        scale = float(_ir_utils.get_singleton_value(scale_q)) * float(_ir_utils.get_singleton_value(scale_k))
+        return op.GroupQueryAttention(
+            op.Reshape(q, flat), op.Reshape(k, flat), v, past_k, past_v, seqlens, total, cos_cache, sin_cache,
+            num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=scale,
+            _domain="com.microsoft", _outputs=3)
+
+    return pattern.RewriteRule(_attention_pattern, replacement, check, name="Qwen3GroupQueryAttention")
+
+
+def fuse_attention(model_proto, config: dict, max_positions: int) -> int:
+    """Fuse every layer's attention into GroupQueryAttention in place; returns how many were fused.
+
+    Adds the sequence-length subgraph (from ``attention_mask``) and the rotary caches once; the
+    export's own mask and rotary subgraphs become dead and are removed."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import rewrite
+
+    model = ir.serde.deserialize_model(model_proto)
+    graph = model.graph
+    mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+    if mask is None:
+        return 0
+    heads, kv_heads = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    cos, sin = rotary_caches(config, max_positions)
+    cos_v = ir.Value(name=COS_CACHE, const_value=ir.tensor(cos, name=COS_CACHE))
+    sin_v = ir.Value(name=SIN_CACHE, const_value=ir.tensor(sin, name=SIN_CACHE))
+    graph.register_initializer(cos_v)
+    graph.register_initializer(sin_v)
+
+    def const(name, array):
+        v = ir.Value(name=name, const_value=ir.tensor(np.asarray(array), name=name))
+        graph.register_initializer(v)
+        return v
+
+    one = const("gqa_one_1d", np.array([1], dtype=np.int64))
+    one32 = const("gqa_one_i32", np.array(1, dtype=np.int32))
+    flat = const("gqa_flat_shape", np.array([0, 0, -1], dtype=np.int64))  # (B, S, H, D) -> (B, S, H*D)
+    summed = ir.node("ReduceSum", [mask, one], attributes={"keepdims": 0}, name="gqa/ReduceSum")
+    cast = ir.node("Cast", [summed.outputs[0]], attributes={"to": ir.DataType.INT32}, name="gqa/Cast")
+    seqlens = ir.node("Sub", [cast.outputs[0], one32], name="gqa/seqlens_k")
+    seqlens.outputs[0].name = GQA_SEQLENS
+    shape = ir.node("Shape", [mask], attributes={"start": 1, "end": 2}, name="gqa/Shape")
+    total64 = ir.node("Squeeze", [shape.outputs[0]], name="gqa/Squeeze")
+    total = ir.node("Cast", [total64.outputs[0]], attributes={"to": ir.DataType.INT32}, name="gqa/total")
+    total.outputs[0].name = GQA_TOTAL
+    new_nodes = [summed, cast, seqlens, shape, total64, total]
+    for i, n in enumerate(new_nodes):
+        graph.insert_before(graph[0], n) if i == 0 else graph.insert_after(new_nodes[i - 1], n)
+
+    before = sum(1 for n in graph if n.op_type == "GroupQueryAttention")
+    rule = gqa_rule(heads, kv_heads, seqlens.outputs[0], total.outputs[0], cos_v, sin_v, flat)
+    model = rewrite(model, pattern_rewrite_rules=[rule])
+    fused = sum(1 for n in model.graph if n.op_type == "GroupQueryAttention") - before
+    if not any(d == "com.microsoft" for d in model.opset_imports):
+        model.opset_imports["com.microsoft"] = 1
+    model_proto.CopyFrom(ir.serde.serialize_model(model))
+    return fused

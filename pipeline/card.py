@@ -21,9 +21,9 @@ PRECISION_TAGS = {"export": "fp32", "fused": "fp32", "fp16": "fp16", "int8-dynam
                   "int8-static": "int8", "int4": "int4"}
 WHAT = {
     "export": "FP32 ONNX export (optimum-onnx, merged decoder with KV cache), checked against PyTorch",
-    "fused": "FP32, ONNX Runtime transformer fusions (RMSNorm / SkipRMSNorm)",
+    "fused": "FP32, fused: RMSNorm / SkipRMSNorm and one GroupQueryAttention per layer (rotary inside, shareable KV buffer)",
     "fp16": "FP16 weights and KV cache, float32 logits: the GPU artifact",
-    "int8-dynamic": "INT8 weights, activations quantized at run time (dynamic quantization)",
+    "int8-dynamic": "INT8 weights (MatMulNBits, 8-bit blocks), activations quantized inside the kernel (accuracy_level 4)",
     "int8-static": "INT8 static QDQ, calibrated (for execution providers that consume QDQ)",
     "int4": "INT4 weight-only, block-wise (MatMulNBits, the format onnxruntime-genai uses)",
 }

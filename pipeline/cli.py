@@ -255,7 +255,7 @@ def quantize(mode, params_file, overrides, input_dir, out, calibration, text_col
 def generate(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, provider, chat, system):
     """Stream a continuation of PROMPT from an artifact (verified first); with --chat, the assistant's reply.
 
-    Several PROMPTs run as one left-padded batch and print when all are done."""
+    Several PROMPTs run as one padded batch and print when all are done."""
     from .runtime import Runtime
     from .verify import verify
 

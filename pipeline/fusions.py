@@ -70,6 +70,37 @@ def _attention_pattern(op, q, k, v, past_k, past_v, cos, sin, mask4d, scale_q, s
     return op.Reshape(out, _), present_k, present_v
 
 
+def _projection_reshape(op, src, w, i0, i1, a0, a1, c2, c3):
+    """Reshape(src @ W, Concat(Shape(src)[0], Shape(src)[1], c2, c3)): the export's per-head split of a
+    projection, its batch and sequence sizes read back from the projection's input at every step."""
+    dims = [op.Unsqueeze(op.Gather(op.Shape(src), i), a) for i, a in ((i0, a0), (i1, a1))]
+    return op.Reshape(op.MatMul(src, w), op.Concat(*dims, c2, c3, axis=0))
+
+
+def static_split_rule():
+    """Replace that shape arithmetic with the constant ``[0, 0, c2, c3]`` (0 = keep the input's
+    size): sound because a MatMul keeps its input's leading dims. 5 nodes fewer per projection."""
+    from onnxscript.rewriter import _ir_utils, pattern
+
+    def values(*vs):
+        return [_ir_utils.get_singleton_value(v) for v in vs]
+
+    def check(context, src, i0, i1, c2, c3, **_):
+        got = values(i0, i1, c2, c3)
+        if any(g is None for g in got) or got[:2] != [0, 1]:
+            return pattern.MatchResult().fail("not a (batch, seq, c2, c3) split", [i0, i1, c2, c3])
+        return True
+
+    def replacement(op, src, w, c2, c3, **_):
+        import onnx_ir as ir
+
+        shape = np.array([0, 0, *values(c2, c3)], dtype=np.int64)
+        return op.Reshape(op.MatMul(src, w), op.Constant(value=ir.tensor(shape)))
+
+    # the Shape/Gather pair is shared by the q and k splits: keep matched nodes, dead ones are removed after
+    return pattern.RewriteRule(_projection_reshape, replacement, check, name="StaticHeadSplit", remove_nodes=False)
+
+
 def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache, flat):
     """The rewrite rule, bound to the graph's sequence-length values and rotary caches."""
     from onnxscript.rewriter import _ir_utils, pattern
@@ -91,8 +122,9 @@ def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache
     return pattern.RewriteRule(_attention_pattern, replacement, check, name="Qwen3GroupQueryAttention")
 
 
-def fuse_attention(model_proto, config: dict, max_positions: int) -> int:
-    """Fuse every layer's attention into GroupQueryAttention in place; returns how many were fused.
+def fuse_attention(model_proto, config: dict, max_positions: int):
+    """Fuse every layer's attention into GroupQueryAttention; returns (new ModelProto, how many fused).
+    The caller drops ``model_proto`` (the weights are not copied into the IR, only into the result).
 
     Adds the sequence-length subgraph (from ``attention_mask``) and the rotary caches once; the
     export's own mask and rotary subgraphs become dead and are removed."""
@@ -103,7 +135,7 @@ def fuse_attention(model_proto, config: dict, max_positions: int) -> int:
     graph = model.graph
     mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
     if mask is None:
-        return 0
+        return model_proto, 0
     heads, kv_heads = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
     cos, sin = rotary_caches(config, max_positions)
     cos_v = ir.Value(name=COS_CACHE, const_value=ir.tensor(cos, name=COS_CACHE))
@@ -133,9 +165,8 @@ def fuse_attention(model_proto, config: dict, max_positions: int) -> int:
 
     before = sum(1 for n in graph if n.op_type == "GroupQueryAttention")
     rule = gqa_rule(heads, kv_heads, seqlens.outputs[0], total.outputs[0], cos_v, sin_v, flat)
-    model = rewrite(model, pattern_rewrite_rules=[rule])
+    model = rewrite(model, pattern_rewrite_rules=[rule, static_split_rule()])
     fused = sum(1 for n in model.graph if n.op_type == "GroupQueryAttention") - before
     if not any(d == "com.microsoft" for d in model.opset_imports):
         model.opset_imports["com.microsoft"] = 1
-    model_proto.CopyFrom(ir.serde.serialize_model(model))
-    return fused
+    return ir.serde.serialize_model(model), fused

@@ -3,6 +3,8 @@
 It loads an artifact directory, discovers input/output names, dtypes and KV-cache shapes from the
 graph (FP32 or FP16 KV), and runs prefill then decode with the KV cache. :meth:`GraphIO.feeds` is
 the only place that builds the merged decoder's inputs (ids, attention mask, position ids, past).
+Graphs with GroupQueryAttention decode through IO binding into KV buffers allocated once and shared
+by past and present (:class:`SharedKV`); other graphs concatenate their KV cache.
 No torch, no transformers: onnxruntime, numpy and tokenizers only.
 """
 

@@ -55,11 +55,14 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
                                    num_heads=int(config["num_attention_heads"]), hidden_size=int(config["hidden_size"]),
                                    opt_level=int(params["opt_level"]), use_gpu=False)
         model = optimizer.model
+        del optimizer
         layers = int(config["num_hidden_layers"])
         if params["attention"] == "gqa" and config.get("use_sliding_window"):
             raise PipelineError("the checkpoint uses sliding-window attention, which the GQA fusion does not carry "
                                 "over: set fused.attention: none")
-        gqa = fuse_attention(model, config, int(config["max_position_embeddings"])) if params["attention"] == "gqa" else 0
+        gqa = 0
+        if params["attention"] == "gqa":
+            model, gqa = fuse_attention(model, config, int(config["max_position_embeddings"]))
         if params["attention"] == "gqa" and gqa != layers:
             raise PipelineError(f"fused {gqa} of {layers} attention blocks into GroupQueryAttention: the export's "
                                 f"attention is not the pattern pipeline/fusions.py knows (set fused.attention: none)")

@@ -101,6 +101,55 @@ def static_split_rule():
     return pattern.RewriteRule(_projection_reshape, replacement, check, name="StaticHeadSplit", remove_nodes=False)
 
 
+def _gqa_with_projections(op, x, wq, wk, wv, q_shape, k_shape, q_gamma, k_gamma, flat_q, flat_k, past_k, past_v,
+                          seqlens, total, cos, sin):
+    """A fused layer's GroupQueryAttention with its three projections of one input ``x`` (QK-norm'd)."""
+    q = op.SimplifiedLayerNormalization(op.Reshape(op.MatMul(x, wq), q_shape), q_gamma, _outputs=["q_norm"])
+    k = op.SimplifiedLayerNormalization(op.Reshape(op.MatMul(x, wk), k_shape), k_gamma, _outputs=["k_norm"])
+    return op.GroupQueryAttention(op.Reshape(q, flat_q), op.Reshape(k, flat_k), op.MatMul(x, wv), past_k, past_v,
+                                  seqlens, total, cos, sin, _domain="com.microsoft", _outputs=["attn", "pk", "pv"])
+
+
+def packed_qkv_rule(graph, heads: int, kv_heads: int, head_dim: int):
+    """Q, K and V projections of one input -> one MatMul over the concatenated weights + Split, as
+    onnxruntime-genai's builder packs them (fewer, larger kernels: measured faster at 0.6B int4).
+    Rooted at the GroupQueryAttention the projections feed (so the three MatMuls are told apart);
+    the packed weight is added to ``graph`` and the three old ones are dropped as unused."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import pattern
+
+    kv_width = kv_heads * head_dim
+
+    def weights(*ws):
+        return [w.const_value.numpy() if w.const_value is not None and w.is_initializer() else None for w in ws]
+
+    def check(context, wq, wk, wv, **_):
+        arrays = weights(wq, wk, wv)
+        if any(a is None or a.ndim != 2 for a in arrays):
+            return pattern.MatchResult().fail("q/k/v weights are not 2-D initializers", [wq, wk, wv])
+        q, k, v = arrays
+        if not (q.shape[0] == k.shape[0] == v.shape[0] and k.shape[1] == v.shape[1] == kv_width
+                and q.shape[1] == heads * head_dim and q.dtype == k.dtype == v.dtype):
+            return pattern.MatchResult().fail("not the q/k/v projections of one attention", [wq, wk, wv])
+        return True
+
+    def replacement(op, x, wq, wk, wv, q_shape, k_shape, q_gamma, k_gamma, flat_q, flat_k, past_k, past_v,
+                    seqlens, total, cos, sin, q_norm, k_norm, attn, **_):
+        q, k, v = weights(wq, wk, wv)
+        name = wq.name.replace("q_proj", "qkv_proj") if "q_proj" in wq.name else f"{wq.name}_qkv"
+        packed = ir.Value(name=name, const_value=ir.tensor(np.concatenate([q, k, v], axis=1), name=name))
+        graph.register_initializer(packed)
+        sizes = op.Constant(value=ir.tensor(np.array([q.shape[1], kv_width, kv_width], dtype=np.int64)))
+        q2, k2, v2 = op.Split(op.MatMul(x, packed), sizes, axis=-1, _outputs=3)
+        qn = op.SimplifiedLayerNormalization(op.Reshape(q2, q_shape), q_gamma, **q_norm.producer().attributes)
+        kn = op.SimplifiedLayerNormalization(op.Reshape(k2, k_shape), k_gamma, **k_norm.producer().attributes)
+        return op.GroupQueryAttention(op.Reshape(qn, flat_q), op.Reshape(kn, flat_k), v2, past_k, past_v, seqlens,
+                                      total, cos, sin, **attn.producer().attributes, _domain="com.microsoft",
+                                      _outputs=3)
+
+    return pattern.RewriteRule(_gqa_with_projections, replacement, check, name="PackedQKV")
+
+
 def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache, flat):
     """The rewrite rule, bound to the graph's sequence-length values and rotary caches."""
     from onnxscript.rewriter import _ir_utils, pattern
@@ -122,7 +171,7 @@ def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache
     return pattern.RewriteRule(_attention_pattern, replacement, check, name="Qwen3GroupQueryAttention")
 
 
-def fuse_attention(model_proto, config: dict, max_positions: int):
+def fuse_attention(model_proto, config: dict, max_positions: int, pack_qkv: bool = True):
     """Fuse every layer's attention into GroupQueryAttention; returns (new ModelProto, how many fused).
     The caller drops ``model_proto`` (the weights are not copied into the IR, only into the result).
 
@@ -167,6 +216,9 @@ def fuse_attention(model_proto, config: dict, max_positions: int):
     rule = gqa_rule(heads, kv_heads, seqlens.outputs[0], total.outputs[0], cos_v, sin_v, flat)
     model = rewrite(model, pattern_rewrite_rules=[rule, static_split_rule()])
     fused = sum(1 for n in model.graph if n.op_type == "GroupQueryAttention") - before
+    if pack_qkv:
+        head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+        model = rewrite(model, pattern_rewrite_rules=[packed_qkv_rule(model.graph, heads, kv_heads, head_dim)])
     if not any(d == "com.microsoft" for d in model.opset_imports):
         model.opset_imports["com.microsoft"] = 1
     return ir.serde.serialize_model(model), fused

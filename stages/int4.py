@@ -43,7 +43,7 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
             raise PipelineError(f"int4.algorithm {params.get('algorithm')} needs a package that is not installed "
                                 f"({exc.name}); use algorithm: rtn") from None
         q = quant.model.model
-        shared = share_quantized_table(q, 4, int(params["block_size"])) if tied else None
+        shared = share_quantized_table(q, 4, int(params["block_size"]), params.get("accuracy_level")) if tied else None
         onnx_io.save(q, tmp)
         policy = {"weights": f"int4 {'symmetric' if params['symmetric'] else 'asymmetric'} blocks of "
                              f"{params['block_size']} ({params.get('algorithm', 'rtn')})",

@@ -29,6 +29,8 @@ def test_fused_counts_parity_and_no_duplicate_table(fused_dir, export_dir, param
     # one GroupQueryAttention per layer (rotary inside), and nothing of the unfused attention left
     assert counts["GroupQueryAttention"] == cfg["num_hidden_layers"]
     assert not {"Softmax", "Neg", "IsNaN", "Expand", "Range"} & set(counts)
+    # Q/K/V packed: one projection MatMul + Split per layer, then o, gate, up, down, and the lm_head
+    assert counts["Split"] == cfg["num_hidden_layers"] and counts["MatMul"] == 5 * cfg["num_hidden_layers"] + 1
     parity = m["metrics"]["parity_vs_parent"]
     assert parity["greedy_match"] is True and parity["greedy_tokens"] >= 32 and parity["max_abs_logit_delta"] <= 1e-4
     metrics = _evaluate(fused_dir, "fused", params, export_dir, data_dir)
@@ -76,7 +78,7 @@ def test_int8_dynamic_artifact(derived, params, export_dir, data_dir):
     counts = onnx_io.op_counts(model)
     layers = json.loads((d / "config.json").read_text())["num_hidden_layers"]
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 7 * layers + 1 and counts.get("GatherBlockQuantized") == 1  # + the shared tied table
+    assert len(nbits) == 5 * layers + 1 and counts.get("GatherBlockQuantized") == 1  # + the shared tied table
     for node in nbits:  # 8-bit, int8 compute: ORT's fast CPU path
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4, node.name
@@ -94,7 +96,7 @@ def test_int8_static_artifact(derived, params, export_dir, data_dir):
     counts = onnx_io.op_counts(onnx_io.load(d, load_external_data=False))
     assert counts.get("QuantizeLinear", 0) > 0 and counts.get("DequantizeLinear", 0) > 0
     layers = json.loads((d / "config.json").read_text())["num_hidden_layers"]
-    assert m["metrics"]["quantized_matmuls"] == 7 * layers  # the projections; attention MatMuls and lm_head excluded
+    assert m["metrics"]["quantized_matmuls"] == 5 * layers  # packed qkv, o, gate, up, down; lm_head excluded
     assert policy["smoothquant"]["groups"] > 0 and policy["smoothquant"]["folded"] > policy["smoothquant"]["mul_inserted"]
     assert policy["calibration"]["windows"] == params["int8_static"]["calibration"]["samples"]
     assert m["metrics"]["peak_rss_mb"] > 0
@@ -106,9 +108,12 @@ def test_int8_static_artifact(derived, params, export_dir, data_dir):
 
 def test_int4_artifact(derived, params, export_dir, data_dir):
     d = derived("int4")
-    counts = onnx_io.op_counts(onnx_io.load(d, load_external_data=False))
+    model = onnx_io.load(d, load_external_data=False)
+    counts = onnx_io.op_counts(model)
     layers = json.loads((d / "config.json").read_text())["num_hidden_layers"]
-    assert counts.get("MatMulNBits") == 7 * layers + 1 and counts.get("GatherBlockQuantized") == 1
+    assert counts.get("MatMulNBits") == 5 * layers + 1 and counts.get("GatherBlockQuantized") == 1
+    for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):  # the tied lm_head included
+        assert {a.name: a.i for a in node.attribute}["accuracy_level"] == params["int4"]["accuracy_level"], node.name
     metrics = _evaluate(d, "int4", params, export_dir, data_dir)
     assert metrics["budget"]["status"] == "pass", metrics
     assert mf.read_manifest(d)["quant_policy"]["weights"].startswith("int4 symmetric blocks of 32")

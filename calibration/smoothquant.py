@@ -83,6 +83,12 @@ def smooth(model, config: dict, windows: np.ndarray, alpha: float, exclude: set[
         target = _fold_target(x, producers, readers, init, members, len(s))
         if target is not None:
             kind, name = target
+            if kind == "shared-gamma":  # the norm gets its own copy of a gamma other norms share, then folds
+                norm, private = producers[x], f"{name}_{len(model.graph.initializer)}_smoothed"
+                model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(init[name]), private))
+                init[private] = model.graph.initializer[-1]
+                norm.input[list(norm.input).index(name)] = private
+                kind, name = "gamma", private
             t = numpy_helper.to_array(init[name]).astype(np.float64)
             t = t / s if kind == "gamma" else t / s[None, :]  # gamma, or the up_proj output columns
             init[name].CopyFrom(numpy_helper.from_array(t.astype(np.float32), name))
@@ -105,6 +111,7 @@ def smooth(model, config: dict, windows: np.ndarray, alpha: float, exclude: set[
 def _fold_target(x, producers, readers, init, members, channels) -> tuple[str, str] | None:
     """Where ``x / s`` can be folded exactly, without a new op:
     - ("gamma", name): x is an RMSNorm output (fused or decomposed) whose gamma only it reads;
+    - ("shared-gamma", name): the same, with a gamma other norms read too (it gets a private copy);
     - ("columns", name): x = act(gate) * up, with ``up`` a projection read only here (down_proj's
       input): its output columns absorb 1/s.
     Readers of x other than the group may only be Shape ops (scaling does not change a shape)."""
@@ -114,8 +121,8 @@ def _fold_target(x, producers, readers, init, members, channels) -> tuple[str, s
     if node is None or x != node.output[0]:
         return None
     gamma = _gamma(node, init, channels)
-    if gamma is not None and len(readers.get(gamma, [])) == 1:
-        return "gamma", gamma
+    if gamma is not None:  # shared: exporters store equal gammas once (a fresh model's are all ones)
+        return ("gamma" if len(readers.get(gamma, [])) == 1 else "shared-gamma"), gamma
     if node.op_type == "Mul":
         for operand in node.input:
             up = producers.get(operand)

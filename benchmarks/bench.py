@@ -105,7 +105,11 @@ def _hf(model):
 def _optimum(path: str):
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    return _hf(ORTModelForCausalLM.from_pretrained(path))
+    model = ORTModelForCausalLM.from_pretrained(path)
+    # optimum-onnx 0.1.0 sizes Qwen3's empty KV cache as hidden_size // heads (64 at 0.6B) where the
+    # config says head_dim 128 (huggingface/optimum#2379, open): the documented workaround
+    model.embed_size_per_head = getattr(model.config, "head_dim", None) or model.embed_size_per_head
+    return _hf(model)
 
 
 def _torch(path: str):

@@ -116,7 +116,21 @@ def _lineage(manifest: dict) -> list[str]:
             f"Built with: {tools}.", ""]
 
 
-def _run(manifest: dict, has_genai: bool) -> list[str]:
+def _config(directory: Path) -> dict:
+    path = directory / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _optimum_head_dim_fix(cfg: dict) -> list[str]:
+    """optimum-onnx 0.1.0 sizes the KV cache with hidden_size // heads; every real Qwen3 sets a larger
+    head_dim (huggingface/optimum#2379), so its snippet needs one line more for them."""
+    head_dim, hidden, heads = cfg.get("head_dim"), cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    if head_dim and hidden and heads and head_dim != hidden // heads:
+        return ["model.embed_size_per_head = model.config.head_dim  # huggingface/optimum#2379"]
+    return []
+
+
+def _run(manifest: dict, has_genai: bool, config: dict) -> list[str]:
     name = manifest["stage"]
     out = [
         "**Our reference runtime** (numpy + onnxruntime + tokenizers; `pip install qwen-onnx-pipeline`):", "",
@@ -129,6 +143,7 @@ def _run(manifest: dict, has_genai: bool) -> list[str]:
         "",
         f'tok = AutoTokenizer.from_pretrained("{name}")',
         f'model = ORTModelForCausalLM.from_pretrained("{name}")',
+        *_optimum_head_dim_fix(config),
         'print(tok.decode(model.generate(**tok("The for statement", return_tensors="pt"))[0]))',
         "```", "",
         "**onnxruntime-genai** (`pip install onnxruntime-genai`):", "",
@@ -165,7 +180,8 @@ def render(manifest: dict, directory: Path) -> str:
                                   f"of RAM" if m.get("peak_rss_mb") else "") + ".", "", *_speed(m),
               "## Precision", "", *_policy(manifest),
               "## Lineage", "", *_lineage(manifest),
-              "## How to run it", "", *_run(manifest, (directory / "genai_config.json").is_file()),
+              "## How to run it", "", *_run(manifest, (directory / "genai_config.json").is_file(),
+                                            _config(directory)),
               "`manifest.json` holds every figure above, the params, the tool versions and the sha256 of every file.",
               ""]
     return "\n".join(lines)

@@ -41,8 +41,7 @@ def base_model(manifest: dict) -> str:
 def _front_matter(manifest: dict, directory: Path) -> str:
     stage = manifest["stage"]
     tags = ["onnx", "onnxruntime", stage, PRECISION_TAGS.get(stage, "fp32"), "kv-cache", "text-generation"]
-    config = directory / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    model_type = _config(directory).get("model_type")
     if model_type:
         tags.insert(2, model_type)
     lines = ["---", "library_name: onnxruntime", f"base_model: {json.dumps(base_model(manifest))}",

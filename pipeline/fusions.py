@@ -18,11 +18,13 @@ parity check (greedy tokens and logits against its parent) is what proves each r
 
 GQA reads the sequence lengths instead of a 4-D mask: ``seqlens_k = sum(attention_mask) - 1`` and
 ``total_sequence_length = attention_mask.shape[1]``, so padding must be on the right (the runtime
-right-pads for such graphs; see :data:`PADDING_SIDE`)."""
+right-pads for such graphs; see ``Runtime.generate_batch``)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from .runtime import attention_shape
 
 GQA_SEQLENS = "gqa_seqlens_k"
 GQA_TOTAL = "gqa_total_sequence_length"
@@ -31,7 +33,7 @@ COS_CACHE, SIN_CACHE = "gqa_cos_cache", "gqa_sin_cache"
 
 def rotary_caches(config: dict, positions: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin (positions, head_dim/2) for the default (unscaled) RoPE of a Qwen3 config."""
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    head_dim = attention_shape(config)[2]
     theta = float(config.get("rope_theta", 10000.0))
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     freqs = np.outer(np.arange(positions, dtype=np.float64), inv_freq)
@@ -171,7 +173,7 @@ def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache
     return pattern.RewriteRule(_attention_pattern, replacement, check, name="Qwen3GroupQueryAttention")
 
 
-def fuse_attention(model_proto, config: dict, max_positions: int, pack_qkv: bool = True):
+def fuse_attention(model_proto, config: dict, max_positions: int):
     """Fuse every layer's attention into GroupQueryAttention; returns (new ModelProto, how many fused).
     The caller drops ``model_proto`` (the weights are not copied into the IR, only into the result).
 
@@ -185,7 +187,7 @@ def fuse_attention(model_proto, config: dict, max_positions: int, pack_qkv: bool
     mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
     if mask is None:
         return model_proto, 0
-    heads, kv_heads = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    heads, kv_heads, head_dim = attention_shape(config)
     cos, sin = rotary_caches(config, max_positions)
     cos_v = ir.Value(name=COS_CACHE, const_value=ir.tensor(cos, name=COS_CACHE))
     sin_v = ir.Value(name=SIN_CACHE, const_value=ir.tensor(sin, name=SIN_CACHE))
@@ -216,9 +218,7 @@ def fuse_attention(model_proto, config: dict, max_positions: int, pack_qkv: bool
     rule = gqa_rule(heads, kv_heads, seqlens.outputs[0], total.outputs[0], cos_v, sin_v, flat)
     model = rewrite(model, pattern_rewrite_rules=[rule, static_split_rule()])
     fused = sum(1 for n in model.graph if n.op_type == "GroupQueryAttention") - before
-    if pack_qkv:
-        head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
-        model = rewrite(model, pattern_rewrite_rules=[packed_qkv_rule(model.graph, heads, kv_heads, head_dim)])
+    model = rewrite(model, pattern_rewrite_rules=[packed_qkv_rule(model.graph, heads, kv_heads, head_dim)])
     if not any(d == "com.microsoft" for d in model.opset_imports):
         model.opset_imports["com.microsoft"] = 1
     return ir.serde.serialize_model(model), fused

@@ -18,7 +18,7 @@ FILE = "genai_config.json"
 def config_for(directory: Path) -> dict:
     import onnx
 
-    from .runtime import _PAST, uses_gqa
+    from .runtime import _PAST, attention_shape, uses_gqa
 
     graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
     config = json.loads((directory / "config.json").read_text())
@@ -31,7 +31,7 @@ def config_for(directory: Path) -> dict:
     layers = int(config["num_hidden_layers"])
     if sum(1 for n in inputs if _PAST.match(n)) != 2 * layers:
         raise PipelineError(f"{directory}/model.onnx does not have past_key_values.N.key/value for {layers} layers")
-    heads = int(config["num_attention_heads"])
+    heads, kv_heads, head_dim = attention_shape(config)
     eos = gen.get("eos_token_id", config.get("eos_token_id"))
     pad = gen.get("pad_token_id", config.get("pad_token_id"))
     if pad is None:
@@ -49,14 +49,14 @@ def config_for(directory: Path) -> dict:
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": "model.onnx",
-                "head_size": int(config.get("head_dim") or config["hidden_size"] // heads),
+                "head_size": head_dim,
                 "hidden_size": int(config["hidden_size"]),
                 "inputs": decoder_inputs,
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
                 "num_attention_heads": heads,
                 "num_hidden_layers": layers,
-                "num_key_value_heads": int(config.get("num_key_value_heads") or heads),
+                "num_key_value_heads": kv_heads,
             },
             "eos_token_id": eos,
             "pad_token_id": pad,

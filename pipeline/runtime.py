@@ -34,6 +34,14 @@ def model_path(artifact_dir: str | Path) -> Path:
     return path
 
 
+def attention_shape(config: dict) -> tuple[int, int, int]:
+    """(heads, kv_heads, head_dim) of an HF config; head_dim is explicit in Qwen3 (128 where
+    hidden_size / heads is 64 or 80), derived only where the config leaves it out."""
+    heads = int(config["num_attention_heads"])
+    return (heads, int(config.get("num_key_value_heads") or heads),
+            int(config.get("head_dim") or config["hidden_size"] // heads))
+
+
 def uses_gqa(model) -> bool:
     """Does the graph (an ONNX ModelProto, weights not needed) run GroupQueryAttention?"""
     return any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
@@ -133,9 +141,9 @@ class GraphIO:
         if dtype is None:
             raise PipelineError(f"unsupported KV-cache dtype {first.type} in {self.where}")
         shape, cfg = first.shape, self.config  # [batch, kv_heads, past_len, head_dim]; symbolic dims are str/None
-        heads = shape[1] if isinstance(shape[1], int) else cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
-        head_dim = shape[3] if isinstance(shape[3], int) else cfg.get(
-            "head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+        _, cfg_kv_heads, cfg_head_dim = attention_shape(cfg)
+        heads = shape[1] if isinstance(shape[1], int) else cfg_kv_heads
+        head_dim = shape[3] if isinstance(shape[3], int) else cfg_head_dim
         return KVSpec(layers=len(self.past_names) // 2, kv_heads=int(heads), head_dim=int(head_dim), dtype=dtype)
 
     def empty_past(self, batch: int = 1) -> list[np.ndarray]:
@@ -190,7 +198,6 @@ class SharedKV:
 
         kv = io.kv
         shape = (batch, kv.kv_heads, max_len, kv.head_dim)
-        self.device = device
         self._host = []  # CPU buffers: numpy owns the memory the OrtValues point at
         self.buffers = []
         for _ in io.past_names:
@@ -209,16 +216,16 @@ class SharedKV:
         vocab = out.shape[2] if isinstance(out.shape[2], int) else None
         self._decode_logits = (np.empty((batch, 1, vocab), dtype=ONNX_DTYPES.get(out.type, np.float32))
                                if vocab else None)  # one-token steps write their logits here
+        self._decode_out = (ort.OrtValue.ortvalue_from_numpy(self._decode_logits)
+                            if self._decode_logits is not None else None)
 
     def step(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        import onnxruntime as ort
-
         if mask.shape[1] > self.max_len:
             raise PipelineError(f"the KV buffers hold {self.max_len} positions; step asks for {mask.shape[1]}")
         for name, value in self.io.feeds(input_ids, None, mask, with_past=False).items():
             self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        if input_ids.shape[1] == 1 and self._decode_logits is not None:
-            self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._decode_logits))
+        if input_ids.shape[1] == 1 and self._decode_out is not None:
+            self.binding.bind_ortvalue_output("logits", self._decode_out)
             self.session.run_with_iobinding(self.binding)
             return self._decode_logits
         self.binding.bind_output("logits", "cpu")

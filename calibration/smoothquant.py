@@ -10,7 +10,6 @@ calibration windows, fed through the reference runtime's feed builder, one windo
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +31,21 @@ def _groups(model, exclude: set[str]) -> dict[str, list]:
     return groups
 
 
-def activation_channel_max(model, tensors: list[str], config: dict, windows: np.ndarray, work: Path) -> dict:
-    """Running per-channel max |x| of ``tensors`` over the calibration windows (bounded memory)."""
+def activation_channel_max(graph, weights_dir: Path, tensors: list[str], config: dict, windows: np.ndarray,
+                           work: Path) -> dict:
+    """Running per-channel max |x| of ``tensors`` over the calibration windows (bounded memory).
+    ``graph``: the model loaded without its weights from ``weights_dir`` (they are linked, not loaded)."""
     from onnx import TensorProto, helper
 
-    aug = type(model)()
-    aug.CopyFrom(model)
+    aug = type(graph)()
+    aug.CopyFrom(graph)
     have = {o.name for o in aug.graph.output}
     for name in tensors:
         if name not in have:
             aug.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    onnx_io.save(aug, work)
-    session = make_session(work / onnx_io.MODEL)
-    io = GraphIO.from_onnx(work / onnx_io.MODEL, config)
+    path = onnx_io.beside_weights(aug, weights_dir, work)
+    session = make_session(path)
+    io = GraphIO.from_onnx(path, config)
     maxima: dict[str, np.ndarray] = {}
     progress = Progress("smoothquant stats", len(windows))
     for i, win in enumerate(windows):
@@ -55,13 +56,62 @@ def activation_channel_max(model, tensors: list[str], config: dict, windows: np.
     return maxima
 
 
-def smooth(model, config: dict, windows: np.ndarray, alpha: float, exclude: set[str], scratch: Path) -> dict:
-    """Apply SmoothQuant in place; returns a summary for the manifest."""
+def smoothing_groups(graph, exclude: set[str]) -> list[str]:
+    """The activations SmoothQuant scales: inputs shared by projection MatMuls (weights not needed)."""
+    return list(_groups(graph, exclude))
+
+
+class Weights:
+    """The weights of a graph loaded without its data: read from the data file on demand, and rescaled
+    lazily (each scaling recorded, applied when the tensor is written: :meth:`lazy`). Smoothing touches
+    every projection; done on a ModelProto it held the model twice (protobuf keeps a replaced tensor's
+    bytes in its arena)."""
+
+    def __init__(self, graph, base_dir: Path):
+        self.tensors = {t.name: t for t in graph.graph.initializer}
+        self.base_dir = Path(base_dir)
+        self.ops: dict[str, list] = {}
+
+    def stored(self, name: str) -> np.ndarray:
+        from onnx import TensorProto, helper, numpy_helper
+
+        t = self.tensors[name]
+        if t.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        info = {e.key: e.value for e in t.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        return np.memmap(self.base_dir / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+                         shape=tuple(t.dims))
+
+    def current(self, name: str) -> np.ndarray:
+        a = self.stored(name)
+        for kind, s in self.ops.get(name, []):
+            a = a.astype(np.float64)
+            a = a * s[:, None] if kind == "rows" else (a / s if kind == "gamma" else a / s[None, :])
+            a = a.astype(np.float32)
+        return np.asarray(a)
+
+    def scale(self, name: str, kind: str, s: np.ndarray) -> None:
+        """kind: "rows" (W * s per input channel), "gamma" (g / s), "columns" (W / s per output column)."""
+        self.ops.setdefault(name, []).append((kind, s))
+
+    def lazy(self, model) -> None:
+        """Give the rescaled initializers of ``model`` (onnx-ir, from the same graph) their new values."""
+        import onnx_ir as ir
+
+        for name in self.ops:
+            value = model.graph.initializers[name]
+            value.const_value = ir.LazyTensor(lambda name=name: ir.tensor(self.current(name)),
+                                              dtype=value.const_value.dtype, shape=value.const_value.shape, name=name)
+
+
+def smooth(model, weights: Weights, maxima: dict, alpha: float, exclude: set[str]) -> dict:
+    """Apply SmoothQuant to ``model`` (a ModelProto without its weights: graph edits in place, weight
+    scalings recorded in ``weights``), with the activation maxima of :func:`activation_channel_max`;
+    returns a summary for the manifest."""
     from onnx import helper, numpy_helper
 
     groups = _groups(model, exclude)
-    with tempfile.TemporaryDirectory(dir=scratch, prefix="sq-") as work:
-        maxima = activation_channel_max(model, list(groups), config, windows, Path(work))
     init = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     readers: dict[str, list] = {}
@@ -73,25 +123,22 @@ def smooth(model, config: dict, windows: np.ndarray, alpha: float, exclude: set[
     ratios = []
     for x, members in groups.items():
         act = maxima[x].astype(np.float64)
-        weights = [numpy_helper.to_array(init[m.input[1]]).astype(np.float64) for m in members]
-        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        wmax = np.max([np.abs(weights.current(m.input[1])).max(axis=1) for m in members], axis=0).astype(np.float64)
         s = np.power(np.maximum(act, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
         s = np.clip(s, 1e-3, 1e3)
         ratios.append(float(act.max() / max(np.median(act), 1e-9)))
-        for m, w in zip(members, weights):
-            init[m.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), m.input[1]))
+        for m in members:
+            weights.scale(m.input[1], "rows", s)
         target = _fold_target(x, producers, readers, init, members, len(s))
         if target is not None:
             kind, name = target
             if kind == "shared-gamma":  # the norm gets its own copy of a gamma other norms share, then folds
                 norm, private = producers[x], f"{name}_{len(model.graph.initializer)}_smoothed"
-                model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(init[name]), private))
-                init[private] = model.graph.initializer[-1]
+                model.graph.initializer.append(numpy_helper.from_array(weights.current(name), private))
+                init[private] = weights.tensors[private] = model.graph.initializer[-1]
                 norm.input[list(norm.input).index(name)] = private
                 kind, name = "gamma", private
-            t = numpy_helper.to_array(init[name]).astype(np.float64)
-            t = t / s if kind == "gamma" else t / s[None, :]  # gamma, or the up_proj output columns
-            init[name].CopyFrom(numpy_helper.from_array(t.astype(np.float32), name))
+            weights.scale(name, "gamma" if kind == "gamma" else "columns", s)
             folded += 1
         else:
             inv = f"{x}_smooth_inv_scale"

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import outputs
 from .errors import PipelineError
-from .log import Progress
+from .outputs import log_softmax  # noqa: F401  (the one definition, re-exported)
 
 
 def make_windows(ids: list[int] | np.ndarray, ctx: int, max_windows: int = 0) -> np.ndarray:
@@ -29,42 +30,18 @@ def make_windows(ids: list[int] | np.ndarray, ctx: int, max_windows: int = 0) ->
     return ids[: n * ctx].reshape(n, ctx)
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def score(candidate, windows: np.ndarray, reference=None, label: str = "eval") -> dict:
-    """Perplexity of ``candidate``; with ``reference`` also its PPL, KL(ref || cand) and top-1 agreement."""
-    ctx = windows.shape[1]
-    first = ctx // 2
-    nll, ref_nll, kld, agree = [], [], [], []
-    progress = Progress(label, len(windows))
-    for i, win in enumerate(windows):
-        targets = win[first:]
-        lp = log_softmax(candidate.logits(win)[first - 1: ctx - 1])
-        nll.append(-lp[np.arange(len(targets)), targets])
-        if reference is not None:
-            rlp = log_softmax(reference.logits(win)[first - 1: ctx - 1])
-            ref_nll.append(-rlp[np.arange(len(targets)), targets])
-            kld.append(np.maximum((np.exp(rlp) * (rlp - lp)).sum(axis=-1), 0.0))
-            agree.append(rlp.argmax(-1) == lp.argmax(-1))
-        progress.update(i + 1, f"ppl {np.exp(np.concatenate(nll).mean()):.3f}")
-    nll = np.concatenate(nll)
-    out = {"ppl": float(np.exp(nll.mean())), "tokens_scored": int(nll.size), "windows": int(len(windows)),
-           "ctx": int(ctx), "eval_seconds": round(progress.elapsed, 2)}
-    if reference is not None:
-        ref_ppl = float(np.exp(np.concatenate(ref_nll).mean()))
-        kld = np.concatenate(kld)
-        out.update({
-            "ref_ppl": ref_ppl,
-            "drift_pct": (out["ppl"] - ref_ppl) / ref_ppl * 100.0,
-            "kld_mean": float(kld.mean()),
-            "kld_p99": float(np.percentile(kld, 99)),
-            "top1_agreement": float(np.concatenate(agree).mean()),
-        })
-    return out
+    """Perplexity of ``candidate`` (a scorer, already loaded); with ``reference`` also its PPL,
+    KL(ref || cand) and top-1 agreement. Both record their outputs and are compared as in every stage
+    (pipeline/outputs.py)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="score-") as tmp:
+        cand = outputs.record_windows(candidate, windows, Path(tmp) / "candidate", label)
+        ref = outputs.record_windows(reference, windows, Path(tmp) / "reference", f"{label} reference") \
+            if reference is not None else None
+        out = outputs.compare_windows(cand, ref, windows[:, windows.shape[1] // 2:])
+        return {**out, "ctx": int(windows.shape[1]), "eval_seconds": cand.meta["seconds"]}
 
 
 def model_bytes(directory: Path) -> int:
@@ -80,17 +57,6 @@ def text_sha256(text: str) -> str:
 def window_params(eval_params: dict) -> tuple[int, int]:
     """(ctx, max_windows) from the ``eval`` params (max_windows 0 = every window)."""
     return int(eval_params.get("ctx", 128)), int(eval_params.get("max_windows") or 0)
-
-
-def score_record(candidate, reference, ref_manifest: dict, text: str, eval_params: dict, label: str) -> dict:
-    """Score ``candidate`` (a Runtime) against ``reference`` (a Runtime or the PyTorch model) on ``text``:
-    the figures a stage records in its manifest (``metrics.eval``) and its model card, with what they were
-    measured against, so `pipeline evaluate` can reuse them instead of running the reference again."""
-    ctx, max_windows = window_params(eval_params)
-    windows = make_windows(candidate.encode(text), ctx, max_windows)
-    return {"reference": ref_manifest["stage"], "reference_id": ref_manifest["artifact_id"],
-            "text_sha256": text_sha256(text), "max_windows": max_windows,
-            **score(candidate, windows, reference, label=label)}
 
 
 def _recorded(manifest: dict, ref_manifest: dict | None, text: str, eval_params: dict) -> dict | None:
@@ -124,18 +90,27 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params: dict, refere
              f"text and eval params); --rescore measures again")
         metrics = {k: v for k, v in metrics.items() if k not in ("reference", "reference_id", "text_sha256")}
     else:
+        # Each model runs alone and its outputs are kept beside it (pipeline/outputs.py): the
+        # reference's are reused by every artifact scored against it.
+        from .derive import encoder, open_model
+
+        import tempfile
+
         from .runtime import Runtime
 
-        candidate = Runtime(artifact, provider=provider)
-        ref_model = None
-        if ref_manifest is not None and ref_manifest["stage"] == "checkpoint":
-            from .torch_ref import TorchModel
-
-            ref_model = TorchModel(reference)
-        elif ref_manifest is not None:
-            ref_model = Runtime(reference, provider=provider)
-        windows = make_windows(candidate.encode(eval_text), *window_params(ep))
-        metrics = score(candidate, windows, ref_model, label=f"evaluate {name}")
+        windows = make_windows(encoder(artifact)(eval_text), *window_params(ep))
+        ref = (outputs.reference(reference, open_model(Path(reference)), windows=windows,
+                                 label=f"evaluate {name}: reference")["windows"] if ref_manifest else None)
+        with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
+            if rescore or provider != "cpu":  # measured now, on this provider, not taken from the cache
+                model = Runtime(artifact, provider=provider)
+                cand = outputs.record_windows(model, windows, Path(tmp) / "w", label=f"evaluate {name}")
+                del model
+            else:
+                cand = outputs.reference(artifact, open_model(artifact), windows=windows,
+                                         label=f"evaluate {name}")["windows"]
+            metrics = {**outputs.compare_windows(cand, ref, windows[:, windows.shape[1] // 2:]),
+                       "ctx": int(windows.shape[1]), "eval_seconds": cand.meta["seconds"]}
     size = model_bytes(artifact)
     if ref_manifest is not None and ref_manifest["stage"] != "checkpoint":
         ratio = size / model_bytes(Path(reference))

@@ -123,13 +123,13 @@ def packed_qkv_rule(graph, heads: int, kv_heads: int, head_dim: int):
     kv_width = kv_heads * head_dim
 
     def weights(*ws):
-        return [w.const_value.numpy() if w.const_value is not None and w.is_initializer() else None for w in ws]
+        return [w.const_value if w.const_value is not None and w.is_initializer() else None for w in ws]
 
     def check(context, wq, wk, wv, **_):
-        arrays = weights(wq, wk, wv)
-        if any(a is None or a.ndim != 2 for a in arrays):
+        tensors = weights(wq, wk, wv)
+        if any(t is None or len(t.shape) != 2 for t in tensors):
             return pattern.MatchResult().fail("q/k/v weights are not 2-D initializers", [wq, wk, wv])
-        q, k, v = arrays
+        q, k, v = tensors
         if not (q.shape[0] == k.shape[0] == v.shape[0] and k.shape[1] == v.shape[1] == kv_width
                 and q.shape[1] == heads * head_dim and q.dtype == k.dtype == v.dtype):
             return pattern.MatchResult().fail("not the q/k/v projections of one attention", [wq, wk, wv])
@@ -139,7 +139,10 @@ def packed_qkv_rule(graph, heads: int, kv_heads: int, head_dim: int):
                     seqlens, total, cos, sin, q_norm, k_norm, attn, **_):
         q, k, v = weights(wq, wk, wv)
         name = wq.name.replace("q_proj", "qkv_proj") if "q_proj" in wq.name else f"{wq.name}_qkv"
-        packed = ir.Value(name=name, const_value=ir.tensor(np.concatenate([q, k, v], axis=1), name=name))
+        # concatenated when saved, one layer at a time: the packed weights are never all in memory
+        lazy = ir.LazyTensor(lambda: ir.tensor(np.concatenate([q.numpy(), k.numpy(), v.numpy()], axis=1)),
+                             dtype=q.dtype, shape=ir.Shape([q.shape[0], q.shape[1] + 2 * kv_width]), name=name)
+        packed = ir.Value(name=name, const_value=lazy)
         graph.register_initializer(packed)
         sizes = op.Constant(value=ir.tensor(np.array([q.shape[1], kv_width, kv_width], dtype=np.int64)))
         q2, k2, v2 = op.Split(op.MatMul(x, packed), sizes, axis=-1, _outputs=3)
@@ -173,20 +176,19 @@ def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache
     return pattern.RewriteRule(_attention_pattern, replacement, check, name="Qwen3GroupQueryAttention")
 
 
-def fuse_attention(model_proto, config: dict, max_positions: int):
-    """Fuse every layer's attention into GroupQueryAttention; returns (new ModelProto, how many fused).
-    The caller drops ``model_proto`` (the weights are not copied into the IR, only into the result).
+def fuse_attention(model, config: dict, max_positions: int):
+    """Fuse every layer's attention of an onnx-ir ``model`` into GroupQueryAttention; returns (the
+    model, how many fused). Weights stay lazy (see onnx_io.load_ir).
 
     Adds the sequence-length subgraph (from ``attention_mask``) and the rotary caches once; the
     export's own mask and rotary subgraphs become dead and are removed."""
     import onnx_ir as ir
     from onnxscript.rewriter import rewrite
 
-    model = ir.serde.deserialize_model(model_proto)
     graph = model.graph
     mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
     if mask is None:
-        return model_proto, 0
+        return model, 0
     heads, kv_heads, head_dim = attention_shape(config)
     cos, sin = rotary_caches(config, max_positions)
     cos_v = ir.Value(name=COS_CACHE, const_value=ir.tensor(cos, name=COS_CACHE))
@@ -221,4 +223,4 @@ def fuse_attention(model_proto, config: dict, max_positions: int):
     model = rewrite(model, pattern_rewrite_rules=[packed_qkv_rule(model.graph, heads, kv_heads, head_dim)])
     if not any(d == "com.microsoft" for d in model.opset_imports):
         model.opset_imports["com.microsoft"] = 1
-    return ir.serde.serialize_model(model), fused
+    return model, fused

@@ -40,6 +40,69 @@ def save(model, out_dir: str | Path) -> Path:
     return out_dir / MODEL
 
 
+def load_ir(path: str | Path):
+    """An onnx-ir model whose weights stay on disk (memory-mapped when read, written tensor by tensor by
+    :func:`save_ir`): graph edits on a multi-GB model without a copy of its weights in Python."""
+    import onnx_ir as ir
+
+    path = Path(path)
+    path = path / MODEL if path.is_dir() else path
+    try:
+        return ir.load(str(path))
+    except Exception as exc:
+        raise PipelineError(f"{path} cannot be read as ONNX ({type(exc).__name__}: {str(exc)[:200]}); "
+                            f"the file is truncated or damaged, rebuild or re-pull the artifact") from None
+
+
+def to_ir(model_proto, base_dir: str | Path):
+    """An onnx-ir model from a ModelProto loaded without its external data (``load_external_data=False``)
+    from ``base_dir``: its weights stay lazy references into that directory."""
+    import onnx_ir as ir
+
+    model = ir.serde.deserialize_model(model_proto)
+    ir.external_data.set_base_dir(model.graph, str(base_dir))
+    return model
+
+
+def save_ir(model, out_dir: str | Path) -> Path:
+    """Save an onnx-ir model in the artifact layout (model.onnx + model.onnx_data), streaming tensors."""
+    import onnx_ir as ir
+
+    out_dir = Path(out_dir)
+    for stale in (out_dir / MODEL, out_dir / DATA):
+        stale.unlink(missing_ok=True)
+    # ir.save moves initializers into the new data file, but a node attribute's tensor (a Constant's
+    # value, which optimum's export stores externally) would keep its offset into the old file: such
+    # tensors are small, so they are read into the graph first.
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy(), name=attr.value.name))
+    ir.save(model, str(out_dir / MODEL), external_data=DATA, size_threshold_bytes=1024)
+    return out_dir / MODEL
+
+
+def beside_weights(graph, weights_dir: str | Path, out_dir: str | Path) -> Path:
+    """Save ``graph`` (a ModelProto loaded without its external data from ``weights_dir``, changed in
+    its graph only) into ``out_dir`` with the same weights, hard-linked (copied across file systems):
+    onnxruntime runs it without the weights ever passing through Python. (ORT refuses symlinks that
+    lead out of the model's directory.)"""
+    import os
+
+    import onnx
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(graph, str(out_dir / MODEL))
+    src, dst = Path(weights_dir) / DATA, out_dir / DATA
+    if src.is_file():
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+    return out_dir / MODEL
+
+
 def check(path: str | Path) -> None:
     """Full ONNX checker in its large-model form (by path, so external data is allowed)."""
     import onnx

@@ -70,7 +70,7 @@ def staging_dir(out: str | Path):
         # Libraries' own temp files (ORT's quantizer and calibrator, optimum) go beside the artifact too,
         # so a killed run leaves nothing in /tmp either.
         lib_tmp = Path(tempfile.mkdtemp(prefix=f"{tmp.name}-lib-", dir=out.parent))
-        saved, tempfile.tempdir = tempfile.tempdir, str(lib_tmp)
+        saved, tempfile.tempdir = tempfile.tempdir, str(lib_tmp.resolve())  # absolute: a library may chdir
         _started[tmp] = time.perf_counter()
         try:
             yield tmp

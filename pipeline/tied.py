@@ -15,24 +15,33 @@ from .onnx_io import embedding_nodes, lm_head_nodes
 
 
 def retie_embedding(model) -> list[str]:
-    """Store the tied table once: an initializer equal to ``embed_table.T`` (the lm_head's weight, as the
-    export writes it without optimum's post-processing, or as ORT's optimizer folds it) is replaced by a
-    ``Transpose(embed_table)`` node. onnxruntime folds the transpose in memory when the session starts.
-    Returns the names removed."""
-    from onnx import helper, numpy_helper
+    """Store the tied table once, in an onnx-ir model: an initializer equal to ``embed_table.T`` (the
+    lm_head's weight, as the export writes it without optimum's post-processing, or as ORT's optimizer
+    folds it) is replaced by a ``Transpose(embed_table)`` node. onnxruntime folds the transpose in memory
+    when the session starts. Tensors are compared memory-mapped, never copied. Returns the names removed."""
+    import onnx_ir as ir
 
-    init = {t.name: t for t in model.graph.initializer}
-    gathers = set(embedding_nodes(model))
-    tables = {n.input[0] for n in model.graph.node if n.name in gathers}
+    graph = model.graph
+    tables = {n.inputs[0] for n in graph if n.op_type == "Gather" and n.inputs[0] is not None
+              and n.inputs[0].is_initializer() and n.inputs[0].const_value is not None}
     removed = []
     for table in tables:
-        e = numpy_helper.to_array(init[table])
-        for t in list(model.graph.initializer):
-            if t.name != table and list(t.dims) == list(reversed(e.shape)) and np.array_equal(numpy_helper.to_array(t), e.T):
-                model.graph.initializer.remove(t)
-                model.graph.node.insert(0, helper.make_node("Transpose", [table], [t.name], perm=[1, 0],
-                                                            name=f"{t.name}_retied"))
-                removed.append(t.name)
+        e = table.const_value
+        if len(e.shape) != 2:
+            continue
+        for name, v in list(graph.initializers.items()):
+            t = v.const_value
+            if v is table or t is None or tuple(t.shape) != (e.shape[1], e.shape[0]) or t.dtype != e.dtype:
+                continue
+            et, tt = e.numpy(), t.numpy()
+            if not (np.array_equal(tt[:, 0], et[0]) and np.array_equal(tt, et.T)):  # first row: a cheap no
+                continue
+            node = ir.node("Transpose", [table], attributes={"perm": [1, 0]}, name=f"{name}_retied")
+            graph.insert_before(graph[0], node)
+            v.replace_all_uses_with(node.outputs[0])
+            graph.initializers.pop(name)
+            node.outputs[0].name = name
+            removed.append(name)
     return removed
 
 

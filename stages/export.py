@@ -4,18 +4,19 @@ against PyTorch (ONNX checker, max |delta logit|, 32 greedy tokens)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
 
 from pipeline import manifest as mf
-from pipeline import onnx_io, parity, store
+from pipeline import onnx_io, outputs, parity, store
 from pipeline.errors import PipelineError
 from pipeline.log import heartbeat, info
-from pipeline.runtime import Runtime
 from pipeline.tied import retie_embedding
 
 TASK = "text-generation-with-past"
@@ -41,9 +42,8 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
     held-out text when built, recorded in the manifest and model card (see pipeline.derive)."""
     from optimum.exporters.onnx import main_export
 
-    from pipeline.derive import decode_speed, evaluation_record, summary_figures
-
-    from pipeline.torch_ref import TorchModel, trusted
+    from pipeline.derive import check, decode_speed, summary_figures
+    from pipeline.torch_ref import trusted
 
     checkpoint_dir = Path(checkpoint_dir)
     parent = mf.read_manifest(checkpoint_dir)
@@ -52,7 +52,8 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
     _check_exportable(config)
     opset = int(params["opset"])
     t0 = time.perf_counter()
-    with store.staging_dir(out) as tmp, store.scratch_dir(tmp, "raw") as raw:
+    with store.staging_dir(out) as tmp, store.scratch_dir(tmp, "raw") as raw, \
+            store.scratch_dir(tmp, "outputs") as scratch:
         info(f"export: optimum-onnx {TASK}, opset {opset} ...")
         quiet = io.StringIO()
         logging.getLogger("optimum").setLevel(logging.ERROR)
@@ -68,28 +69,29 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
         except Exception as exc:
             raise PipelineError(f"optimum-onnx export of {checkpoint_dir} failed: "
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+        gc.collect()
         raw = Path(raw)
-        model = onnx_io.load(raw)
+        model = onnx_io.load_ir(raw)  # weights stay on disk, streamed into the artifact
         retied = retie_embedding(model) if config.get("tie_word_embeddings", True) else []
-        onnx_io.save(model, tmp)
-        counts, opset_found = onnx_io.op_counts(model), onnx_io.opset(model)
-        del model  # at most one model's weights in memory: PyTorch's comes next
+        onnx_io.save_ir(model, tmp)
+        del model
         onnx_io.copy_side_files(raw, tmp)
-        onnx_io.copy_side_files(checkpoint_dir, tmp)  # tokenizer files optimum may not copy
+        for f in raw.iterdir():  # the raw export (with its second copy of the table) goes now
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        graph = onnx_io.load(tmp, load_external_data=False)
+        counts, opset_found = onnx_io.op_counts(graph), onnx_io.opset(graph)
+        onnx_io.copy_side_files(checkpoint_dir, tmp)  # tokenizer and config files
         export_s = time.perf_counter() - t0
         onnx_io.check(tmp / onnx_io.MODEL)
         info(f"export: graph checked ({export_s:.1f} s); parity with PyTorch on {len(parity.PROMPTS)} prompts ...")
-        runtime = Runtime(tmp)
-        torch_model = TorchModel(checkpoint_dir)
-        result = parity.check(runtime, torch_model, runtime.encode, int(params["greedy_tokens"]))
+        result, scored, mine = check(tmp, "export", checkpoint_dir, int(params["greedy_tokens"]), evaluation,
+                                     Path(scratch))
         if not result["greedy_match"]:
             raise PipelineError(f"export parity failed: greedy tokens differ from PyTorch (prefix match "
                                 f"{result['greedy_prefix_match']:.0%}, max |dlogit| {result['max_abs_logit_delta']:.2e})")
         if result["max_abs_logit_delta"] > float(params["max_abs_logit_delta"]):
             raise PipelineError(f"export parity failed: max |dlogit| {result['max_abs_logit_delta']:.2e} > "
                                 f"export.max_abs_logit_delta {params['max_abs_logit_delta']}")
-        same = evaluation and Path(evaluation["reference"]).resolve() == checkpoint_dir.resolve()
-        scored = evaluation_record(runtime, evaluation, "export", torch_model if same else None)
         metrics = {**result, "export_seconds": round(export_s, 2), "stage_seconds": round(time.perf_counter() - t0, 2),
                    "op_counts": counts, "decode": decode_speed(result), "retied_initializers": retied}
         if scored:
@@ -97,6 +99,7 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
         manifest = store.publish(tmp, out, stage="export", params=params, parent=parent, source=parent["source"],
                                  metrics=metrics, extra={"opset": opset_found, "task": TASK,
                                                          "precision": "fp32", "kv_dtype": "float32"})
+        outputs.keep(mine, out)
     info(f"export: {manifest['artifact_id']} fp32 {manifest['size_bytes'] / 1e6:.1f} MB, opset {manifest['opset']}, "
          f"max |dlogit| vs PyTorch {result['max_abs_logit_delta']:.2e}, greedy {result['greedy_tokens']} tokens "
          f"identical on {result['greedy_prompts']} prompts{summary_figures(scored) if scored else ''}, {export_s:.1f} s")

@@ -8,13 +8,15 @@ Heads and hidden size come from the checkpoint config. If ORT's optimizer fuses 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import onnx_io
+from pipeline import onnx_io, store
 from pipeline.derive import derive
 from pipeline.errors import PipelineError
 from pipeline.fusions import fuse_attention
@@ -25,21 +27,19 @@ FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
 
 
 def trim_rotary_caches(model, max_positions: int) -> dict:
-    """Slice every RotaryEmbedding cos/sin cache initializer to ``max_positions`` rows."""
-    from onnx import numpy_helper
+    """Slice every RotaryEmbedding cos/sin cache initializer of an onnx-ir model to ``max_positions`` rows."""
+    import onnx_ir as ir
 
-    init = {t.name: t for t in model.graph.initializer}
     trimmed = {}
-    for node in model.graph.node:
+    for node in model.graph:
         if node.op_type != "RotaryEmbedding":
             continue
-        for name in node.input[2:4]:
-            tensor = init.get(name)
-            if tensor is None or name in trimmed or tensor.dims[0] <= max_positions:
+        for value in node.inputs[2:4]:
+            tensor = value.const_value if value is not None else None
+            if tensor is None or value.name in trimmed or tensor.shape[0] <= max_positions:
                 continue
-            arr = numpy_helper.to_array(tensor)[:max_positions]
-            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-            trimmed[name] = [int(d) for d in tensor.dims]
+            value.const_value = ir.tensor(np.ascontiguousarray(tensor.numpy()[:max_positions]), name=value.name)
+            trimmed[value.name] = [int(d) for d in value.const_value.shape]
     return trimmed
 
 
@@ -47,29 +47,45 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
     """``evaluation`` = {text, reference, params}: score the artifact when built (see pipeline.derive)."""
 
     def build(parent_dir: Path, parent: dict, tmp: Path) -> dict:
-        from onnxruntime.transformers.optimizer import optimize_model
+        import onnx
+        from onnxruntime.transformers.optimizer import optimize_by_onnxruntime, optimize_model
 
         config = json.loads((parent_dir / "config.json").read_text())
         logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)
-        optimizer = optimize_model(str(parent_dir / onnx_io.MODEL), model_type=params["model_type"],
-                                   num_heads=int(config["num_attention_heads"]), hidden_size=int(config["hidden_size"]),
-                                   opt_level=int(params["opt_level"]), use_gpu=False)
-        model = optimizer.model
-        del optimizer
         layers = int(config["num_hidden_layers"])
         if params["attention"] == "gqa" and config.get("use_sliding_window"):
             raise PipelineError("the checkpoint uses sliding-window attention, which the GQA fusion does not carry "
                                 "over: set fused.attention: none")
-        gqa = 0
-        if params["attention"] == "gqa":
-            model, gqa = fuse_attention(model, config, int(config["max_position_embeddings"]))
-        if params["attention"] == "gqa" and gqa != layers:
-            raise PipelineError(f"fused {gqa} of {layers} attention blocks into GroupQueryAttention: the export's "
-                                f"attention is not the pattern pipeline/fusions.py knows (set fused.attention: none)")
-        trimmed = trim_rotary_caches(model, int(config["max_position_embeddings"]))
-        retied = retie_embedding(model)
-        onnx_io.save(model, tmp)
-        counts = onnx_io.op_counts(model)
+        with store.scratch_dir(tmp, "ort") as scratch:
+            scratch = Path(scratch).resolve()
+            # ORT's graph optimizations (constant folding, which its fusions need) run in an ORT session
+            # that writes its result with external data; the fusions then see the graph alone, and the
+            # weights stay on disk until onnx-ir streams them into the artifact. (optimize_model would
+            # load every weight into a ModelProto, then copy them: 6x the model's bytes at 0.6B.)
+            optimized = optimize_by_onnxruntime(str(parent_dir / onnx_io.MODEL), use_gpu=False,
+                                                optimized_model_path=str(scratch / onnx_io.MODEL),
+                                                opt_level=int(params["opt_level"]),
+                                                disabled_optimizers=["ConstantSharing"], save_as_external_data=True)
+            # Its symbolic shape inference reads a few small initializers (norm weights) by a path relative
+            # to the working directory: run it from the one holding the weights.
+            with contextlib.chdir(scratch), contextlib.redirect_stdout(io.StringIO()):
+                optimizer = optimize_model(onnx.load(optimized, load_external_data=False),
+                                           model_type=params["model_type"], num_heads=int(config["num_attention_heads"]),
+                                           hidden_size=int(config["hidden_size"]), opt_level=0, use_gpu=False)
+            model = onnx_io.to_ir(optimizer.model, scratch)
+            del optimizer
+            gqa = 0
+            if params["attention"] == "gqa":
+                model, gqa = fuse_attention(model, config, int(config["max_position_embeddings"]))
+            if params["attention"] == "gqa" and gqa != layers:
+                raise PipelineError(f"fused {gqa} of {layers} attention blocks into GroupQueryAttention: the export's "
+                                    f"attention is not the pattern pipeline/fusions.py knows (set fused.attention: none)")
+            trimmed = trim_rotary_caches(model, int(config["max_position_embeddings"]))
+            retied = retie_embedding(model)
+            onnx_io.save_ir(model, tmp)
+            del model
+        graph = onnx_io.load(tmp, load_external_data=False)
+        counts = onnx_io.op_counts(graph)
         fused = {op: counts.get(op, 0) for op in FUSED_OPS}
         return {"metrics": {"fused_ops": fused, "op_counts": counts, "rotary_caches_trimmed_to": trimmed,
                             "retied_initializers": retied},

@@ -7,13 +7,17 @@ reader's ``set_range``), so only one stride of intermediate outputs is alive at 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
+import shutil
+from unittest import mock
 import resource
 from pathlib import Path
 
 from calibration.reader import CalibrationReader, calibration_windows
-from calibration.smoothquant import smooth
+from calibration.smoothquant import Weights, activation_channel_max, smooth, smoothing_groups
 from pipeline import onnx_io, store
 from pipeline.derive import derive
 from pipeline.errors import PipelineError
@@ -43,6 +47,44 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _calibrate(model_path: Path, config: dict, windows, method: str, stride: int, params: dict,
+               scratch: Path) -> Path:
+    """ORT's calibrator over the windows in strides; the ranges saved in its calibration-cache format."""
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    from onnxruntime.quantization import calibrate
+
+    # The calibrator loads the model with its weights, only to add outputs and save it for its session;
+    # protobuf keeps those bytes while the session holds its own (2x the weights). Loaded without them,
+    # and saved beside them, its augmented graph runs on the same weights.
+    def graph_only(path: Path):  # load_model_with_shape_infer, less the weights
+        import onnx
+        from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+        add_infer_metadata(model)
+        return model
+
+    with mock.patch.object(calibrate, "load_model_with_shape_infer", graph_only):
+        calibrator = create_calibrator(model_path, ["MatMul"],
+                                       augmented_model_path=str(model_path.parent / "augmented.onnx"),
+                                       calibrate_method=getattr(CalibrationMethod, method),
+                                       use_external_data_format=True,
+                                       extra_options={"percentile": float(params["percentile"])}
+                                       if method == "Percentile" else {})
+    reader = CalibrationReader(GraphIO.from_onnx(model_path, config), windows)
+    for start in range(0, len(windows), stride):
+        reader.set_range(start_index=start, end_index=start + stride)
+        calibrator.collect_data(reader)
+    ranges = calibrator.compute_data()
+    del calibrator, reader
+    gc.collect()
+    path = scratch / "ranges.json"
+    save_tensors_data(ranges, path)
+    return path
+
+
 def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
     """``evaluation`` = {text, reference, params}: score the artifact when built (see pipeline.derive)."""
     method = params["method"]
@@ -60,41 +102,60 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
                                       parent_dir / "tokenizer.json", int(cal["samples"]), int(cal["seq_len"]),
                                       eos if isinstance(eos, int) else None)
         info(f"int8-static: {len(windows)} calibration windows of {windows.shape[1]} tokens from {cal['source']}")
-        model = onnx_io.load(parent_dir)
-        tied = bool(params["quantize_tied"]) and find_tied(model) is not None
+        graph = onnx_io.load(parent_dir, load_external_data=False)
+        tied = bool(params["quantize_tied"]) and find_tied(graph) is not None
         ex = params["exclude"]
         exclude = set(ex.get("nodes") or [])
         if ex.get("lm_head") or tied:
-            exclude |= set(onnx_io.lm_head_nodes(model))
+            exclude |= set(onnx_io.lm_head_nodes(graph))
         if ex.get("activation_matmuls"):
-            exclude |= set(onnx_io.activation_matmuls(model))
+            exclude |= set(onnx_io.activation_matmuls(graph))
         sq = params["smoothquant"]
         logging.getLogger().setLevel(logging.ERROR)
+        # One model in memory at a time: the SmoothQuant statistics and ORT's calibrator run sessions on
+        # graphs beside the parent's weights; the smoothed weights are made with no session open; the
+        # calibrated ranges are handed to quantize_static through its cache (left to itself it holds
+        # the model, the calibrator's copy and a session together: 3x the weights).
         with store.scratch_dir(tmp, "int8s") as scratch:
-            scratch = Path(scratch)
+            scratch = Path(scratch).resolve()
             sq_summary = None
+            src = scratch / "in"
             if sq.get("enabled"):
-                sq_summary = smooth(model, config, windows, float(sq["alpha"]), exclude, scratch)
+                maxima = activation_channel_max(graph, parent_dir, smoothing_groups(graph, exclude), config, windows,
+                                                scratch / "sq")
+                shutil.rmtree(scratch / "sq")
+                weights = Weights(graph, parent_dir.resolve())
+                sq_summary = smooth(graph, weights, maxima, float(sq["alpha"]), exclude)
                 info(f"int8-static: SmoothQuant alpha {sq['alpha']}: {sq_summary['groups']} groups, "
                      f"{sq_summary['folded']} folded into the graph (RMSNorm gamma or up_proj), {sq_summary['mul_inserted']} Mul inserted")
+                model = onnx_io.to_ir(graph, parent_dir.resolve())
+                weights.lazy(model)
+                src.mkdir()
+                onnx_io.save_ir(model, src)  # the smoothed weights are computed here, one tensor at a time
+                del model, weights
+                graph = onnx_io.load(src, load_external_data=False)
+                weights = src
+            else:
+                weights = parent_dir
             # Types for every tensor (ORT's symbolic inference knows the contrib ops of the fused graph):
             # without them the calibrator skips the outputs of RMSNorm & co. and their MatMuls keep
-            # float activations.
-            model = _with_types(model)
-            (scratch / "in").mkdir()
-            onnx_io.save(model, scratch / "in")
-            del model
-            reader = CalibrationReader(GraphIO.from_onnx(scratch / "in" / onnx_io.MODEL, config), windows)
+            # float activations. It reads a few small initializers relative to the working directory.
+            with contextlib.chdir(weights.resolve()):
+                graph = _with_types(graph)
+            if weights is src:
+                onnx.save_model(graph, str(src / onnx_io.MODEL))  # the graph only: the weights are in place
+            else:
+                onnx_io.beside_weights(graph, weights, src)
+            del graph
             stride = _stride(len(windows), int(cal.get("stride", 8)))
-            quantize_static(str(scratch / "in" / onnx_io.MODEL), str(scratch / "model.onnx"), reader,
+            ranges = _calibrate(src / onnx_io.MODEL, config, windows, method, stride, params, scratch)
+            quantize_static(str(src / onnx_io.MODEL), str(scratch / "model.onnx"), None,
                             quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
                             per_channel=bool(params["per_channel"]), activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=sorted(exclude),
                             calibrate_method=getattr(CalibrationMethod, method), use_external_data_format=True,
-                            extra_options={"CalibStridedMinMax": stride, "MatMulConstBOnly": False,
-                                           "DefaultTensorType": onnx.TensorProto.FLOAT,
-                                           **({"CalibPercentile": float(params["percentile"])}
-                                              if method == "Percentile" else {})})
+                            calibration_cache_path=str(ranges),
+                            extra_options={"MatMulConstBOnly": False, "DefaultTensorType": onnx.TensorProto.FLOAT})
             q = onnx_io.load(scratch)
         shared = share_quantized_table(q, 8, int(params["tied_block_size"]), params["tied_accuracy_level"]) if tied else None
         onnx_io.save(q, tmp)

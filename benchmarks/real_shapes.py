@@ -1,0 +1,108 @@
+"""The whole DAG at a real Qwen3 shape (random weights), stage by stage, with each stage's wall time,
+peak RSS and artifact size, against the memory target (peak RSS <= 2x the FP32 weights + 1 GB).
+
+    python benchmarks/real_shapes.py --shape qwen3-1.7b --work /tmp/r17 [--windows 4] [--calibration 8]
+    python benchmarks/real_shapes.py --shape "qwen3-4b?layers=2" --work /tmp/r4b2 --stages checkpoint,export,fused
+    python benchmarks/real_shapes.py --shape qwen3-0.6b --work /tmp/r06 --collect   # figures of a finished run
+
+Each stage runs as `pipeline <verb>` with the arguments dvc.yaml gives it, plus the ``-S`` overrides
+below, in its own process; the figures are those the stage records in its own manifest
+(``peak_rss_mb``: the process's peak resident memory; ``wall_seconds``). Artifacts go under ``--work``
+(about 4.5x the FP32 weights of disk). Writes ``benchmarks/real_shapes_<shape>.json`` and prints the
+README's table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("checkpoint", "export", "fused", "fp16", "int8-dynamic", "int4", "int8-static")
+
+
+def commands(a: Path) -> dict[str, list[str]]:
+    ev = ["--reference", str(a / "export"), "--data", str(a / "data")]
+    return {
+        "data": ["data", "--out", str(a / "data")],
+        "checkpoint": ["checkpoint", "--data", str(a / "data"), "--out", str(a / "checkpoint")],
+        "export": ["export", "--checkpoint", str(a / "checkpoint"), "--out", str(a / "export"), "--data", str(a / "data")],
+        "fused": ["fuse", "--input", str(a / "export"), "--out", str(a / "fused"), *ev],
+        "fp16": ["fp16", "--input", str(a / "fused"), "--out", str(a / "fp16"), *ev],
+        "int8-dynamic": ["quantize", "--mode", "dynamic", "--input", str(a / "fused"), "--out", str(a / "int8-dynamic"),
+                         *ev],
+        "int4": ["quantize", "--mode", "int4", "--input", str(a / "fused"), "--out", str(a / "int4"), *ev],
+        "int8-static": ["quantize", "--mode", "static", "--input", str(a / "fused"), "--out", str(a / "int8-static"),
+                        *ev, "-S", f"int8_static.calibration.source={a / 'data' / 'calibration.txt'}"],
+    }
+
+
+def figures(a: Path, stage: str, fp32_bytes: int) -> dict:
+    m = json.loads((a / stage / "manifest.json").read_text())
+    met = m["metrics"]
+    size = sum(p.stat().st_size for p in (a / stage).glob("model.onnx*")) or sum(
+        p.stat().st_size for p in (a / stage).glob("*.safetensors"))
+    target_mb = (2 * fp32_bytes + 1e9) / 1e6
+    row = {"stage": stage, "artifact_id": m["artifact_id"], "wall_s": met.get("wall_seconds"),
+           "peak_rss_mb": met.get("peak_rss_mb"), "size_mb": round(size / 1e6, 1), "target_mb": round(target_mb),
+           "within_target": (met.get("peak_rss_mb") or 0) <= target_mb}
+    ev = met.get("eval") or {}
+    if ev:
+        row.update({k: ev.get(k) for k in ("drift_pct", "kld_mean", "top1_agreement")})
+    sq = (m.get("quant_policy") or {}).get("smoothquant")
+    if sq:
+        row["smoothquant"] = {k: sq[k] for k in ("groups", "folded", "mul_inserted")}
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", required=True, help="qwen3-0.6b | qwen3-1.7b | qwen3-4b, optionally ?layers=N")
+    ap.add_argument("--work", required=True, type=Path)
+    ap.add_argument("--windows", type=int, default=4, help="eval.max_windows")
+    ap.add_argument("--calibration", type=int, default=8, help="int8_static.calibration.samples")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--collect", action="store_true", help="only read the figures of a finished run")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    stages = [s for s in args.stages.split(",") if s]
+    a = args.work / "a"
+    overrides = ["-S", f"model.source=random:{args.shape}", "-S", f"eval.max_windows={args.windows}",
+                 "-S", f"int8_static.calibration.samples={args.calibration}", "-S", "int8_static.calibration.stride=4"]
+    cmds = commands(a)
+    if not args.collect:
+        for stage in (["data"] if not (a / "data").is_dir() else []) + stages:
+            cmd = ["pipeline", cmds[stage][0], *overrides, *cmds[stage][1:]]
+            print(f"== {stage}: {' '.join(cmd)}", flush=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=REPO)
+            if proc.returncode:
+                print(f"== {stage} failed (exit {proc.returncode}) after {time.perf_counter() - t0:.0f} s", flush=True)
+                return proc.returncode
+    fp32 = sum(p.stat().st_size for p in (a / "checkpoint").glob("*.safetensors"))
+    rows = [figures(a, s, fp32) for s in stages if (a / s / "manifest.json").is_file()]
+    config = json.loads((a / "checkpoint" / "config.json").read_text())
+    result = {"shape": args.shape, "fp32_weight_bytes": fp32,
+              "layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
+              "eval_windows": args.windows, "calibration_samples": args.calibration,
+              "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform(),
+                          "python": sys.version.split()[0]},
+              "date": time.strftime("%Y-%m-%d"), "stages": rows}
+    out = args.out or REPO / "benchmarks" / f"real_shapes_{args.shape.replace('?', '_').replace('=', '')}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{args.shape}: {fp32 / 1e9:.2f} GB FP32 weights; target peak RSS <= {(2 * fp32 + 1e9) / 1e9:.1f} GB\n")
+    print("| stage | wall (s) | peak RSS (GB) | size (MB) | within target |")
+    print("|---|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['stage']} | {r['wall_s']:.0f} | {r['peak_rss_mb'] / 1e3:.2f} | {r['size_mb']:,.1f} | "
+              f"{'yes' if r['within_target'] else 'NO'} |")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

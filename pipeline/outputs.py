@@ -1,0 +1,237 @@
+"""A model's outputs, recorded once on disk, so that no two models are ever in memory together.
+
+Parity and scoring compare a candidate with a reference. Instead of running both side by side, each
+model runs alone and writes what the comparison needs (the way llama.cpp's ``--kl-divergence-base``
+keeps the base model's log-probs):
+
+- on the parity prompts: the prefill logits and a greedy continuation;
+- on the eval windows: the logits of every scored position (the second half of each window), as
+  float32, so the figures are exactly those of running both models side by side.
+
+A published artifact's outputs are kept in ``.outputs/<artifact id>/`` beside it, so every artifact
+derived from the same parent or scored against the same reference (fused, fp16, int8-*, int4 all
+against the export) reuses them instead of loading that model again. Entries of artifacts that are no
+longer there are pruned whenever a new entry is stored.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .log import Progress, info
+
+CACHE = ".outputs"
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def prompts_key(prompts: list[list[int]], greedy_tokens: int) -> str:
+    blob = json.dumps({"prompts": prompts, "greedy_tokens": greedy_tokens}).encode()
+    return "prompts-" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+def windows_key(windows: np.ndarray) -> str:
+    return "windows-" + hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+class Recorded:
+    """Outputs written by :func:`record_prompts` or :func:`record_windows` (read back lazily)."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.meta = json.loads((self.dir / "meta.json").read_text())
+
+    def prompt_logits(self, i: int) -> np.ndarray:
+        return np.load(self.dir / f"prompt_{i}.npy")
+
+    def greedy(self, i: int) -> list[int]:
+        return self.meta["greedy"][i]
+
+    def window_logprobs(self, i: int) -> np.ndarray:
+        return log_softmax(np.load(self.dir / f"window_{i}.npy"))
+
+
+def _write(dest: Path, fill: Callable[[Path], dict]) -> Recorded:
+    """Write into a temp dir beside ``dest`` and rename it into place: never a half-written entry."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        meta = fill(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if dest.exists():  # written meanwhile by another run: same content
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Recorded(dest)
+
+
+def record_prompts(model, prompts: list[list[int]], greedy_tokens: int, dest: Path) -> Recorded:
+    """Prefill logits and ``greedy_tokens`` greedy tokens of ``model`` on each prompt; the greedy
+    decode rate is kept too (the candidate's decode speed in its manifest)."""
+    def fill(tmp: Path) -> dict:
+        greedy, greedy_s = [], 0.0
+        for i, ids in enumerate(prompts):
+            np.save(tmp / f"prompt_{i}.npy", np.asarray(model.logits(np.asarray(ids)), dtype=np.float32))
+            t0 = time.perf_counter()
+            greedy.append([int(t) for t in model.greedy(list(ids), greedy_tokens)])
+            greedy_s += time.perf_counter() - t0
+        return {"prompts": prompts, "greedy_tokens": greedy_tokens, "greedy": greedy,
+                "decode_tok_s": round(greedy_tokens * len(prompts) / greedy_s, 1) if greedy_s > 0 else None}
+    return _write(dest, fill)
+
+
+def record_windows(model, windows: np.ndarray, dest: Path, label: str) -> Recorded:
+    """Logits of the scored half of every window (float32, as the model returns them)."""
+    ctx = windows.shape[1]
+    first = ctx // 2
+
+    def fill(tmp: Path) -> dict:
+        progress = Progress(label, len(windows))
+        for i, win in enumerate(windows):
+            np.save(tmp / f"window_{i}.npy", np.asarray(model.logits(win)[first - 1: ctx - 1], dtype=np.float32))
+            progress.update(i + 1)
+        np.save(tmp / "windows.npy", windows)
+        return {"windows": int(len(windows)), "ctx": int(ctx), "seconds": round(progress.elapsed, 2)}
+    return _write(dest, fill)
+
+
+def cache_dir(artifact_dir: str | Path) -> Path:
+    return Path(artifact_dir).resolve().parent / CACHE
+
+
+def _artifact_id(artifact_dir: Path) -> str:
+    return json.loads((Path(artifact_dir) / "manifest.json").read_text())["artifact_id"]
+
+
+def reference(artifact_dir: str | Path, open_model: Callable[[], object], *, prompts: list[list[int]] | None = None,
+              greedy_tokens: int = 0, windows: np.ndarray | None = None, label: str = "reference") -> dict:
+    """The recorded outputs of the published artifact at ``artifact_dir``: read from its cache, or
+    recorded now by the model ``open_model()`` returns, which is freed before this returns.
+    Returns {"prompts": Recorded | None, "windows": Recorded | None}."""
+    artifact_dir = Path(artifact_dir)
+    entry = cache_dir(artifact_dir) / _artifact_id(artifact_dir)
+    wanted = {}
+    if prompts is not None:
+        wanted["prompts"] = entry / prompts_key(prompts, greedy_tokens)
+    if windows is not None:
+        wanted["windows"] = entry / windows_key(windows)
+    missing = [k for k, p in wanted.items() if not (p / "meta.json").is_file()]
+    if missing:
+        info(f"{label}: recording its outputs ({' and '.join(missing)}) once, in {entry}")
+        model = open_model()
+        try:
+            if "prompts" in missing:
+                record_prompts(model, prompts, greedy_tokens, wanted["prompts"])
+            if "windows" in missing:
+                record_windows(model, windows, wanted["windows"], label=f"{label} outputs")
+        finally:
+            del model
+            gc.collect()
+        prune(cache_dir(artifact_dir))
+    else:
+        info(f"{label}: outputs recorded earlier ({entry}), the model is not loaded again")
+    return {k: Recorded(p) for k, p in wanted.items()} | {k: None for k in ("prompts", "windows") if k not in wanted}
+
+
+def keep(recorded: dict, artifact_dir: str | Path) -> None:
+    """Store a freshly published artifact's own recorded outputs (made in its staging area) in the
+    cache, so artifacts derived from it or scored against it reuse them."""
+    artifact_dir = Path(artifact_dir)
+    try:
+        entry = cache_dir(artifact_dir) / _artifact_id(artifact_dir)
+        entry.mkdir(parents=True, exist_ok=True)
+        for rec in recorded.values():
+            if rec is not None and not (entry / rec.dir.name).exists():
+                shutil.copytree(rec.dir, entry / f".{rec.dir.name}.tmp-{os.getpid()}")
+                os.replace(entry / f".{rec.dir.name}.tmp-{os.getpid()}", entry / rec.dir.name)
+        prune(cache_dir(artifact_dir))
+    except OSError as exc:  # a read-only store: the outputs are only not reused
+        info(f"note: outputs not cached beside {artifact_dir} ({exc.strerror})")
+
+
+def prune(cache: Path) -> None:
+    """Drop the entries of artifacts that are no longer beside the cache (rebuilt or removed), and
+    temp dirs of killed runs."""
+    if not cache.is_dir():
+        return
+    live = set()
+    for d in cache.parent.iterdir():
+        try:
+            live.add(_artifact_id(d))
+        except (OSError, ValueError, KeyError):
+            continue
+    for entry in cache.iterdir():
+        if entry.name not in live:
+            shutil.rmtree(entry, ignore_errors=True)
+            continue
+        for sub in entry.iterdir():
+            if ".tmp-" in sub.name and not _alive(sub.name):
+                shutil.rmtree(sub, ignore_errors=True)
+
+
+def _alive(name: str) -> bool:
+    """Is the run that made the temp dir ``name`` still running (when the name carries a pid)?"""
+    pid = name.rsplit("-", 1)[-1]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except OSError:
+        return False
+
+
+def compare_prompts(candidate: Recorded, ref: Recorded) -> dict:
+    """Parity: max |delta logit| on the prompts' prefill and greedy-token agreement."""
+    max_delta, matched, total, identical = 0.0, 0, 0, True
+    n = ref.meta["greedy_tokens"]
+    for i in range(len(ref.meta["prompts"])):
+        a, b = candidate.prompt_logits(i), ref.prompt_logits(i)
+        max_delta = max(max_delta, float(np.abs(a.astype(np.float64) - b).max()))
+        ga, gb = candidate.greedy(i), ref.greedy(i)
+        matched += next((j for j, (x, y) in enumerate(zip(ga, gb)) if x != y), len(ga))
+        total += n
+        identical &= ga == gb
+    return {"max_abs_logit_delta": max_delta, "greedy_tokens": n, "greedy_prompts": len(ref.meta["prompts"]),
+            "greedy_match": identical, "greedy_prefix_match": matched / total if total else 1.0,
+            "candidate_decode_tok_s": candidate.meta.get("decode_tok_s")}
+
+
+def compare_windows(candidate: Recorded, ref: Recorded | None, targets: np.ndarray) -> dict:
+    """Perplexity of the candidate; with ``ref`` also its PPL, KL(ref || cand) and top-1 agreement.
+    ``targets``: the scored token ids, one row per window."""
+    nll, ref_nll, kld, agree = [], [], [], []
+    for i, tgt in enumerate(targets):
+        lp = candidate.window_logprobs(i)
+        nll.append(-lp[np.arange(len(tgt)), tgt])
+        if ref is not None:
+            rlp = ref.window_logprobs(i)
+            ref_nll.append(-rlp[np.arange(len(tgt)), tgt])
+            kld.append(np.maximum((np.exp(rlp) * (rlp - lp)).sum(axis=-1), 0.0))
+            agree.append(rlp.argmax(-1) == lp.argmax(-1))
+    nll = np.concatenate(nll)
+    out = {"ppl": float(np.exp(nll.mean())), "tokens_scored": int(nll.size), "windows": int(len(targets))}
+    if ref is not None:
+        ref_ppl = float(np.exp(np.concatenate(ref_nll).mean()))
+        kld = np.concatenate(kld)
+        out.update({"ref_ppl": ref_ppl, "drift_pct": (out["ppl"] - ref_ppl) / ref_ppl * 100.0,
+                    "kld_mean": float(kld.mean()), "kld_p99": float(np.percentile(kld, 99)),
+                    "top1_agreement": float(np.concatenate(agree).mean())})
+    return out

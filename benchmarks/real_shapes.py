@@ -7,7 +7,7 @@ peak RSS and artifact size, against the memory target (peak RSS <= 2x the FP32 w
 
 Each stage runs as `pipeline <verb>` with the arguments dvc.yaml gives it, plus the ``-S`` overrides
 below, in its own process; the figures are those the stage records in its own manifest
-(``peak_rss_mb``: the process's peak resident memory; ``wall_seconds``). Artifacts go under ``--work``
+(``peak_rss_mb``: the process's peak resident memory, MiB; ``wall_seconds``). Artifacts go under ``--work``
 (about 4.5x the FP32 weights of disk). Writes ``benchmarks/real_shapes_<shape>.json`` and prints the
 README's table."""
 
@@ -46,10 +46,11 @@ def figures(a: Path, stage: str, fp32_bytes: int) -> dict:
     met = m["metrics"]
     size = sum(p.stat().st_size for p in (a / stage).glob("model.onnx*")) or sum(
         p.stat().st_size for p in (a / stage).glob("*.safetensors"))
-    target_mb = (2 * fp32_bytes + 1e9) / 1e6
+    peak = (met.get("peak_rss_mb") or 0) * 2**20  # the manifest's figure is in MiB (ru_maxrss / 1024)
+    target = 2 * fp32_bytes + 1e9
     row = {"stage": stage, "artifact_id": m["artifact_id"], "wall_s": met.get("wall_seconds"),
-           "peak_rss_mb": met.get("peak_rss_mb"), "size_mb": round(size / 1e6, 1), "target_mb": round(target_mb),
-           "within_target": (met.get("peak_rss_mb") or 0) <= target_mb}
+           "peak_rss_gb": round(peak / 1e9, 2), "peak_vs_fp32": round(peak / fp32_bytes, 2),
+           "size_mb": round(size / 1e6, 1), "target_gb": round(target / 1e9, 2), "within_target": peak <= target}
     ev = met.get("eval") or {}
     if ev:
         row.update({k: ev.get(k) for k in ("drift_pct", "kld_mean", "top1_agreement")})
@@ -95,11 +96,13 @@ def main() -> int:
     out = args.out or REPO / "benchmarks" / f"real_shapes_{args.shape.replace('?', '_').replace('=', '')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.shape}: {fp32 / 1e9:.2f} GB FP32 weights; target peak RSS <= {(2 * fp32 + 1e9) / 1e9:.1f} GB\n")
-    print("| stage | wall (s) | peak RSS (GB) | size (MB) | within target |")
-    print("|---|---:|---:|---:|---|")
+    print("| stage | wall | peak RSS | × FP32 weights | within target | artifact | vs FP32 | drift vs export |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['stage']} | {r['wall_s']:.0f} | {r['peak_rss_mb'] / 1e3:.2f} | {r['size_mb']:,.1f} | "
-              f"{'yes' if r['within_target'] else 'NO'} |")
+        drift = "—" if r.get("drift_pct") is None else f"{r['drift_pct']:+.3f} %"
+        print(f"| {r['stage']} | {r['wall_s']:.0f} s | {r['peak_rss_gb']:.2f} GB | "
+              f"{r['peak_vs_fp32']:.2f} | {'yes' if r['within_target'] else '**no**'} | "
+              f"{r['size_mb']:,.1f} MB | {r['size_mb'] * 1e6 / fp32:.3f} | {drift} |")
     print(f"\nwrote {out}")
     return 0
 

@@ -28,6 +28,16 @@ class Progress:
         return time.perf_counter() - self.start
 
 
+def rss() -> str:
+    """``, RSS 3.2 GB``: this process's resident memory now (Linux), for lines about long steps."""
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return f", RSS {kb / 1e6:.1f} GB"
+    except (OSError, StopIteration, ValueError):
+        return ""
+
+
 class heartbeat:
     """``with heartbeat("export"):`` prints ``  export: still running (30 s)`` every ``every_s`` seconds
     while a silent library call (optimum export, ORT optimizer, quantizers) works on a large model."""
@@ -42,7 +52,7 @@ class heartbeat:
     def _run(self) -> None:
         start = time.perf_counter()
         while not self._stop.wait(self.every_s):
-            info(f"  {self.label}: still running ({time.perf_counter() - start:.0f} s)")
+            info(f"  {self.label}: still running ({time.perf_counter() - start:.0f} s{rss()})")
 
     def __enter__(self):
         self._thread.start()

@@ -82,6 +82,16 @@ def save_ir(model, out_dir: str | Path) -> Path:
     return out_dir / MODEL
 
 
+def weights_from(artifact_dir: str | Path):
+    """Context for library code running on a graph loaded without its weights (``load_external_data=False``)
+    from ``artifact_dir``: onnx's ``numpy_helper.to_array`` (used by ORT's tools) resolves an external
+    tensor's file against the working directory, so each tensor is read from disk when needed, one at a
+    time, instead of the whole model being loaded first."""
+    import contextlib
+
+    return contextlib.chdir(Path(artifact_dir).resolve())
+
+
 def beside_weights(graph, weights_dir: str | Path, out_dir: str | Path) -> Path:
     """Save ``graph`` (a ModelProto loaded without its external data from ``weights_dir``, changed in
     its graph only) into ``out_dir`` with the same weights, hard-linked (copied across file systems):

@@ -16,6 +16,7 @@ longer there are pruned whenever a new entry is stored.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import hashlib
 import json
@@ -127,16 +128,22 @@ def reference(artifact_dir: str | Path, open_model: Callable[[], object], *, pro
     Returns {"prompts": Recorded | None, "windows": Recorded | None}."""
     artifact_dir = Path(artifact_dir)
     entry = cache_dir(artifact_dir) / _artifact_id(artifact_dir)
-    wanted = {}
-    if prompts is not None:
-        wanted["prompts"] = entry / prompts_key(prompts, greedy_tokens)
-    if windows is not None:
-        wanted["windows"] = entry / windows_key(windows)
+
+    def wanted_in(entry: Path) -> dict:
+        return ({"prompts": entry / prompts_key(prompts, greedy_tokens)} if prompts is not None else {}) | (
+            {"windows": entry / windows_key(windows)} if windows is not None else {})
+
+    wanted = wanted_in(entry)
     missing = [k for k, p in wanted.items() if not (p / "meta.json").is_file()]
+    if missing and not _writable(entry):  # a read-only store: recorded for this run only
+        entry = Path(tempfile.mkdtemp(prefix="outputs-"))
+        atexit.register(shutil.rmtree, entry, True)
+        wanted = wanted_in(entry)
     if missing:
         info(f"{label}: recording its outputs ({' and '.join(missing)}) once, in {entry}")
-        model = open_model()
+        model = None
         try:
+            model = open_model()
             if "prompts" in missing:
                 record_prompts(model, prompts, greedy_tokens, wanted["prompts"])
             if "windows" in missing:
@@ -148,6 +155,14 @@ def reference(artifact_dir: str | Path, open_model: Callable[[], object], *, pro
     else:
         info(f"{label}: outputs recorded earlier ({entry}), the model is not loaded again")
     return {k: Recorded(p) for k, p in wanted.items()} | {k: None for k in ("prompts", "windows") if k not in wanted}
+
+
+def _writable(entry: Path) -> bool:
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        return os.access(entry, os.W_OK)
+    except OSError:
+        return False
 
 
 def keep(recorded: dict, artifact_dir: str | Path) -> None:

@@ -6,7 +6,6 @@ only ORT's own default block list). The graph stays valid on the CPU EP, so it i
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from unittest import mock
 
@@ -38,7 +37,7 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
         # Its shape inference reads a few small initializers by a path relative to the working directory;
         # its make_value_info_from_tensor reads a whole tensor to learn the shape its dims already give
         # (and fails on a retyped external one): replaced by one that reads the dims.
-        with contextlib.chdir(parent_dir.resolve()), mock.patch.object(float16, "make_value_info_from_tensor",
+        with onnx_io.weights_from(parent_dir), mock.patch.object(float16, "make_value_info_from_tensor",
                                                                        _value_info):
             model.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=keep_io, op_block_list=block,
                                            node_block_list=list(params.get("node_block_list") or []))

@@ -68,7 +68,7 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
                                                 disabled_optimizers=["ConstantSharing"], save_as_external_data=True)
             # Its symbolic shape inference reads a few small initializers (norm weights) by a path relative
             # to the working directory: run it from the one holding the weights.
-            with contextlib.chdir(scratch), contextlib.redirect_stdout(io.StringIO()):
+            with onnx_io.weights_from(scratch), contextlib.redirect_stdout(io.StringIO()):
                 optimizer = optimize_model(onnx.load(optimized, load_external_data=False),
                                            model_type=params["model_type"], num_heads=int(config["num_attention_heads"]),
                                            hidden_size=int(config["hidden_size"]), opt_level=0, use_gpu=False)

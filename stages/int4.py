@@ -32,19 +32,21 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
     def build(parent_dir: Path, parent: dict, tmp: Path) -> dict:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        model = onnx_io.load(parent_dir)
+        # the graph alone: each weight is read from the parent's file as it is quantized
+        model = onnx_io.load(parent_dir, load_external_data=False)
         tied = bool(params["quantize_tied"]) and find_tied(model) is not None
         exclude = list(params.get("nodes_to_exclude") or []) + (onnx_io.lm_head_nodes(model) if tied else [])
         logging.getLogger().setLevel(logging.ERROR)
-        quant = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=_algo_config(params))
-        try:
-            quant.process()
-        except ImportError as exc:
-            raise PipelineError(f"int4.algorithm {params.get('algorithm')} needs a package that is not installed "
-                                f"({exc.name}); use algorithm: rtn") from None
-        q = quant.model.model
-        shared = share_quantized_table(q, 4, int(params["block_size"]), params.get("accuracy_level")) if tied else None
-        onnx_io.save(q, tmp)
+        with onnx_io.weights_from(parent_dir):
+            quant = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=_algo_config(params))
+            try:
+                quant.process()
+            except ImportError as exc:
+                raise PipelineError(f"int4.algorithm {params.get('algorithm')} needs a package that is not "
+                                    f"installed ({exc.name}); use algorithm: rtn") from None
+            q = quant.model.model
+            shared = share_quantized_table(q, 4, int(params["block_size"]), params.get("accuracy_level")) if tied else None
+        onnx_io.save_ir(onnx_io.to_ir(q, parent_dir.resolve()), tmp)  # the weights it kept, copied from the parent
         policy = {"weights": f"int4 {'symmetric' if params['symmetric'] else 'asymmetric'} blocks of "
                              f"{params['block_size']} ({params.get('algorithm', 'rtn')})",
                   "activations": "float32", "tied_embedding": shared or "fp32 (not quantized)",

@@ -20,10 +20,11 @@ from pipeline.derive import derive
 from pipeline.tied import find_tied, share_quantized_table
 
 
-def _matmulnbits(parent_dir: Path, params: dict, exclude: list[str]):
+def _matmulnbits(model, params: dict, exclude: list[str]):
+    """``model``: the graph alone; run inside onnx_io.weights_from(its dir): each weight is read as it
+    is quantized."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
-    model = onnx_io.load(parent_dir)
     config = mnb.DefaultWeightOnlyQuantConfig(block_size=int(params["block_size"]), is_symmetric=True,
                                               accuracy_level=params["accuracy_level"], bits=8,
                                               op_types_to_quantize=("MatMul",))
@@ -53,9 +54,18 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
         del model
         logging.getLogger().setLevel(logging.ERROR)  # ORT's "please pre-process" advice on every call
         nbits = params["format"] == "matmulnbits"
-        q = _matmulnbits(parent_dir, params, exclude) if nbits else _qoperator(parent_dir, params, exclude, tmp)
-        shared = share_quantized_table(q, 8, int(params["tied_block_size"]), params["accuracy_level"]) if tied else None
-        onnx_io.save(q, tmp)
+        if nbits:
+            graph = onnx_io.load(parent_dir, load_external_data=False)
+            with onnx_io.weights_from(parent_dir):
+                q = _matmulnbits(graph, params, exclude)
+                shared = share_quantized_table(q, 8, int(params["tied_block_size"]), params["accuracy_level"]) \
+                    if tied else None
+            onnx_io.save_ir(onnx_io.to_ir(q, parent_dir.resolve()), tmp)  # the weights it kept, from the parent
+        else:
+            q = _qoperator(parent_dir, params, exclude, tmp)
+            shared = share_quantized_table(q, 8, int(params["tied_block_size"]), params["accuracy_level"]) \
+                if tied else None
+            onnx_io.save(q, tmp)
         if nbits:
             policy = {"weights": f"int8 symmetric blocks of {params['block_size']} (MatMulNBits)",
                       "activations": f"quantized inside the kernel (accuracy_level {params['accuracy_level']})"

@@ -7,8 +7,8 @@ reader's ``set_range``), so only one stride of intermediate outputs is alive at 
 
 from __future__ import annotations
 
-import contextlib
 import gc
+import importlib
 import json
 import logging
 import shutil
@@ -47,26 +47,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _graph_only(path: Path):
+    """ORT's load_model_with_shape_infer, less the weights (they stay in the model's data file)."""
+    import onnx
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    add_infer_metadata(model)
+    return model
+
+
 def _calibrate(model_path: Path, config: dict, windows, method: str, stride: int, params: dict,
                scratch: Path) -> Path:
     """ORT's calibrator over the windows in strides; the ranges saved in its calibration-cache format."""
-    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization import CalibrationMethod, calibrate, create_calibrator
     from onnxruntime.quantization.calibrate import save_tensors_data
-
-    from onnxruntime.quantization import calibrate
 
     # The calibrator loads the model with its weights, only to add outputs and save it for its session;
     # protobuf keeps those bytes while the session holds its own (2x the weights). Loaded without them,
     # and saved beside them, its augmented graph runs on the same weights.
-    def graph_only(path: Path):  # load_model_with_shape_infer, less the weights
-        import onnx
-        from onnxruntime.quantization.quant_utils import add_infer_metadata
-
-        model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
-        add_infer_metadata(model)
-        return model
-
-    with mock.patch.object(calibrate, "load_model_with_shape_infer", graph_only):
+    with mock.patch.object(calibrate, "load_model_with_shape_infer", _graph_only):
         calibrator = create_calibrator(model_path, ["MatMul"],
                                        augmented_model_path=str(model_path.parent / "augmented.onnx"),
                                        calibrate_method=getattr(CalibrationMethod, method),
@@ -140,7 +140,7 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
             # Types for every tensor (ORT's symbolic inference knows the contrib ops of the fused graph):
             # without them the calibrator skips the outputs of RMSNorm & co. and their MatMuls keep
             # float activations. It reads a few small initializers relative to the working directory.
-            with contextlib.chdir(weights.resolve()):
+            with onnx_io.weights_from(weights):
                 graph = _with_types(graph)
             if weights is src:
                 onnx.save_model(graph, str(src / onnx_io.MODEL))  # the graph only: the weights are in place
@@ -149,16 +149,24 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
             del graph
             stride = _stride(len(windows), int(cal.get("stride", 8)))
             ranges = _calibrate(src / onnx_io.MODEL, config, windows, method, stride, params, scratch)
-            quantize_static(str(src / onnx_io.MODEL), str(scratch / "model.onnx"), None,
-                            quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                            per_channel=bool(params["per_channel"]), activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, nodes_to_exclude=sorted(exclude),
-                            calibrate_method=getattr(CalibrationMethod, method), use_external_data_format=True,
-                            calibration_cache_path=str(ranges),
-                            extra_options={"MatMulConstBOnly": False, "DefaultTensorType": onnx.TensorProto.FLOAT})
-            q = onnx_io.load(scratch)
-        shared = share_quantized_table(q, 8, int(params["tied_block_size"]), params["tied_accuracy_level"]) if tied else None
-        onnx_io.save(q, tmp)
+            # quantize_static on the graph alone too: each weight is read from disk as it is quantized,
+            # and the weights it leaves float stay in src's data file, which the output (written beside
+            # it) refers to.
+            ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not the function
+
+            with mock.patch.object(ort_quantize, "load_model_with_shape_infer", _graph_only), \
+                    onnx_io.weights_from(src):
+                quantize_static(str(src / onnx_io.MODEL), str(src / "quantized.onnx"), None,
+                                quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                                per_channel=bool(params["per_channel"]), activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, nodes_to_exclude=sorted(exclude),
+                                calibrate_method=getattr(CalibrationMethod, method), use_external_data_format=True,
+                                calibration_cache_path=str(ranges),
+                                extra_options={"MatMulConstBOnly": False, "DefaultTensorType": onnx.TensorProto.FLOAT})
+                q = onnx.load(str(src / "quantized.onnx"), load_external_data=False)
+                shared = share_quantized_table(q, 8, int(params["tied_block_size"]), params["tied_accuracy_level"]) \
+                    if tied else None
+            onnx_io.save_ir(onnx_io.to_ir(q, src), tmp)
         counts = onnx_io.op_counts(q)
         policy = {"format": "QDQ", "weights": "int8 symmetric" + (" per-channel" if params["per_channel"] else ""),
                   "activations": f"uint8 static ({method})", "smoothquant": sq_summary,

@@ -120,7 +120,8 @@ def derive(parent_dir: str | Path, out: str | Path, stage: str, params: dict,
         extra.setdefault("opset", onnx_io.opset(onnx_io.load(tmp, load_external_data=False)))
         manifest = store.publish(tmp, out, stage=stage, params=params, parent=parent, source=parent["source"],
                                  metrics=metrics, extra=extra)
-        outputs.keep(mine, out)
+        if stage in outputs.REFERENCE_STAGES:
+            outputs.keep(mine, out)
     size = model_bytes(Path(out))
     line = (f"{stage}: {manifest['artifact_id']} {size / 1e6:.1f} MB ({size / model_bytes(parent_dir):.3f}x "
             f"{parent['stage']}), max |dlogit| vs {parent['stage']} {result['max_abs_logit_delta']:.2e}, greedy prefix "

@@ -92,11 +92,11 @@ def weights_from(artifact_dir: str | Path):
     return contextlib.chdir(Path(artifact_dir).resolve())
 
 
-def beside_weights(graph, weights_dir: str | Path, out_dir: str | Path) -> Path:
+def beside_weights(graph, weights_dir: str | Path, out_dir: str | Path, link: bool = True) -> Path:
     """Save ``graph`` (a ModelProto loaded without its external data from ``weights_dir``, changed in
-    its graph only) into ``out_dir`` with the same weights, hard-linked (copied across file systems):
-    onnxruntime runs it without the weights ever passing through Python. (ORT refuses symlinks that
-    lead out of the model's directory.)"""
+    its graph only) into ``out_dir`` with the same weights, hard-linked (``link``, for onnxruntime
+    alone: onnx refuses to read a hard-linked data file) or copied: onnxruntime runs it without the
+    weights ever passing through Python. (ORT refuses symlinks that lead out of the model's directory.)"""
     import os
 
     import onnx
@@ -107,6 +107,8 @@ def beside_weights(graph, weights_dir: str | Path, out_dir: str | Path) -> Path:
     src, dst = Path(weights_dir) / DATA, out_dir / DATA
     if src.is_file():
         try:
+            if not link:
+                raise OSError("a copy was asked for")
             os.link(src, dst)
         except OSError:
             shutil.copyfile(src, dst)

@@ -99,7 +99,7 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
         manifest = store.publish(tmp, out, stage="export", params=params, parent=parent, source=parent["source"],
                                  metrics=metrics, extra={"opset": opset_found, "task": TASK,
                                                          "precision": "fp32", "kv_dtype": "float32"})
-        outputs.keep(mine, out)
+        outputs.keep(mine, out)  # every derived artifact is parity-checked and scored against the export
     info(f"export: {manifest['artifact_id']} fp32 {manifest['size_bytes'] / 1e6:.1f} MB, opset {manifest['opset']}, "
          f"max |dlogit| vs PyTorch {result['max_abs_logit_delta']:.2e}, greedy {result['greedy_tokens']} tokens "
          f"identical on {result['greedy_prompts']} prompts{summary_figures(scored) if scored else ''}, {export_s:.1f} s")

@@ -145,7 +145,7 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
             if weights is src:
                 onnx.save_model(graph, str(src / onnx_io.MODEL))  # the graph only: the weights are in place
             else:
-                onnx_io.beside_weights(graph, weights, src)
+                onnx_io.beside_weights(graph, weights, src, link=False)  # quantize_static reads it via onnx
             del graph
             stride = _stride(len(windows), int(cal.get("stride", 8)))
             ranges = _calibrate(src / onnx_io.MODEL, config, windows, method, stride, params, scratch)

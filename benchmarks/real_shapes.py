@@ -4,6 +4,7 @@ peak RSS and artifact size, against the memory target (peak RSS <= 2x the FP32 w
     python benchmarks/real_shapes.py --shape qwen3-1.7b --work /tmp/r17 [--windows 4] [--calibration 8]
     python benchmarks/real_shapes.py --shape "qwen3-4b?layers=2" --work /tmp/r4b2 --stages checkpoint,export,fused
     python benchmarks/real_shapes.py --shape qwen3-0.6b --work /tmp/r06 --collect   # figures of a finished run
+    python benchmarks/real_shapes.py --extrapolate A.json B.json --layers 36   # two depths of one width -> N layers
 
 Each stage runs as `pipeline <verb>` with the arguments dvc.yaml gives it, plus the ``-S`` overrides
 below, in its own process; the figures are those the stage records in its own manifest
@@ -60,16 +61,53 @@ def figures(a: Path, stage: str, fp32_bytes: int) -> dict:
     return row
 
 
+def extrapolate(paths: list[Path], layers: int) -> dict:
+    """Each stage's wall time, peak RSS and size at ``layers`` layers, on the line through two runs of
+    the same width at two depths (every figure here grows linearly with the layer count: the weights do)."""
+    a, b = (json.loads(Path(p).read_text()) for p in paths)
+    if a["hidden_size"] != b["hidden_size"] or a["layers"] == b["layers"]:
+        raise SystemExit("--extrapolate needs two runs of one width at two depths")
+    span = b["layers"] - a["layers"]
+    at = lambda x, y: x + (y - x) * (layers - a["layers"]) / span  # noqa: E731
+    fp32 = at(a["fp32_weight_bytes"], b["fp32_weight_bytes"])
+    rows = []
+    rb = {r["stage"]: r for r in b["stages"]}
+    for ra in a["stages"]:
+        r2 = rb.get(ra["stage"])
+        if r2 is None:
+            continue
+        rows.append({"stage": ra["stage"], "wall_s": round(at(ra["wall_s"], r2["wall_s"])),
+                     "peak_rss_gb": round(at(ra["peak_rss_gb"], r2["peak_rss_gb"]), 1),
+                     "size_mb": round(at(ra["size_mb"], r2["size_mb"])),
+                     "per_layer_rss_gb": round((r2["peak_rss_gb"] - ra["peak_rss_gb"]) / span, 3)})
+    return {"from": [str(p) for p in paths], "layers": layers, "fp32_weight_bytes": round(fp32),
+            "target_gb": round((2 * fp32 + 1e9) / 1e9, 1), "stages": rows}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", required=True, help="qwen3-0.6b | qwen3-1.7b | qwen3-4b, optionally ?layers=N")
-    ap.add_argument("--work", required=True, type=Path)
+    ap.add_argument("--extrapolate", nargs=2, type=Path, metavar="JSON")
+    ap.add_argument("--layers", type=int, default=36, help="with --extrapolate: the depth to extrapolate to")
+    ap.add_argument("--shape", required="--extrapolate" not in sys.argv, help="qwen3-0.6b | qwen3-1.7b | qwen3-4b, optionally ?layers=N")
+    ap.add_argument("--work", required="--extrapolate" not in sys.argv, type=Path)
     ap.add_argument("--windows", type=int, default=4, help="eval.max_windows")
     ap.add_argument("--calibration", type=int, default=8, help="int8_static.calibration.samples")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--collect", action="store_true", help="only read the figures of a finished run")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.extrapolate:
+        ex = extrapolate(args.extrapolate, args.layers)
+        out = args.out or REPO / "benchmarks" / f"real_shapes_extrapolated_{args.layers}_layers.json"
+        out.write_text(json.dumps(ex, indent=2) + "\n")
+        print(f"{args.layers} layers: {ex['fp32_weight_bytes'] / 1e9:.1f} GB FP32 weights, target {ex['target_gb']} GB\n")
+        print("| stage | wall | peak RSS | per layer | artifact |")
+        print("|---|---:|---:|---:|---:|")
+        for r in ex["stages"]:
+            print(f"| {r['stage']} | {r['wall_s']:,} s | {r['peak_rss_gb']:.1f} GB | {r['per_layer_rss_gb'] * 1e3:.0f} MB | "
+                  f"{r['size_mb']:,} MB |")
+        print(f"\nwrote {out}")
+        return 0
     stages = [s for s in args.stages.split(",") if s]
     a = args.work / "a"
     overrides = ["-S", f"model.source=random:{args.shape}", "-S", f"eval.max_windows={args.windows}",

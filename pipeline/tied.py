@@ -68,22 +68,28 @@ def find_tied(model):
     return None
 
 
-def quantize_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize_blocks(w: np.ndarray, bits: int, block_size: int, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric block quantization along the last axis of ``w`` (N, K) in MatMulNBits' layout.
 
-    Returns packed uint8 (N, K/block, block*bits/8) and float scales (N, K/block)."""
+    Returns packed uint8 (N, K/block, block*bits/8) and float scales (N, K/block). Done ``rows`` rows at
+    a time: the temporaries of a 151,936-row table would otherwise be several times its size."""
     n, k = w.shape
     if k % block_size:
         raise PipelineError(f"hidden size {k} is not a multiple of the block size {block_size}")
     qmax = 2 ** (bits - 1) - 1
-    blocks = w.reshape(n, k // block_size, block_size).astype(np.float32)
-    scales = np.abs(blocks).max(axis=-1) / qmax
-    scales[scales == 0] = 1.0
-    q = np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax).astype(np.int16) + 2 ** (bits - 1)
-    q = q.astype(np.uint8)
-    if bits == 4:
-        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    return q, scales.astype(w.dtype)
+    packed = np.empty((n, k // block_size, block_size * bits // 8), dtype=np.uint8)
+    scales = np.empty((n, k // block_size), dtype=w.dtype)
+    for start in range(0, n, rows):
+        blocks = np.asarray(w[start:start + rows]).reshape(-1, k // block_size, block_size).astype(np.float32)
+        sc = np.abs(blocks).max(axis=-1) / qmax
+        sc[sc == 0] = 1.0
+        q = np.clip(np.rint(blocks / sc[..., None]), -qmax - 1, qmax).astype(np.int16) + 2 ** (bits - 1)
+        q = q.astype(np.uint8)
+        if bits == 4:
+            q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+        packed[start:start + rows] = q
+        scales[start:start + rows] = sc.astype(w.dtype)
+    return packed, scales
 
 
 def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:

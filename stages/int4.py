@@ -37,6 +37,8 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
         tied = bool(params["quantize_tied"]) and find_tied(model) is not None
         exclude = list(params.get("nodes_to_exclude") or []) + (onnx_io.lm_head_nodes(model) if tied else [])
         logging.getLogger().setLevel(logging.ERROR)
+        # and the quantizer's own logger, which has a handler of its own: one INFO line per MatMul
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
         with onnx_io.weights_from(parent_dir):
             quant = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=_algo_config(params))
             try:

@@ -52,7 +52,9 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
         tied = bool(params["quantize_tied"]) and find_tied(model) is not None
         exclude = list(params.get("nodes_to_exclude") or []) + (onnx_io.lm_head_nodes(model) if tied else [])
         del model
-        logging.getLogger().setLevel(logging.ERROR)  # ORT's "please pre-process" advice on every call
+        logging.getLogger().setLevel(logging.ERROR)
+        # and the quantizer's own logger, which has a handler of its own: one INFO line per MatMul
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # ORT's "please pre-process" advice on every call
         nbits = params["format"] == "matmulnbits"
         if nbits:
             graph = onnx_io.load(parent_dir, load_external_data=False)

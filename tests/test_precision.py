@@ -150,3 +150,5 @@ def test_shared_tied_table_matches_its_dequantized_values(bits):
     np.testing.assert_allclose(h[0], deq[ids[0]], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(logits[0], deq[ids[0]] @ deq.T, rtol=1e-3, atol=1e-3)
     assert np.abs(deq - table).max() <= np.abs(table).max() / (2 ** (bits - 1) - 1)
+    for got, whole in zip(quantize_blocks(table, bits, 16, rows=5), quantize_blocks(table, bits, 16)):
+        np.testing.assert_array_equal(got, whole)  # in chunks of rows (bounded memory): the same bytes

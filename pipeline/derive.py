@@ -14,7 +14,7 @@ from . import onnx_io, outputs, parity, store
 from .errors import PipelineError
 from .evaluate import model_bytes
 from .log import heartbeat, info
-from .runtime import Runtime
+from .runtime import Runtime, load_tokenizer
 from .verify import verify
 
 ONNX_STAGES = ("export", "fused", "fp16", "int8-dynamic", "int8-static", "int4")
@@ -39,12 +39,8 @@ def open_model(artifact_dir: Path) -> Callable[[], object]:
 
 
 def encoder(artifact_dir: Path) -> Callable[[str], list[int]]:
-    from tokenizers import Tokenizer
-
-    path = Path(artifact_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise PipelineError(f"{artifact_dir} has no tokenizer.json")
-    tok = Tokenizer.from_file(str(path))
+    """The artifact's tokenizer as Runtime.encode uses it, without opening a session."""
+    tok = load_tokenizer(artifact_dir)
     return lambda text: tok.encode(text, add_special_tokens=False).ids
 
 
@@ -79,11 +75,10 @@ def check(candidate_dir: Path, label: str, parent_dir: Path, greedy_tokens: int,
     scored = None
     if windows is not None:
         ref_manifest = verify(ref_dir, load=False)
-        ctx, max_windows = evaluate.window_params(evaluation["params"])
         scored = {"reference": ref_manifest["stage"], "reference_id": ref_manifest["artifact_id"],
-                  "text_sha256": evaluate.text_sha256(evaluation["text"]), "max_windows": max_windows,
-                  **outputs.compare_windows(mine["windows"], ref_out["windows"], windows[:, ctx // 2:]),
-                  "ctx": ctx, "eval_seconds": mine["windows"].meta["seconds"]}
+                  "text_sha256": evaluate.text_sha256(evaluation["text"]),
+                  "max_windows": evaluate.window_params(evaluation["params"])[1],
+                  **outputs.compare_windows(mine["windows"], ref_out["windows"])}
         if ref_manifest["stage"] != "checkpoint":
             scored["size_ratio"] = model_bytes(candidate_dir) / model_bytes(ref_dir)
     return result, scored, mine

@@ -40,8 +40,7 @@ def score(candidate, windows: np.ndarray, reference=None, label: str = "eval") -
         cand = outputs.record_windows(candidate, windows, Path(tmp) / "candidate", label)
         ref = outputs.record_windows(reference, windows, Path(tmp) / "reference", f"{label} reference") \
             if reference is not None else None
-        out = outputs.compare_windows(cand, ref, windows[:, windows.shape[1] // 2:])
-        return {**out, "ctx": int(windows.shape[1]), "eval_seconds": cand.meta["seconds"]}
+        return outputs.compare_windows(cand, ref)
 
 
 def model_bytes(directory: Path) -> int:
@@ -92,10 +91,9 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params: dict, refere
     else:
         # Each model runs alone and its outputs are kept beside it (pipeline/outputs.py): the
         # reference's are reused by every artifact scored against it.
-        from .derive import encoder, open_model
-
         import tempfile
 
+        from .derive import encoder, open_model
         from .runtime import Runtime
 
         windows = make_windows(encoder(artifact)(eval_text), *window_params(ep))
@@ -109,8 +107,7 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params: dict, refere
             else:
                 cand = outputs.reference(artifact, open_model(artifact), windows=windows,
                                          label=f"evaluate {name}")["windows"]
-            metrics = {**outputs.compare_windows(cand, ref, windows[:, windows.shape[1] // 2:]),
-                       "ctx": int(windows.shape[1]), "eval_seconds": cand.meta["seconds"]}
+            metrics = outputs.compare_windows(cand, ref)
     size = model_bytes(artifact)
     if ref_manifest is not None and ref_manifest["stage"] != "checkpoint":
         ratio = size / model_bytes(Path(reference))

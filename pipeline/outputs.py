@@ -72,7 +72,7 @@ class Recorded:
 def _write(dest: Path, fill: Callable[[Path], dict]) -> Recorded:
     """Write into a temp dir beside ``dest`` and rename it into place: never a half-written entry."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-", suffix=f"-{os.getpid()}"))
     try:
         meta = fill(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta))
@@ -205,7 +205,7 @@ def prune(cache: Path) -> None:
 
 
 def _alive(name: str) -> bool:
-    """Is the run that made the temp dir ``name`` still running (when the name carries a pid)?"""
+    """Is the run that made the temp dir ``name`` (ending in ``-<pid>``) still running?"""
     pid = name.rsplit("-", 1)[-1]
     if not pid.isdigit():
         return False
@@ -232,9 +232,11 @@ def compare_prompts(candidate: Recorded, ref: Recorded) -> dict:
             "candidate_decode_tok_s": candidate.meta.get("decode_tok_s")}
 
 
-def compare_windows(candidate: Recorded, ref: Recorded | None, targets: np.ndarray) -> dict:
+def compare_windows(candidate: Recorded, ref: Recorded | None) -> dict:
     """Perplexity of the candidate; with ``ref`` also its PPL, KL(ref || cand) and top-1 agreement.
-    ``targets``: the scored token ids, one row per window."""
+    The scored token ids are the second half of the windows the candidate recorded."""
+    windows = np.load(candidate.dir / "windows.npy")
+    targets = windows[:, windows.shape[1] // 2:]
     nll, ref_nll, kld, agree = [], [], [], []
     for i, tgt in enumerate(targets):
         lp = candidate.window_logprobs(i)
@@ -245,7 +247,8 @@ def compare_windows(candidate: Recorded, ref: Recorded | None, targets: np.ndarr
             kld.append(np.maximum((np.exp(rlp) * (rlp - lp)).sum(axis=-1), 0.0))
             agree.append(rlp.argmax(-1) == lp.argmax(-1))
     nll = np.concatenate(nll)
-    out = {"ppl": float(np.exp(nll.mean())), "tokens_scored": int(nll.size), "windows": int(len(targets))}
+    out = {"ppl": float(np.exp(nll.mean())), "tokens_scored": int(nll.size), "windows": int(len(targets)),
+           "ctx": int(windows.shape[1]), "eval_seconds": candidate.meta["seconds"]}
     if ref is not None:
         ref_ppl = float(np.exp(np.concatenate(ref_nll).mean()))
         kld = np.concatenate(kld)

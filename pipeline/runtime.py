@@ -47,6 +47,16 @@ def uses_gqa(model) -> bool:
     return any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
 
 
+def load_tokenizer(artifact_dir: str | Path):
+    """The artifact's ``tokenizer.json`` (tokenizers, no transformers)."""
+    from tokenizers import Tokenizer
+
+    path = Path(artifact_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise PipelineError(f"{artifact_dir} has no tokenizer.json")
+    return Tokenizer.from_file(str(path))
+
+
 def session_options(threads: int | None = None):
     import onnxruntime as ort
 
@@ -262,12 +272,7 @@ class Runtime:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            path = self.dir / "tokenizer.json"
-            if not path.is_file():
-                raise PipelineError(f"{self.dir} has no tokenizer.json")
-            self._tokenizer = Tokenizer.from_file(str(path))
+            self._tokenizer = load_tokenizer(self.dir)
         return self._tokenizer
 
     def encode(self, text: str) -> list[int]:

@@ -13,7 +13,6 @@ import json
 import logging
 import shutil
 from unittest import mock
-import resource
 from pathlib import Path
 
 from calibration.reader import CalibrationReader, calibration_windows
@@ -42,9 +41,6 @@ def _with_types(model):
         info(f"int8-static: symbolic shape inference failed ({type(exc).__name__}); some activations may stay float")
         return model
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _graph_only(path: Path):
@@ -175,8 +171,7 @@ def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict 
                                   "seq_len": int(windows.shape[1]), "stride": stride}}
         dq = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
         quantized = sum(1 for n in q.graph.node if n.op_type == "MatMul" and all(i in dq for i in n.input[:2]))
-        return {"metrics": {"op_counts": counts, "quantized_matmuls": quantized,
-                            "peak_rss_mb": round(peak_rss_mb(), 1)},
+        return {"metrics": {"op_counts": counts, "quantized_matmuls": quantized},
                 "extra": {"precision": "int8-static", "kv_dtype": "float32", "quant_policy": policy}}
 
     return derive(parent_dir, out, "int8-static", params, build, greedy_tokens=int(params["greedy_tokens"]),

@@ -82,6 +82,87 @@ def save_ir(model, out_dir: str | Path) -> Path:
     return out_dir / MODEL
 
 
+# torch's exporter folds these ops when all their inputs are constant; ConstantOfShape it leaves as a node.
+_NOT_FOLDED = {"ConstantOfShape"}
+_LAZY_BYTES = 1 << 20
+
+
+def fold_constants(model) -> dict[str, int]:
+    """Fold, in an onnx-ir model, every node whose inputs are all constants (initializers or Constant
+    outputs), as torch's exporter does with ``do_constant_folding=True``, but lazily for large tensors:
+    a ``Transpose`` of a weight becomes an initializer computed from the memory-mapped source when
+    :func:`save_ir` writes it, one tensor at a time. The export runs torch's exporter without folding
+    because its folding (and the merge of its external files) holds a second copy of every weight in
+    memory. The table a ``Gather`` looks up stays as ``Transpose(table)`` for a tied lm_head: stored once.
+
+    Not onnxscript's ``optimizer.fold_constants``: it reads every constant input into memory and folds
+    more than torch (Casts and shape arithmetic), so the graph would no longer be the one our fusions and
+    quantizers were written for. Small nodes are evaluated by onnx's reference evaluator.
+    Returns the number of folded nodes by op type."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    tables = {n.inputs[0] for n in graph if n.op_type == "Gather" and n.inputs[0] is not None
+              and n.inputs[0].is_initializer()}
+
+    def value_of(v):
+        if v is None:
+            return None
+        if v.const_value is not None and v.is_initializer():
+            return v.const_value
+        producer = v.producer()
+        if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+            attr = producer.attributes.get("value")
+            return attr.value if attr is not None else None
+        return None
+
+    folded: dict[str, int] = {}
+    for node in list(graph):
+        if node.op_type in _NOT_FOLDED or node.op_type == "Constant" or node.domain not in ("", "ai.onnx") \
+                or not node.inputs or len(node.outputs) != 1:
+            continue
+        consts = [value_of(v) for v in node.inputs]
+        if any(c is None for c, v in zip(consts, node.inputs) if v is not None):
+            continue
+        out = node.outputs[0]
+        if node.op_type == "Transpose" and node.inputs[0] in tables:
+            continue
+        src = consts[0]
+        if node.op_type == "Transpose" and src.nbytes > _LAZY_BYTES:
+            perm = tuple(node.attributes["perm"].value) if "perm" in node.attributes \
+                else tuple(reversed(range(len(src.shape))))
+            shape = ir.Shape([src.shape[i] for i in perm])
+            tensor = ir.LazyTensor(lambda src=src, perm=perm: ir.tensor(np.ascontiguousarray(src.numpy().transpose(perm))),
+                                   dtype=src.dtype, shape=shape, name=out.name)
+        else:
+            proto = ir.serde.serialize_node(node)
+            feeds = {v.name: c.numpy() for v, c in zip(node.inputs, consts) if v is not None}
+            (result,) = ReferenceEvaluator(proto).run(None, feeds)
+            tensor = ir.tensor(np.asarray(result), name=out.name)
+        name = out.name
+        if all(v is None or not v.is_initializer() for v in node.inputs):  # as torch: Constants fold to a Constant
+            constant = ir.node("Constant", [], attributes={"value": tensor}, name=f"{node.name}_folded")
+            graph.insert_before(node, constant)
+            value = constant.outputs[0]
+        else:
+            value = ir.Value(shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+        out.replace_all_uses_with(value, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        value.name = name
+        if value.producer() is None:
+            graph.register_initializer(value)
+        folded[node.op_type] = folded.get(node.op_type, 0) + 1
+    for node in reversed(list(graph)):  # the weights and Constants nothing reads any more
+        if not any(o.uses() or o.is_graph_output() for o in node.outputs):
+            graph.remove(node, safe=True)
+    for name, v in list(graph.initializers.items()):
+        if not v.uses() and not v.is_graph_output():
+            graph.initializers.pop(name)
+    return folded
+
+
 def weights_from(artifact_dir: str | Path):
     """Context for library code running on a graph loaded without its weights (``load_external_data=False``)
     from ``artifact_dir``: onnx's ``numpy_helper.to_array`` (used by ORT's tools) resolves an external

@@ -22,6 +22,32 @@ from pipeline.tied import retie_embedding
 TASK = "text-generation-with-past"
 
 
+@contextlib.contextmanager
+def _bounded_export_memory():
+    """Two steps of the export would otherwise hold a second copy of the weights:
+
+    - optimum re-saves a model over 2 GB into one data file by loading every tensor while the PyTorch
+      model is still alive; here its check for external data answers no, and :func:`onnx_io.save_ir`
+      writes the one data file tensor by tensor instead;
+    - torch's ONNX shape inference serializes each node with its weights, allocating and freeing
+      weight-sized buffers; glibc's adaptive mmap threshold then serves them from the heap, which keeps
+      what was freed (+1.1 GB measured at Qwen3-0.6B). A fixed threshold gives it back."""
+    import ctypes
+
+    from optimum.exporters.onnx import convert
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+    check = convert.check_model_uses_external_data
+    convert.check_model_uses_external_data = lambda model: False
+    try:
+        yield
+    finally:
+        convert.check_model_uses_external_data = check
+
+
 def _check_exportable(config: dict) -> None:
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs with TasksManager)
     from optimum.exporters.tasks import TasksManager
@@ -58,20 +84,24 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
         quiet = io.StringIO()
         logging.getLogger("optimum").setLevel(logging.ERROR)
         try:
-            with contextlib.redirect_stdout(quiet), warnings.catch_warnings(), heartbeat("export"):
+            with contextlib.redirect_stdout(quiet), warnings.catch_warnings(), heartbeat("export"), \
+                    _bounded_export_memory():
                 warnings.simplefilter("ignore")  # torch.jit tracer warnings on every export
                 # no_post_process: optimum's tied-weight de-duplication serializes the whole model in
                 # memory and fails on any model over protobuf's 2 GB (every Qwen3 up to 4B in FP32);
-                # the table is stored once by retie_embedding below instead, on any size.
+                # the table is stored once on any size (fold_constants keeps the lm_head's Transpose).
+                # do_constant_folding=False: torch's folding copies every transposed weight in memory;
+                # onnx_io.fold_constants below folds the same nodes, lazily.
                 main_export(str(checkpoint_dir), output=raw, task=TASK, opset=opset, device="cpu",
                             do_validation=False, local_files_only=True, trust_remote_code=trusted(checkpoint_dir),
-                            no_post_process=True)
+                            no_post_process=True, do_constant_folding=False)
         except Exception as exc:
             raise PipelineError(f"optimum-onnx export of {checkpoint_dir} failed: "
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
         gc.collect()
         raw = Path(raw)
         model = onnx_io.load_ir(raw)  # weights stay on disk, streamed into the artifact
+        folded = onnx_io.fold_constants(model)
         retied = retie_embedding(model) if config.get("tie_word_embeddings", True) else []
         onnx_io.save_ir(model, tmp)
         del model
@@ -93,7 +123,8 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
             raise PipelineError(f"export parity failed: max |dlogit| {result['max_abs_logit_delta']:.2e} > "
                                 f"export.max_abs_logit_delta {params['max_abs_logit_delta']}")
         metrics = {**result, "export_seconds": round(export_s, 2), "stage_seconds": round(time.perf_counter() - t0, 2),
-                   "op_counts": counts, "decode": decode_speed(result), "retied_initializers": retied}
+                   "op_counts": counts, "decode": decode_speed(result), "retied_initializers": retied,
+                   "folded_nodes": folded}
         if scored:
             metrics["eval"] = scored
         manifest = store.publish(tmp, out, stage="export", params=params, parent=parent, source=parent["source"],

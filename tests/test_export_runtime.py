@@ -31,6 +31,32 @@ def test_export_stores_the_tied_embedding_once(export_dir, checkpoint_dir):
     assert len(big) == 1, big
 
 
+def test_lazy_folding_gives_torchs_folded_graph(export_dir, checkpoint_dir, tmp_path):
+    """The export runs torch's exporter without constant folding (it copies every transposed weight in
+    memory) and folds lazily itself: the same ops, and the same outputs, as torch's own folding."""
+    import contextlib
+    import io
+
+    from optimum.exporters.onnx import main_export
+
+    from pipeline import onnx_io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        main_export(str(checkpoint_dir), output=tmp_path, task="text-generation-with-past", opset=17, device="cpu",
+                    do_validation=False, local_files_only=True, no_post_process=True)  # torch folds
+    torch_folded = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    ours = onnx_io.load(export_dir, load_external_data=False)
+    counts = onnx_io.op_counts(ours)
+    assert counts == {**onnx_io.op_counts(torch_folded), "Transpose": counts["Transpose"]}
+    # torch's folding also writes the lm_head's transposed table as a second copy; ours keeps the node
+    assert counts["Transpose"] == onnx_io.op_counts(torch_folded)["Transpose"] + 1
+    folded = mf.read_manifest(export_dir)["metrics"]["folded_nodes"]
+    assert folded["Transpose"] == len(onnx_io.weight_matmuls(ours))  # every projection; the lm_head reads the node
+    ids = np.array(Runtime(export_dir).encode("The for statement"), dtype=np.int64)
+    logits = [Runtime(d).logits(ids) for d in (export_dir, tmp_path)]
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
+
+
 def test_optimum_loads_the_artifact(export_dir, checkpoint_dir):
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM

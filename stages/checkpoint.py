@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -333,51 +332,20 @@ AVX2_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "DNNL_MAX
              "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
-def _train_child(params: dict, data_dir: str, tmp: str, conn) -> None:
-    try:
-        made = train_builtin(params, Path(data_dir), Path(tmp))
-        from pipeline.store import peak_rss_mb
-
-        made["metrics"]["child_peak_rss_mb"] = peak_rss_mb()  # the training interpreter's own peak
-        conn.send(("ok", made))
-    except PipelineError as exc:
-        conn.send(("error", str(exc)))
-    except BaseException as exc:  # noqa: BLE001 - reported by the parent as one line
-        conn.send(("error", f"training failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"))
+def training(params: dict, data_dir: str, tmp: str) -> dict:
+    return train_builtin(params, Path(data_dir), Path(tmp))
 
 
 def train_pinned(params: dict, data_dir: Path, tmp: Path) -> dict:
     """Train in a fresh interpreter whose CPU code paths and thread count are fixed before torch loads:
     the libraries read these settings once, at start-up, so they cannot be changed in this process."""
-    import multiprocessing
-
     tp = params["train"]
     pins = dict(AVX2_PINS) if tp["cpu_code_path"] == "avx2" else {}
     pins.update({"OMP_NUM_THREADS": str(tp["threads"]), "MKL_NUM_THREADS": str(tp["threads"])})
-    ctx = multiprocessing.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe(duplex=False)
-    saved = {k: os.environ.get(k) for k in pins}
-    os.environ.update(pins)  # the spawned child starts with this environment
-    try:
-        proc = ctx.Process(target=_train_child, args=(params, str(data_dir), str(tmp), child_conn), daemon=True)
-        proc.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    child_conn.close()
-    try:
-        status, payload = parent_conn.recv()
-    except EOFError:
-        proc.join()
-        raise PipelineError(f"training process died (exit code {proc.exitcode}): out of memory or killed") from None
-    proc.join()
-    if status == "error":
-        raise PipelineError(payload)
-    payload["source"]["cpu_code_path"] = tp["cpu_code_path"]
-    return payload
+    made, peak = store.in_child(training, params, str(data_dir), str(tmp), env=pins)
+    made["metrics"]["child_peak_rss_mb"] = peak  # the training interpreter's own peak
+    made["source"]["cpu_code_path"] = tp["cpu_code_path"]
+    return made
 
 
 # ---------------------------------------------------------------------------------------------- stage

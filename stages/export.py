@@ -63,11 +63,32 @@ def _check_exportable(config: dict) -> None:
                             f"use a causal LM architecture it supports (qwen3, llama, mistral, ...)")
 
 
+def optimum_export(checkpoint_dir: str, raw: str, opset: int, trust_remote_code: bool) -> None:
+    """optimum-onnx's export, run by :func:`run` in a child process (``store.in_child``): torch's exporter
+    leaves a sharded checkpoint's weights mapped after it returns (7.4 GB at Qwen3-1.7B), and the
+    parity check that follows loads PyTorch and an ORT session, one after the other."""
+    from optimum.exporters.onnx import main_export
+
+    logging.getLogger("optimum").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _bounded_export_memory():
+            warnings.simplefilter("ignore")  # torch.jit tracer warnings on every export
+            # no_post_process: optimum's tied-weight de-duplication serializes the whole model in
+            # memory and fails on any model over protobuf's 2 GB (every Qwen3 up to 4B in FP32);
+            # the table is stored once on any size (fold_constants keeps the lm_head's Transpose).
+            # do_constant_folding=False: torch's folding copies every transposed weight in memory;
+            # onnx_io.fold_constants folds the same nodes, lazily.
+            main_export(checkpoint_dir, output=raw, task=TASK, opset=opset, device="cpu", do_validation=False,
+                        local_files_only=True, trust_remote_code=trust_remote_code, no_post_process=True,
+                        do_constant_folding=False)
+    except Exception as exc:
+        raise PipelineError(f"optimum-onnx export of {checkpoint_dir} failed: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+
+
 def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
     """``evaluation`` = {text, reference: the checkpoint, params}: score the export against PyTorch on
     held-out text when built, recorded in the manifest and model card (see pipeline.derive)."""
-    from optimum.exporters.onnx import main_export
-
     from pipeline.derive import check, decode_speed, summary_figures
     from pipeline.torch_ref import trusted
 
@@ -81,32 +102,18 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
     with store.staging_dir(out) as tmp, store.scratch_dir(tmp, "raw") as raw, \
             store.scratch_dir(tmp, "outputs") as scratch:
         info(f"export: optimum-onnx {TASK}, opset {opset} ...")
-        quiet = io.StringIO()
-        logging.getLogger("optimum").setLevel(logging.ERROR)
-        try:
-            with contextlib.redirect_stdout(quiet), warnings.catch_warnings(), heartbeat("export"), \
-                    _bounded_export_memory():
-                warnings.simplefilter("ignore")  # torch.jit tracer warnings on every export
-                # no_post_process: optimum's tied-weight de-duplication serializes the whole model in
-                # memory and fails on any model over protobuf's 2 GB (every Qwen3 up to 4B in FP32);
-                # the table is stored once on any size (fold_constants keeps the lm_head's Transpose).
-                # do_constant_folding=False: torch's folding copies every transposed weight in memory;
-                # onnx_io.fold_constants below folds the same nodes, lazily.
-                main_export(str(checkpoint_dir), output=raw, task=TASK, opset=opset, device="cpu",
-                            do_validation=False, local_files_only=True, trust_remote_code=trusted(checkpoint_dir),
-                            no_post_process=True, do_constant_folding=False)
-        except Exception as exc:
-            raise PipelineError(f"optimum-onnx export of {checkpoint_dir} failed: "
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
-        gc.collect()
+        with heartbeat("export"):
+            _, child_peak = store.in_child(optimum_export, str(checkpoint_dir), str(raw), opset,
+                                           trusted(checkpoint_dir))
         raw = Path(raw)
         model = onnx_io.load_ir(raw)  # weights stay on disk, streamed into the artifact
         folded = onnx_io.fold_constants(model)
         retied = retie_embedding(model) if config.get("tie_word_embeddings", True) else []
         onnx_io.save_ir(model, tmp)
         del model
+        gc.collect()  # the graph's nodes and values form cycles: free its mapped weights now
         onnx_io.copy_side_files(raw, tmp)
-        for f in raw.iterdir():  # the raw export (with its second copy of the table) goes now
+        for f in raw.iterdir():  # the raw export goes now
             shutil.rmtree(f) if f.is_dir() else f.unlink()
         graph = onnx_io.load(tmp, load_external_data=False)
         counts, opset_found = onnx_io.op_counts(graph), onnx_io.opset(graph)
@@ -124,7 +131,8 @@ def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: d
                                 f"export.max_abs_logit_delta {params['max_abs_logit_delta']}")
         metrics = {**result, "export_seconds": round(export_s, 2), "stage_seconds": round(time.perf_counter() - t0, 2),
                    "op_counts": counts, "decode": decode_speed(result), "retied_initializers": retied,
-                   "folded_nodes": folded}
+                   "folded_nodes": folded,
+                   "child_peak_rss_mb": child_peak}
         if scored:
             metrics["eval"] = scored
         manifest = store.publish(tmp, out, stage="export", params=params, parent=parent, source=parent["source"],

@@ -76,8 +76,10 @@ def extrapolate(paths: list[Path], layers: int) -> dict:
         r2 = rb.get(ra["stage"])
         if r2 is None:
             continue
-        rows.append({"stage": ra["stage"], "wall_s": round(at(ra["wall_s"], r2["wall_s"])),
-                     "peak_rss_gb": round(at(ra["peak_rss_gb"], r2["peak_rss_gb"]), 1),
+        falls = r2["peak_rss_gb"] < ra["peak_rss_gb"]  # set by the table and logits, not the layers: no slope
+        rows.append({"stage": ra["stage"],
+                     "wall_s": round(at(ra["wall_s"], r2["wall_s"])) if r2["wall_s"] >= ra["wall_s"] else None,
+                     "peak_rss_gb": None if falls else round(at(ra["peak_rss_gb"], r2["peak_rss_gb"]), 1),
                      "size_mb": round(at(ra["size_mb"], r2["size_mb"])),
                      "per_layer_rss_gb": round((r2["peak_rss_gb"] - ra["peak_rss_gb"]) / span, 3)})
     return {"from": [str(p) for p in paths], "layers": layers, "fp32_weight_bytes": round(fp32),
@@ -104,7 +106,9 @@ def main() -> int:
         print("| stage | wall | peak RSS | per layer | artifact |")
         print("|---|---:|---:|---:|---:|")
         for r in ex["stages"]:
-            print(f"| {r['stage']} | {r['wall_s']:,} s | {r['peak_rss_gb']:.1f} GB | {r['per_layer_rss_gb'] * 1e3:.0f} MB | "
+            peak = "falls with depth" if r["peak_rss_gb"] is None else f"{r['peak_rss_gb']:.1f} GB"
+            wall = "—" if r["wall_s"] is None else f"{r['wall_s']:,} s"
+            print(f"| {r['stage']} | {wall} | {peak} | {r['per_layer_rss_gb'] * 1e3:.0f} MB | "
                   f"{r['size_mb']:,} MB |")
         print(f"\nwrote {out}")
         return 0

@@ -24,8 +24,6 @@ def calibration_windows(source: str, text_column: str, tokenizer_file: str | Pat
     """Tokenize the source's paragraphs (EOS between them) and cut ``samples`` windows of ``seq_len``."""
     from tokenizers import Tokenizer
 
-    if samples < 1 or seq_len < 2:
-        raise PipelineError(f"calibration.samples must be >= 1 and seq_len >= 2 (got {samples}, {seq_len})")
     ds = load_text_dataset(source, text_column)
     paras = paragraphs(ds, text_column)
     if not paras:

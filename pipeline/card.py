@@ -3,10 +3,11 @@
 Hugging Face model-card conventions: YAML front-matter (``library_name``, ``base_model``,
 ``pipeline_tag``, tags), then what the artifact is, its figures, its quantization policy, its lineage
 and three ways to run it. The card is listed and hashed in the manifest like every other file; it is
-left out of the artifact id (which names the model's content, params and lineage), because it holds
-wall times and speeds measured on the building machine, exactly as the manifest's metrics do, and
-those must not change the id from one machine to the next. `verify` checks the card's hash and that
-it names the manifest's artifact id.
+left out of the artifact id (which names the model's content, params and lineage), because its prose
+and layout may change with the pipeline's version while the model does not. `verify` checks the card's hash and that
+it names the manifest's artifact id. The card holds only the artifact's own figures, rounded to
+digits another CPU's kernels do not move; speed depends on the machine, so the card says where it is
+measured instead of quoting one machine's figure.
 """
 
 from __future__ import annotations
@@ -19,14 +20,6 @@ from .manifest import CARD
 
 PRECISION_TAGS = {"export": "fp32", "fused": "fp32", "fp16": "fp16", "int8-dynamic": "int8",
                   "int8-static": "int8", "int4": "int4"}
-WHAT = {
-    "export": "FP32 ONNX export (optimum-onnx, merged decoder with KV cache), checked against PyTorch",
-    "fused": "FP32, fused: RMSNorm / SkipRMSNorm and one GroupQueryAttention per layer (rotary inside, shareable KV buffer)",
-    "fp16": "FP16 weights and KV cache, float32 logits: the GPU artifact",
-    "int8-dynamic": "INT8 weights (MatMulNBits, 8-bit blocks), activations quantized inside the kernel (accuracy_level 4)",
-    "int8-static": "INT8 static QDQ, calibrated (for execution providers that consume QDQ)",
-    "int4": "INT4 weight-only, block-wise (MatMulNBits, the format onnxruntime-genai uses)",
-}
 
 
 def base_model(manifest: dict) -> str:
@@ -81,15 +74,10 @@ def _parity(manifest: dict) -> list[str]:
             f"{'identical' if p.get('greedy_match') else 'match for ' + _fmt(p.get('greedy_prefix_match'), '.0%')}.", ""]
 
 
-def _speed(metrics: dict) -> list[str]:
-    speed = metrics.get("decode")
-    if not speed:
-        return []
-    machine = speed.get("machine", {})
-    return [f"Decode speed when built: {speed['tok_s']:.1f} tok/s (greedy, batch 1, through the reference runtime, "
-            f"{speed['tokens']} tokens after short prompts) on {machine.get('cpu', '?')}, {machine.get('cores', '?')} "
-            f"cores, onnxruntime {machine.get('onnxruntime', '?')} {machine.get('provider', 'CPU EP')}. "
-            f"A figure of that machine, not of yours: `python benchmarks/bench.py` measures yours.", ""]
+def _speed() -> list[str]:
+    return ["Speed depends on the machine, so it is not recorded here: `python benchmarks/bench.py` measures "
+            "decode and prefill on yours against the peers (docs/benchmarks.md has this project's tables), and "
+            "the build's own timings are in `metrics/build/` of the repository that built it.", ""]
 
 
 def _policy(manifest: dict) -> list[str]:
@@ -159,7 +147,7 @@ def _run(manifest: dict, has_genai: bool, config: dict) -> list[str]:
     return out
 
 
-def render(manifest: dict, directory: Path) -> str:
+def render(manifest: dict, directory: Path, summary: str = "") -> str:
     """The card for ``manifest`` (its ``files`` not yet holding the card) of the artifact in ``directory``."""
     stage = manifest["stage"]
     m = manifest.get("metrics", {})
@@ -167,16 +155,14 @@ def render(manifest: dict, directory: Path) -> str:
     parent = (manifest.get("lineage") or [{}])[0].get("stage")
     lines = [_front_matter(manifest, directory),
              f"# {base_model(manifest)} — {stage} (ONNX)", "",
-             f"{WHAT.get(stage, stage)}. Artifact id `{manifest['artifact_id']}`, built by qwen-onnx-pipeline "
+             f"{summary or stage}. Artifact id `{manifest['artifact_id']}`, built by qwen-onnx-pipeline "
              f"from `{base_model(manifest)}`.", "",
              "## Figures", "", *_quality(m), *_parity(manifest)]
     size = f"Model size: {model_bytes / 1e6:,.2f} MB (`model.onnx` + `model.onnx_data`)"
     ratio = (m.get("eval") or {}).get("size_ratio")
     if ratio is not None:
         size += f", {ratio:.3f}× the {m['eval']['reference']}"
-    lines += [size + (f"; built from `{parent}` in {m['stage_seconds']:.1f} s" if parent and m.get("stage_seconds")
-                      else "") + (f"; the stage took {m['wall_seconds']:.1f} s and peaked at {m['peak_rss_mb']:,.0f} MB "
-                                  f"of RAM" if m.get("peak_rss_mb") else "") + ".", "", *_speed(m),
+    lines += [size + (f"; built from `{parent}`" if parent else "") + ".", "", *_speed(),
               "## Precision", "", *_policy(manifest),
               "## Lineage", "", *_lineage(manifest),
               "## How to run it", "", *_run(manifest, (directory / "genai_config.json").is_file(),
@@ -186,11 +172,11 @@ def render(manifest: dict, directory: Path) -> str:
     return "\n".join(lines)
 
 
-def write(directory: Path, manifest: dict) -> dict:
+def write(directory: Path, manifest: dict, summary: str = "") -> dict:
     """Write the card into ``directory``; return its manifest file entry."""
     from .manifest import sha256_file
 
     path = directory / CARD
-    path.write_text(render(manifest, directory))
+    path.write_text(render(manifest, directory, summary))
     path.chmod(0o644)
     return {"path": CARD, "size": path.stat().st_size, "sha256": sha256_file(path)}

@@ -28,16 +28,14 @@ def _write_json(path, data) -> None:
     tmp.replace(path)
 
 
-def _params(params_file, overrides, required: bool = True):
-    """params.yaml (or --params); evaluate/gate/report also run without one (a consumer's machine)."""
-    if params_file is None and not Path("params.yaml").is_file() and not required:
-        params: dict = {}
-        from .params import set_dotted
+RUN_METRICS_OPT = click.option("--run-metrics", default=None, type=click.Path(dir_okay=False),
+                               help="write this run's wall time, peak RSS, decode speed and machine here "
+                                    "(per-run figures never go into the artifact)")
 
-        for item in overrides:
-            set_dotted(params, item)
-        return params
-    return load_params(params_file, overrides)
+
+def _params(params_file, overrides, values: dict | None = None, required: bool = True):
+    """params.yaml (or --params), checked; evaluate/gate/report also run without one (a consumer's machine)."""
+    return load_params(params_file, overrides, values, required=required)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,34 +44,58 @@ def cli():
     """Hugging Face causal LM -> validated, versioned ONNX artifacts."""
 
 
+def _build(name: str, params, input_dir, out, scoring, run_metrics) -> dict:
+    """Every build verb: the stage's declaration run by the one runner, its run figures written apart."""
+    from . import registry, runner
+    from .manifest import machine
+
+    stage = registry.load(name)
+    built = runner.run(stage, runner.config_of(stage, params), input_dir, out, scoring)
+    if run_metrics:
+        _write_json(run_metrics, {"artifact": name, "artifact_id": built.manifest["artifact_id"], **built.run,
+                                  "machine": machine()})
+    return built.manifest
+
+
+def _scoring(params, eval_after: bool, reference: str, data_dir: str):
+    """What a stage scores its artifact against when it builds it (None: not scored, and why)."""
+    from .evaluate import Scoring
+
+    if not eval_after:
+        return None
+    eval_text = Path(data_dir) / "eval.txt"
+    if not eval_text.is_file() or not Path(reference, "manifest.json").is_file():
+        info(f"note: the new artifact will not be scored (no {eval_text} or no artifact at {reference}); "
+             f"`pipeline evaluate` scores it later")
+        return None
+    return Scoring(text=eval_text.read_text(), reference=Path(reference), eval=params.eval)
+
+
 @cli.command()
 @PARAMS_OPT
 @SET_OPT
 @click.option("--out", default="artifacts/data", show_default=True)
-def data(params_file, overrides, out):
+@RUN_METRICS_OPT
+def data(params_file, overrides, out, run_metrics):
     """Split the text source into train / calibration / eval."""
-    from stages import data as stage
-
-    stage.run(_params(params_file, overrides)["data"], out)
+    _build("data", _params(params_file, overrides), None, out, None, run_metrics)
 
 
 @cli.command()
 @PARAMS_OPT
 @SET_OPT
 @click.option("--data", "data_dir", default="artifacts/data", show_default=True)
-@click.option("--source", default=None, help="model.source: builtin:qwen3-tiny, a local HF dir or a hub id")
+@click.option("--source", default=None, help="alias for -S model.source=...: builtin:qwen3-tiny, random:qwen3-0.6b, "
+                                             "a local HF dir or a hub id")
 @click.option("--out", default="artifacts/checkpoint", show_default=True)
 @click.option("--metrics", "metrics_out", default=None, help="also write the stage's figures to this JSON file")
-def checkpoint(params_file, overrides, data_dir, source, out, metrics_out):
+@RUN_METRICS_OPT
+def checkpoint(params_file, overrides, data_dir, source, out, metrics_out, run_metrics):
     """Train the built-in model or import a checkpoint (local dir / hub id)."""
-    from stages import checkpoint as stage
-
     from .evaluate import checkpoint_metrics
 
-    params = _params(params_file, overrides)
-    if source:
-        params["model"]["source"] = source
-    manifest = stage.run(params, data_dir, out)
+    params = _params(params_file, overrides, {"model.source": source} if source else None)
+    manifest = _build("checkpoint", params, data_dir, out, None, run_metrics)
     if metrics_out:
         _write_json(metrics_out, checkpoint_metrics(manifest))
 
@@ -86,12 +108,11 @@ def checkpoint(params_file, overrides, data_dir, source, out, metrics_out):
 @click.option("--eval/--no-eval", "eval_after", default=True, show_default=True,
               help="score the export against PyTorch (the checkpoint) on the held-out text before publishing it")
 @click.option("--data", "eval_data", default="artifacts/data", show_default=True, help="data artifact for --eval")
-def export(params_file, overrides, checkpoint_dir, out, eval_after, eval_data):
+@RUN_METRICS_OPT
+def export(params_file, overrides, checkpoint_dir, out, eval_after, eval_data, run_metrics):
     """Export the checkpoint to FP32 ONNX with KV cache and check parity with PyTorch."""
-    from stages import export as stage
-
     params = _params(params_file, overrides)
-    stage.run(params["export"], checkpoint_dir, out, _evaluation(params, eval_after, checkpoint_dir, eval_data))
+    _build("export", params, checkpoint_dir, out, _scoring(params, eval_after, checkpoint_dir, eval_data), run_metrics)
 
 
 @cli.command()
@@ -104,7 +125,8 @@ def export(params_file, overrides, checkpoint_dir, out, eval_after, eval_data):
 @click.option("--name", default=None, help="artifact name for budgets.<name> (default: directory name)")
 @click.option("--out", default=None, help="write the metrics JSON here")
 @click.option("--provider", default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True)
-@click.option("--rescore", is_flag=True, help="score again even when the stage recorded figures for this reference and text")
+@click.option("--rescore", is_flag=True, help="score again even when the stage recorded figures for this reference "
+                                              "and text, by this scoring code")
 def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, name, out, provider, rescore):
     """Perplexity (llama.cpp style), and vs a reference: drift, KL divergence, top-1 agreement."""
     from calibration.sources import read_split
@@ -133,74 +155,65 @@ def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, n
                              f"(budgets.{metrics['artifact']} in params.yaml; set report_only: true to only report)")
 
 
-EVAL_OPTS = (
-    click.option("--eval/--no-eval", "eval_after", default=True, show_default=True,
-                 help="score the new artifact against --reference on the held-out text before publishing it: "
-                      "the figures go into its manifest and model card, and `pipeline evaluate` reuses them"),
-    click.option("--reference", "eval_reference", default="artifacts/export", show_default=True,
-                 help="reference for --eval (an artifact, or the checkpoint = PyTorch)"),
-    click.option("--data", "eval_data", default="artifacts/data", show_default=True, help="data artifact for --eval"),
-)
-
-
-def _eval_opts(fn):
-    for opt in reversed(EVAL_OPTS):
-        fn = opt(fn)
-    return fn
-
-
-def _evaluation(params: dict, eval_after: bool, reference: str, data_dir: str) -> dict | None:
-    """What a stage scores its artifact against when it builds it (None: not scored, and why)."""
-    if not eval_after:
-        return None
-    eval_text = Path(data_dir) / "eval.txt"
-    if not eval_text.is_file() or not Path(reference, "manifest.json").is_file():
-        info(f"note: the new artifact will not be scored (no {eval_text} or no artifact at {reference}); "
-             f"`pipeline evaluate` scores it later")
-        return None
-    return {"text": eval_text.read_text(), "reference": reference, "params": params.get("eval", {})}
-
-
-def _derive_opts(default_in, default_out):
+def _build_opts(default_in, default_out):
+    """The options every derived ONNX stage takes: input, output, scoring when built, run figures."""
     def wrap(fn):
-        fn = _eval_opts(fn)
-        fn = click.option("--out", default=default_out, show_default=True)(fn)
-        fn = click.option("--input", "input_dir", default=default_in, show_default=True, help="parent artifact")(fn)
-        fn = SET_OPT(fn)
-        return PARAMS_OPT(fn)
+        for opt in reversed((
+                PARAMS_OPT, SET_OPT,
+                click.option("--input", "input_dir", default=default_in, show_default=default_in is not None,
+                             help="parent artifact" + ("" if default_in else " [default: artifacts/<section>.parent]")),
+                click.option("--out", default=default_out, show_default=default_out is not None,
+                             help="output dir" + ("" if default_out else " [default: artifacts/<stage>]")),
+                click.option("--eval/--no-eval", "eval_after", default=True, show_default=True,
+                             help="score the new artifact against --reference on the held-out text before publishing "
+                                  "it: the figures go into its manifest and model card, and `pipeline evaluate` "
+                                  "reuses them"),
+                click.option("--reference", "eval_reference", default="artifacts/export", show_default=True,
+                             help="reference for --eval (an artifact, or the checkpoint = PyTorch)"),
+                click.option("--data", "eval_data", default="artifacts/data", show_default=True,
+                             help="data artifact for --eval"),
+                RUN_METRICS_OPT)):
+            fn = opt(fn)
+        return fn
     return wrap
 
 
-@cli.command()
-@_derive_opts("artifacts/export", "artifacts/fused")
-def fuse(params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data):
-    """ORT transformer optimizer (qwen3): fused RMSNorm, SkipRMSNorm, RoPE."""
-    from stages import fuse as stage
-
-    params = _params(params_file, overrides)
-    stage.run(params["fused"], input_dir, out, _evaluation(params, eval_after, eval_reference, eval_data))
+def _derived(name, params, input_dir, out, eval_after, eval_reference, eval_data, run_metrics):
+    _build(name, params, input_dir, out, _scoring(params, eval_after, eval_reference, eval_data), run_metrics)
 
 
 @cli.command()
-@_derive_opts("artifacts/fused", "artifacts/fp16")
-def fp16(params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data):
+@_build_opts("artifacts/export", "artifacts/fused")
+def fuse(params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data, run_metrics):
+    """ORT transformer optimizer (qwen3): fused RMSNorm, SkipRMSNorm; one GroupQueryAttention per layer."""
+    _derived("fused", _params(params_file, overrides), input_dir, out, eval_after, eval_reference, eval_data,
+             run_metrics)
+
+
+@cli.command()
+@_build_opts("artifacts/fused", "artifacts/fp16")
+def fp16(params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data, run_metrics):
     """FP16 weights and KV cache (the GPU artifact), valid on CPU too."""
-    from stages import fp16 as stage
-
-    params = _params(params_file, overrides)
-    stage.run(params["fp16"], input_dir, out, _evaluation(params, eval_after, eval_reference, eval_data))
+    _derived("fp16", _params(params_file, overrides), input_dir, out, eval_after, eval_reference, eval_data,
+             run_metrics)
 
 
-MODES = {"dynamic": ("int8_dynamic", "int8-dynamic"), "static": ("int8_static", "int8-static"),
-         "int4": ("int4", "int4")}
+MODES = {"dynamic": "int8-dynamic", "static": "int8-static", "int4": "int4"}
+# quantize's flags: aliases for -S overrides of the mode's section (flag -> modes, key in that section).
+ALIASES = {"calibration": (("static",), "calibration.source"),
+           "text_column": (("static",), "calibration.text_column"),
+           "samples": (("static",), "calibration.samples"),
+           "seq_len": (("static",), "calibration.seq_len"),
+           "method": (("static",), "method"),
+           "smoothquant": (("static",), "smoothquant.enabled"),
+           "alpha": (("static",), "smoothquant.alpha"),
+           "block_size": (("int4", "dynamic"), "block_size"),
+           "symmetric": (("int4",), "symmetric")}
 
 
 @cli.command()
 @click.option("--mode", required=True, type=click.Choice(sorted(MODES)), help="dynamic | static | int4")
-@PARAMS_OPT
-@SET_OPT
-@click.option("--input", "input_dir", default=None, help="parent artifact (default: <mode>.parent in params)")
-@click.option("--out", default=None, help="output dir (default: artifacts/<stage>)")
+@_build_opts(None, None)
 @click.option("--calibration", default=None, help="static: calibration source (file, dir or dataset name)")
 @click.option("--text-column", default=None, help="static: text column of the calibration source")
 @click.option("--samples", type=int, default=None, help="static: calibration windows")
@@ -208,37 +221,29 @@ MODES = {"dynamic": ("int8_dynamic", "int8-dynamic"), "static": ("int8_static", 
 @click.option("--method", default=None, type=click.Choice(["MinMax", "Entropy", "Percentile"]), help="static: calibration method")
 @click.option("--smoothquant/--no-smoothquant", default=None, help="static: SmoothQuant before calibration")
 @click.option("--alpha", type=float, default=None, help="static: SmoothQuant alpha")
-@click.option("--block-size", type=int, default=None, help="int4: block size")
+@click.option("--block-size", type=int, default=None, help="int4 / dynamic: weights per quantization block")
 @click.option("--symmetric/--asymmetric", default=None, help="int4: symmetric blocks")
-@_eval_opts
-def quantize(mode, params_file, overrides, input_dir, out, calibration, text_column, samples, seq_len, method,
-             smoothquant, alpha, block_size, symmetric, eval_after, eval_reference, eval_data):
-    """INT8 dynamic, INT8 static (calibrated, QDQ) or INT4 weight-only (MatMulNBits)."""
-    import importlib
+def quantize(mode, params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data, run_metrics,
+             **flags):
+    """INT8 dynamic, INT8 static (calibrated, QDQ) or INT4 weight-only (MatMulNBits).
 
-    section, stage_name = MODES[mode]
-    params = _params(params_file, overrides)
-    sp = dict(params[section])
-    given = {"calibration.source": calibration, "calibration.text_column": text_column,
-             "calibration.samples": samples, "calibration.seq_len": seq_len, "method": method,
-             "smoothquant.enabled": smoothquant, "smoothquant.alpha": alpha, "block_size": block_size,
-             "symmetric": symmetric}
-    for key, value in given.items():
+    Each flag is an alias for -S <section>.<key>=<value> of the mode's section (int8_dynamic, int8_static, int4)."""
+    from . import registry
+
+    name = MODES[mode]
+    section = registry.load(name).section
+    values = {}
+    for flag, value in flags.items():
         if value is None:
             continue
-        head, _, tail = key.partition(".")
-        if mode != "static" and head in ("calibration", "method", "smoothquant"):
-            raise PipelineError(f"--{head.replace('_', '-')} options apply to --mode static only")
-        if mode != "int4" and head in ("block_size", "symmetric"):
-            raise PipelineError(f"--{head.replace('_', '-')} applies to --mode int4 only")
-        if tail:
-            sp[head] = {**sp.get(head, {}), tail: value}
-        else:
-            sp[head] = value
-    stage = importlib.import_module(f"stages.{section}")
-    out = out or f"artifacts/{stage_name}"
-    stage.run(sp, input_dir or f"artifacts/{sp['parent']}", out,
-              _evaluation(params, eval_after, eval_reference, eval_data))
+        modes, key = ALIASES[flag]
+        if mode not in modes:
+            raise PipelineError(f"--{flag.replace('_', '-')} applies to --mode {' or '.join(modes)} only")
+        values[f"{section}.{key}"] = value
+    params = _params(params_file, overrides, values)
+    parent = getattr(params, section).parent
+    _derived(name, params, input_dir or f"artifacts/{parent}", out or f"artifacts/{name}", eval_after, eval_reference,
+             eval_data, run_metrics)
 
 
 @cli.command()
@@ -307,8 +312,8 @@ def gate(params_file, overrides, metrics_dir, baseline, baseline_file, summary):
     """Fail (exit 1) when an artifact is over its budget or regressed against a baseline."""
     from . import gate as g
 
-    params = _params(params_file, overrides)
-    metrics = g.load_metrics(metrics_dir or params.get("gate", {}).get("metrics_dir", "metrics"))
+    params = _params(params_file, overrides, required=False)
+    metrics = g.load_metrics(metrics_dir or params.gate.metrics_dir)
     if baseline and baseline_file:
         raise PipelineError("give --baseline or --baseline-file, not both")
     base = g.baseline_from_rev(baseline, metrics) if baseline else (
@@ -337,8 +342,8 @@ def report(params_file, overrides, metrics_dir, bench, out):
     """Write reports/summary.md, summary.json and size_vs_drift.png."""
     from . import gate as g
 
-    params = _params(params_file, overrides)
-    rows = g.judge(g.load_metrics(metrics_dir or params.get("gate", {}).get("metrics_dir", "metrics")), params)
+    params = _params(params_file, overrides, required=False)
+    rows = g.judge(g.load_metrics(metrics_dir or params.gate.metrics_dir), params)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bench_data, bench_label = g.bench_for_plot(
@@ -355,7 +360,25 @@ def report(params_file, overrides, metrics_dir, bench, out):
 def check_params(params_file, overrides):
     """Check params.yaml (and -S overrides) against the schema; exit non-zero on the first problem."""
     params = _params(params_file, overrides)
-    click.echo(f"params ok: {params_file or 'params.yaml'} ({len(params)} sections)")
+    click.echo(f"params ok: {params_file or 'params.yaml'} ({len(type(params).model_fields)} sections)")
+
+
+@cli.command("dvc-yaml")
+@click.option("--check", is_flag=True, help="exit 1 if dvc.yaml differs from what the stage declarations give")
+@click.option("--out", default="dvc.yaml", show_default=True)
+def dvc_yaml(check, out):
+    """Write dvc.yaml from the stage declarations: every stage's deps are the modules it runs (its import
+    closure), so no dependency can be forgotten."""
+    from . import dvcgen
+
+    text = dvcgen.render()
+    if check:
+        if not Path(out).is_file() or Path(out).read_text() != text:
+            raise PipelineError(f"{out} is not what the stage declarations give: run `pipeline dvc-yaml` and commit it")
+        click.echo(f"{out} is up to date with the stage declarations")
+        return
+    Path(out).write_text(text)
+    info(f"dvc-yaml: wrote {out} ({text.count(chr(10))} lines)")
 
 
 @cli.command("verify")

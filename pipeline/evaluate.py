@@ -8,19 +8,78 @@ the PyTorch model. Reference and candidate run window by window, so memory stays
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from . import outputs
+from . import outputs, parity
 from .errors import PipelineError
+from .log import info
 from .outputs import log_softmax  # noqa: F401  (the one definition, re-exported)
+from .runtime import Runtime, load_tokenizer
+from .schema import Eval
+from .verify import verify
+
+# The modules whose code computes a score (this one and what it runs). A stage's recorded figures
+# are reused by `pipeline evaluate` only if these files are byte for byte the ones that computed them;
+# tests/test_architecture.py checks that the list covers this module's import closure.
+SCORER_MODULES = ("pipeline.evaluate", "pipeline.outputs", "pipeline.runtime", "pipeline.torch_ref",
+                  "pipeline.parity", "pipeline.verify", "pipeline.manifest", "pipeline.onnx_io", "pipeline.schema",
+                  "pipeline.registry", "pipeline.errors", "pipeline.log")
+
+
+def scorer_fingerprint() -> str:
+    """sha256 over the source of :data:`SCORER_MODULES`: which code computed a score."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in SCORER_MODULES:
+        digest.update(name.encode() + b"\0" + Path(importlib.util.find_spec(name).origin).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What a new artifact is scored against when it is built: held-out text, a reference artifact
+    (or the checkpoint = PyTorch) and the eval settings."""
+    text: str
+    reference: Path
+    eval: Eval
+
+
+def open_model(artifact_dir: Path) -> Callable[[], object]:
+    """How to load an artifact as a scorer: the ONNX runtime, or PyTorch for the checkpoint (imported
+    only then: the runtime path never loads torch)."""
+    if (Path(artifact_dir) / "model.onnx").is_file():
+        return lambda: Runtime(artifact_dir)
+
+    def torch_model():
+        from .torch_ref import TorchModel
+
+        return TorchModel(artifact_dir)
+    return torch_model
+
+
+def encoder(artifact_dir: Path) -> Callable[[str], list[int]]:
+    """The artifact's tokenizer as Runtime.encode uses it, without opening a session."""
+    tok = load_tokenizer(artifact_dir)
+    return lambda text: tok.encode(text, add_special_tokens=False).ids
+
+
+# Figures of a score, rounded before they are stored: a last-bit difference of another CPU's kernels
+# should not change an artifact's manifest.
+SIGNIFICANT = 6
+
+
+def rounded(figures: dict) -> dict:
+    return {k: float(f"{v:.{SIGNIFICANT}g}") if isinstance(v, float) else v for k, v in figures.items()}
 
 
 def make_windows(ids: list[int] | np.ndarray, ctx: int, max_windows: int = 0) -> np.ndarray:
     ids = np.asarray(ids, dtype=np.int64)
-    if ctx < 4:
-        raise PipelineError(f"eval.ctx must be at least 4 (got {ctx})")
     n = len(ids) // ctx
     if n < 2:
         raise PipelineError(f"eval text has {len(ids)} tokens, shorter than two windows of eval.ctx={ctx}: "
@@ -53,50 +112,84 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def window_params(eval_params: dict) -> tuple[int, int]:
-    """(ctx, max_windows) from the ``eval`` params (max_windows 0 = every window)."""
-    return int(eval_params.get("ctx", 128)), int(eval_params.get("max_windows") or 0)
+def check(candidate_dir: Path, label: str, parent_dir: Path, greedy_tokens: int, scoring: Scoring | None,
+          scratch: Path) -> tuple[dict, dict | None, dict, dict]:
+    """Parity with the parent and scoring against ``scoring.reference``, one model in memory at a time:
+    each reference's outputs come from its cache (pipeline/outputs.py) or are recorded once, then the
+    candidate runs alone and records its own into ``scratch``.
+    Returns (parity, score or None, the candidate's recorded outputs, timings of this run)."""
+    encode = encoder(candidate_dir)
+    prompts = [encode(p) for p in parity.PROMPTS]
+    windows = ref_dir = None
+    if scoring:
+        ref_dir = Path(scoring.reference)
+        windows = make_windows(encode(scoring.text), scoring.eval.ctx, scoring.eval.max_windows)
+    same = ref_dir is not None and ref_dir.resolve() == parent_dir.resolve()
+    parent_out = outputs.reference(parent_dir, open_model(parent_dir), prompts=prompts, greedy_tokens=greedy_tokens,
+                                   windows=windows if same else None, label=f"{label}: parent {parent_dir.name}")
+    ref_out = parent_out if same else (outputs.reference(ref_dir, open_model(ref_dir), windows=windows,
+                                                         label=f"{label}: reference {ref_dir.name}")
+                                       if ref_dir is not None else None)
+    info(f"{label}: running the new artifact on {len(prompts)} prompts"
+         + (f" and {len(windows)} eval windows ..." if windows is not None else " ..."))
+    model = open_model(candidate_dir)()
+    mine = {"prompts": outputs.record_prompts(model, prompts, greedy_tokens, scratch / outputs.prompts_key(
+        prompts, greedy_tokens))}
+    if windows is not None:
+        mine["windows"] = outputs.record_windows(model, windows, scratch / outputs.windows_key(windows),
+                                                 label=f"{label} eval")
+    del model
+    result = outputs.compare_prompts(mine["prompts"], parent_out["prompts"])
+    timings = {"decode_tok_s": result.pop("candidate_decode_tok_s")}
+    scored = None
+    if windows is not None:
+        ref_manifest = verify(ref_dir, load=False)
+        figures = outputs.compare_windows(mine["windows"], ref_out["windows"])
+        timings["eval_seconds"] = figures.pop("eval_seconds")
+        scored = {"reference": ref_manifest["stage"], "reference_id": ref_manifest["artifact_id"],
+                  "text_sha256": text_sha256(scoring.text), "max_windows": scoring.eval.max_windows,
+                  "scorer": scorer_fingerprint(), **rounded(figures)}
+        if ref_manifest["stage"] != "checkpoint":
+            scored["size_ratio"] = round(model_bytes(candidate_dir) / model_bytes(ref_dir), SIGNIFICANT)
+    return rounded(result), scored, mine, timings
 
 
-def _recorded(manifest: dict, ref_manifest: dict | None, text: str, eval_params: dict) -> dict | None:
-    """The stage's own scoring, if it was against this reference, on this text, with these settings."""
+def _recorded(manifest: dict, ref_manifest: dict | None, text: str, ev: Eval) -> dict | None:
+    """The stage's own scoring, if it was against this reference, on this text, with these settings,
+    by this code (:func:`scorer_fingerprint`)."""
     rec = manifest.get("metrics", {}).get("eval")
     if not rec or ref_manifest is None:
         return None
     same = (rec.get("reference_id") == ref_manifest["artifact_id"] and rec.get("text_sha256") == text_sha256(text)
-            and (rec.get("ctx"), rec.get("max_windows")) == window_params(eval_params))
+            and (rec.get("ctx"), rec.get("max_windows")) == (ev.ctx, ev.max_windows)
+            and rec.get("scorer") == scorer_fingerprint())
     return rec if same else None
 
 
-def evaluate_artifact(artifact: str | Path, eval_text: str, params: dict, reference: str | Path | None = None,
+def evaluate_artifact(artifact: str | Path, eval_text: str, params, reference: str | Path | None = None,
                       name: str | None = None, provider: str = "cpu", rescore: bool = False) -> dict:
     """Score ``artifact`` on ``eval_text``; against ``reference`` (an ONNX artifact, or the checkpoint
     = PyTorch) also drift, KL divergence and top-1 agreement; then apply ``budgets.<name>``.
 
     A stage that scored its artifact when building it (``metrics.eval`` in the manifest) against the same
-    reference, text and settings is not scored again (``rescore`` forces it)."""
-    from .log import info
-    from .verify import verify
-
+    reference, text and settings, by the same scoring code, is not scored again (``rescore`` forces it).
+    ``params``: the checked params (their ``eval`` and ``budgets``)."""
     artifact = Path(artifact)
     manifest = verify(artifact, load=False)  # opening the Runtime's session is the load check
     ref_manifest = verify(reference, load=False) if reference else None
-    ep = params.get("eval", {})
+    ep = params.eval
     name = name or artifact.name
     metrics = None if rescore else _recorded(manifest, ref_manifest, eval_text, ep)
     if metrics is not None:
         info(f"evaluate {name}: figures recorded when the stage built it (same reference {ref_manifest['artifact_id']}, "
-             f"text and eval params); --rescore measures again")
-        metrics = {k: v for k, v in metrics.items() if k not in ("reference", "reference_id", "text_sha256")}
+             f"text, eval params and scoring code); --rescore measures again")
+        metrics = {k: v for k, v in metrics.items() if k not in ("reference", "reference_id", "text_sha256", "scorer")}
     else:
         # Each model runs alone and its outputs are kept beside it (pipeline/outputs.py): the
         # reference's are reused by every artifact scored against it.
         import tempfile
 
-        from .derive import encoder, open_model
-        from .runtime import Runtime
-
-        windows = make_windows(encoder(artifact)(eval_text), *window_params(ep))
+        windows = make_windows(encoder(artifact)(eval_text), ep.ctx, ep.max_windows)
         ref = (outputs.reference(reference, open_model(Path(reference)), windows=windows,
                                  label=f"evaluate {name}: reference")["windows"] if ref_manifest else None)
         with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
@@ -108,20 +201,17 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params: dict, refere
                 cand = outputs.reference(artifact, open_model(artifact), windows=windows,
                                          label=f"evaluate {name}")["windows"]
             metrics = outputs.compare_windows(cand, ref)
+            metrics.pop("eval_seconds")
+            metrics = rounded(metrics)
     size = model_bytes(artifact)
     if ref_manifest is not None and ref_manifest["stage"] != "checkpoint":
-        ratio = size / model_bytes(Path(reference))
+        ratio = round(size / model_bytes(Path(reference)), SIGNIFICANT)
     else:
         ratio = 1.0
     metrics = {"artifact": name, "artifact_id": manifest["artifact_id"], "stage": manifest["stage"],
                "reference": (ref_manifest or {}).get("stage"), **metrics, "size_bytes": size, "size_ratio": ratio,
-               "stage_seconds": manifest["metrics"].get("stage_seconds"),
-               "stage_wall_seconds": manifest["metrics"].get("wall_seconds"),
-               "stage_peak_rss_mb": manifest["metrics"].get("peak_rss_mb"), **parity_metrics(manifest)}
-    from .store import peak_rss_mb
-
-    metrics["evaluate_peak_rss_mb"] = peak_rss_mb()
-    metrics["budget"] = (check_budget(metrics, (params.get("budgets") or {}).get(name)) if reference else
+               **parity_metrics(manifest)}
+    metrics["budget"] = (check_budget(metrics, params.budgets.get(name)) if reference else
                          {"status": "not checked (no --reference)", "violations": []})
     return metrics
 
@@ -164,8 +254,6 @@ def parity_metrics(manifest: dict) -> dict:
            if k in parity}
     if out:
         out["parity_vs"] = "pytorch" if manifest["stage"] == "export" else (manifest.get("lineage") or [{}])[0].get("stage")
-    if "export_seconds" in m:
-        out["export_seconds"] = m["export_seconds"]
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import PipelineError
 from .evaluate import check_budget
 
-COLUMNS = ("artifact", "PPL", "drift %", "KLD mean", "top-1", "size", "vs FP32", "time s", "status")
+COLUMNS = ("artifact", "PPL", "drift %", "KLD mean", "top-1", "size", "vs FP32", "status")
 
 
 def load_metrics(metrics_dir: str | Path) -> dict[str, dict]:
@@ -68,9 +68,10 @@ def baseline_from_file(path: str | Path) -> dict[str, dict]:
     raise PipelineError(f"baseline file {path} is neither a metrics file nor a pipeline report summary.json")
 
 
-def judge(metrics: dict[str, dict], params: dict, baseline: dict[str, dict] | None = None) -> list[dict]:
-    budgets = params.get("budgets") or {}
-    tol = params.get("gate") or {}
+def judge(metrics: dict[str, dict], params, baseline: dict[str, dict] | None = None) -> list[dict]:
+    """``params``: the checked params (pipeline/schema.py), budgets and gate tolerances."""
+    budgets = params.budgets
+    tol = params.gate.model_dump()
     rows = []
     for name in list(budgets) + sorted(set(metrics) - set(budgets)):
         m = metrics.get(name)
@@ -121,7 +122,6 @@ def markdown(rows: list[dict]) -> str:
                  f"{m['top1_agreement']:.2%}" if "top1_agreement" in m else "—",
                  f"{m['size_bytes'] / 1e6:.2f} MB" if "size_bytes" in m else "—",
                  f"{m['size_ratio']:.3f}" if "size_ratio" in m else "—",
-                 f"{m['stage_seconds']:.1f}" if m.get("stage_seconds") is not None else "—",
                  ("✅ " if r["status"].startswith("pass") else "❌ " if r["status"] == "fail" else "⚠️ ") + r["status"]
                  + (": " + "; ".join(r["reasons"]) if r["reasons"] else "")]
         lines.append("| " + " | ".join(cells) + " |")

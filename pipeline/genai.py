@@ -18,7 +18,7 @@ FILE = "genai_config.json"
 def config_for(directory: Path) -> dict:
     import onnx
 
-    from .runtime import _PAST, attention_shape, uses_gqa
+    from .runtime import PAST_NAME, attention_shape, uses_gqa
 
     graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
     config = json.loads((directory / "config.json").read_text())
@@ -29,7 +29,7 @@ def config_for(directory: Path) -> dict:
     if not {"input_ids", "logits"} <= inputs | outputs:
         raise PipelineError(f"{directory}/model.onnx is not a causal-LM decoder (input_ids -> logits)")
     layers = int(config["num_hidden_layers"])
-    if sum(1 for n in inputs if _PAST.match(n)) != 2 * layers:
+    if sum(1 for n in inputs if PAST_NAME.match(n)) != 2 * layers:
         raise PipelineError(f"{directory}/model.onnx does not have past_key_values.N.key/value for {layers} layers")
     heads, kv_heads, head_dim = attention_shape(config)
     eos = gen.get("eos_token_id", config.get("eos_token_id"))

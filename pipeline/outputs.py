@@ -32,9 +32,6 @@ import numpy as np
 from .log import Progress, info
 
 CACHE = ".outputs"
-# Stages whose artifacts others are derived from or scored against: their outputs are kept when they
-# are built. Any other artifact's are recorded only if something is checked against it.
-REFERENCE_STAGES = ("export", "fused")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

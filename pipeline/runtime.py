@@ -24,7 +24,7 @@ from .errors import PipelineError
 ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                "tensor(int32)": np.int32, "tensor(bfloat16)": None}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+PAST_NAME = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 
 
 def model_path(artifact_dir: str | Path) -> Path:
@@ -114,7 +114,7 @@ class GraphIO:
             raise PipelineError(f"{where} has no input_ids input: not a causal-LM decoder")
         if "logits" not in self.output_names:
             raise PipelineError(f"{where} has no logits output: not a causal-LM decoder")
-        past = sorted(((int(m[1]), m[2], n) for n in byname if (m := _PAST.match(n))))
+        past = sorted(((int(m[1]), m[2], n) for n in byname if (m := PAST_NAME.match(n))))
         self.past_names = [n for _, _, n in past]
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
         missing = [n for n in self.present_names if n not in self.output_names]

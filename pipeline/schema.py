@@ -11,9 +11,9 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import PipelineError
+from .registry import ARTIFACTS
 
 PosInt = Field(ge=1)
-ARTIFACTS = ("checkpoint", "export", "fused", "fp16", "int8-dynamic", "int8-static", "int4")
 # The metrics a budget can bound (max_<metric> / min_<metric>), as evaluate and the checkpoint write them.
 BUDGET_METRICS = ("drift_pct", "kld_mean", "kld_p99", "top1_agreement", "size_ratio", "ppl", "ref_ppl",
                   "ppl_ratio_vs_unigram", "heldout_ppl", "parity_max_abs_logit_delta", "parity_greedy_prefix_match")
@@ -90,8 +90,8 @@ class Train(Section):
 
 
 class Eval(Section):
-    ctx: int = Field(ge=4)
-    max_windows: int = Field(ge=0)  # 0 = every window
+    ctx: int = Field(128, ge=4)  # window length; the second half of each window is scored
+    max_windows: int = Field(0, ge=0)  # 0 = every window
 
 
 class Export(Section):
@@ -177,20 +177,45 @@ class Int8Static(Section):
 
 
 class Gate(Section):
-    metrics_dir: str
-    max_ppl_regression_pct: float = Field(ge=0)
-    max_drift_regression_pct: float = Field(ge=0)
-    max_size_regression_pct: float = Field(ge=0)
+    metrics_dir: str = "metrics"
+    max_ppl_regression_pct: float = Field(0.5, ge=0)
+    max_drift_regression_pct: float = Field(0.25, ge=0)
+    max_size_regression_pct: float = Field(2.0, ge=0)
 
 
-class Params(Section):
+class CheckpointConfig(Section):
+    """The checkpoint stage reads four sections: where the model comes from, the built-in model's
+    tokenizer and training, and the held-out scoring."""
+    model: Model
+    tokenizer: Tokenizer
+    train: Train
+    eval: Eval
+
+
+Budgets = dict[str, dict[str, float | bool]]
+
+
+class ConsumerParams(Section):
+    """What `evaluate`, `gate` and `report` read: enough to run on a machine with artifacts and no
+    params.yaml (a consumer's), where every section takes its default."""
+    eval: Eval = Eval()
+    budgets: Budgets = {}
+    gate: Gate = Gate()
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, budgets):
+        return _check_budgets(budgets)
+
+
+class Params(ConsumerParams):
     data: Data
     model: Model
     tokenizer: Tokenizer
     train: Train
     eval: Eval
     export: Export
-    budgets: dict[str, dict[str, float | bool]]
+    budgets: Budgets
     fused: Fused
     fp16: FP16
     int8_dynamic: Int8Dynamic
@@ -198,24 +223,23 @@ class Params(Section):
     int8_static: Int8Static
     gate: Gate
 
-    @field_validator("budgets")
-    @classmethod
-    def _budgets(cls, budgets):
-        for name, budget in budgets.items():
-            if name not in ARTIFACTS:
-                raise ValueError(_unknown(f"budgets.{name}", name, ARTIFACTS, "artifact name"))
-            for key, value in budget.items():
-                if key == "report_only":
-                    if not isinstance(value, bool):
-                        raise ValueError(f"budgets.{name}.report_only must be true or false")
-                    continue
-                bound, _, metric = key.partition("_")
-                if bound not in ("max", "min") or metric not in BUDGET_METRICS:
-                    valid = [f"{b}_{m}" for b in ("max", "min") for m in BUDGET_METRICS] + ["report_only"]
-                    raise ValueError(_unknown(f"budgets.{name}.{key}", key, valid, "budget key"))
-                if isinstance(value, bool):
-                    raise ValueError(f"budgets.{name}.{key} must be a number, not {value}")
-        return budgets
+
+def _check_budgets(budgets: Budgets) -> Budgets:
+    for name, budget in budgets.items():
+        if name not in ARTIFACTS:
+            raise ValueError(_unknown(f"budgets.{name}", name, ARTIFACTS, "artifact name"))
+        for key, value in budget.items():
+            if key == "report_only":
+                if not isinstance(value, bool):
+                    raise ValueError(f"budgets.{name}.report_only must be true or false")
+                continue
+            bound, _, metric = key.partition("_")
+            if bound not in ("max", "min") or metric not in BUDGET_METRICS:
+                valid = [f"{b}_{m}" for b in ("max", "min") for m in BUDGET_METRICS] + ["report_only"]
+                raise ValueError(_unknown(f"budgets.{name}.{key}", key, valid, "budget key"))
+            if isinstance(value, bool):
+                raise ValueError(f"budgets.{name}.{key} must be a number, not {value}")
+    return budgets
 
 
 def _unknown(where: str, key: str, valid, what: str) -> str:
@@ -255,10 +279,10 @@ def _message(err: dict, source: str) -> str:
     return f"{source}: {key} = {err.get('input')!r}: {msg}"
 
 
-def validate(params: dict, source: str = "params.yaml") -> dict:
-    """The params, type-checked and normalised; one PipelineError line for the first problem."""
+def validate(params: dict, source: str = "params.yaml", schema: type[BaseModel] = Params):
+    """The params as typed objects (``params.int4.block_size``); one PipelineError line for the first problem."""
     try:
-        return Params.model_validate(params).model_dump(mode="python")
+        return schema.model_validate(params)
     except ValidationError as exc:
         errors = exc.errors()
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""

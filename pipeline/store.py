@@ -13,10 +13,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import resource
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from . import manifest as mf
@@ -71,68 +69,13 @@ def staging_dir(out: str | Path):
         # so a killed run leaves nothing in /tmp either.
         lib_tmp = Path(tempfile.mkdtemp(prefix=f"{tmp.name}-lib-", dir=out.parent))
         saved, tempfile.tempdir = tempfile.tempdir, str(lib_tmp.resolve())  # absolute: a library may chdir
-        _started[tmp] = time.perf_counter()
         try:
             yield tmp
         finally:
-            _started.pop(tmp, None)
             tempfile.tempdir = saved
             for scratch in (tmp, lib_tmp):
                 if scratch.exists():
                     shutil.rmtree(scratch, ignore_errors=True)
-
-
-_started: dict[Path, float] = {}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process. (Not RUSAGE_CHILDREN: on Linux it carries the peak of
-    whatever the parent shell ran before; a stage that works in a child reports the child's itself.)"""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
-
-
-def _child_main(target, args, conn) -> None:
-    try:
-        result = target(*args)
-        conn.send(("ok", result, peak_rss_mb()))
-    except PipelineError as exc:
-        conn.send(("error", str(exc), peak_rss_mb()))
-    except BaseException as exc:  # noqa: BLE001 - reported by the parent as one line
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        conn.send(("error", f"{getattr(target, '__name__', 'child')} failed: {type(exc).__name__}: {first}", peak_rss_mb()))
-
-
-def in_child(target, *args, env: dict[str, str] | None = None):
-    """Run ``target(*args)`` (a module-level function) in a fresh interpreter, with ``env`` added to its
-    environment, and return (its result, its peak RSS in MiB). For library work whose settings are read
-    once at start-up, or whose memory is not all given back (torch's exporter keeps a sharded
-    checkpoint's weights mapped after it returns): the child's exit frees it all."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe(duplex=False)
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})  # the spawned child starts with this environment
-    try:
-        proc = ctx.Process(target=_child_main, args=(target, args, child_conn), daemon=True)
-        proc.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    child_conn.close()
-    try:
-        status, payload, peak = parent_conn.recv()
-    except EOFError:
-        proc.join()
-        raise PipelineError(f"{getattr(target, '__name__', 'child')} process died (exit code {proc.exitcode}): "
-                            f"out of memory or killed") from None
-    proc.join()
-    if status == "error":
-        raise PipelineError(payload)
-    return payload, peak
 
 
 def scratch_dir(tmp: Path, tag: str):
@@ -141,25 +84,12 @@ def scratch_dir(tmp: Path, tag: str):
     return tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f"{tmp.name}-{tag}-")
 
 
-def publish(tmp: Path, out: str | Path, **manifest_fields) -> dict:
-    """Write the manifest into ``tmp`` and rename it to ``out`` (replacing an old artifact)."""
+def publish(tmp: Path, out: str | Path, manifest: dict) -> dict:
+    """Write ``manifest`` (built by the runner over ``tmp``'s files) into ``tmp`` and rename it to
+    ``out``, replacing an old artifact."""
     out = Path(out)
     for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700; artifacts are shared read-only data
         path.chmod(0o755 if path.is_dir() else 0o644)
-    if tmp in _started:  # every stage records its own wall time and peak memory
-        metrics = manifest_fields.get("metrics", {})
-        manifest_fields["metrics"] = {**metrics, "peak_rss_mb": max(peak_rss_mb(), metrics.get("child_peak_rss_mb", 0)),
-                                      "wall_seconds": round(time.perf_counter() - _started[tmp], 2)}
-    if (tmp / "model.onnx").is_file():  # onnxruntime-genai runs every ONNX artifact as shipped
-        from . import genai
-
-        genai.write(tmp)
-    manifest = mf.build_manifest(tmp, **manifest_fields)
-    if (tmp / "model.onnx").is_file():  # every ONNX artifact explains itself: README.md, a model card
-        from . import card
-
-        manifest["files"] = sorted([*manifest["files"], card.write(tmp, manifest)], key=lambda f: f["path"])
-        manifest["size_bytes"] = sum(f["size"] for f in manifest["files"])
     mf.write_manifest(tmp, manifest)
     old = None
     if out.exists() or out.is_symlink():

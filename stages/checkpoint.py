@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import manifest as mf
-from pipeline import store
 from pipeline.errors import PipelineError
-from pipeline.evaluate import make_windows, score, window_params
+from pipeline.child import in_child
+from pipeline.evaluate import make_windows, rounded, score
 from pipeline.log import info
+from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline.schema import CheckpointConfig, Eval, Model
 
 BUILTIN = "builtin:qwen3-tiny"
 EOS = "<|endoftext|>"
@@ -75,46 +77,43 @@ def unigram_ppl(train_ids: np.ndarray, windows: np.ndarray, vocab: int) -> float
     return float(np.exp(-logp[targets].mean()))
 
 
-def train_builtin(params: dict, data_dir: Path, tmp: Path) -> dict:
+def train_builtin(cfg: CheckpointConfig, data_dir: Path, tmp: Path) -> dict:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     from calibration.sources import read_split
 
-    tp = params["train"]
-    seed = int(tp["seed"])
+    tp = cfg.train
+    seed = tp.seed
     torch.manual_seed(seed)
-    torch.set_num_threads(int(tp["threads"]))
+    torch.set_num_threads(tp.threads)
     torch.use_deterministic_algorithms(True)
     train_text = read_split(data_dir, "train")
 
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer(train_text, int(params["tokenizer"]["vocab_size"]), tmp)
+    tokenizer = train_tokenizer(train_text, cfg.tokenizer.vocab_size, tmp)
     train_ids = encode_text(tokenizer, train_text)
     info(f"checkpoint: tokenizer {len(tokenizer)} tokens; train {len(train_ids):,} tokens "
          f"({time.perf_counter() - t0:.1f} s)")
 
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=int(tp["hidden_size"]), intermediate_size=int(tp["intermediate_size"]),
-        num_hidden_layers=int(tp["layers"]), num_attention_heads=int(tp["heads"]),
-        num_key_value_heads=int(tp["kv_heads"]), head_dim=int(tp["head_dim"]),
-        max_position_embeddings=int(tp["max_position_embeddings"]), rope_theta=10000.0, rms_norm_eps=1e-6,
+        vocab_size=len(tokenizer), hidden_size=tp.hidden_size, intermediate_size=tp.intermediate_size,
+        num_hidden_layers=tp.layers, num_attention_heads=tp.heads, num_key_value_heads=tp.kv_heads,
+        head_dim=tp.head_dim, max_position_embeddings=tp.max_position_embeddings, rope_theta=10000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id, attention_dropout=0.0, use_cache=True,
         torch_dtype="float32",
     )
-    if config.num_key_value_heads >= config.num_attention_heads:
-        raise PipelineError("train.kv_heads must be smaller than train.heads (the target model uses GQA)")
     model = Qwen3ForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     info(f"checkpoint: Qwen3 {config.num_hidden_layers} layers x {config.hidden_size}, "
          f"{config.num_attention_heads} heads / {config.num_key_value_heads} KV heads, {n_params / 1e6:.2f} M params")
 
-    steps, bs, seq = int(tp["steps"]), int(tp["batch_size"]), int(tp["seq_len"])
-    warmup, lr = int(tp["warmup"]), float(tp["lr"])
+    steps, bs, seq = tp.steps, tp.batch_size, tp.seq_len
+    warmup, lr = tp.warmup, tp.lr
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(tp["weight_decay"])},
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))))
@@ -150,12 +149,13 @@ def train_builtin(params: dict, data_dir: Path, tmp: Path) -> dict:
 
     return {
         "source": {"model": BUILTIN, "data_id": _data_id(data_dir)},
-        "metrics": {"params_m": round(n_params / 1e6, 3), "train_seconds": round(train_s, 1),
-                    "train_tokens": steps * bs * seq, "final_loss": round(loss_ema, 4)},
+        "metrics": {"params_m": round(n_params / 1e6, 3), "train_tokens": steps * bs * seq,
+                    "final_loss": round(loss_ema, 4)},
+        "run": {"train_seconds": round(train_s, 1)},
     }
 
 
-def score_checkpoint(directory: Path, data_dir: Path, eval_params: dict, trust_remote_code: bool = False) -> dict:
+def score_checkpoint(directory: Path, data_dir: Path, ev: Eval, trust_remote_code: bool = False) -> dict:
     """Held-out PPL of the checkpoint (PyTorch, llama.cpp-style windows) and of a unigram model from the
     train split with the same tokenizer, on the same tokens: is it a real model?
 
@@ -170,7 +170,7 @@ def score_checkpoint(directory: Path, data_dir: Path, eval_params: dict, trust_r
     def encode(text: str) -> np.ndarray:
         return np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
-    windows = make_windows(encode(read_split(data_dir, "eval")), *window_params(eval_params))
+    windows = make_windows(encode(read_split(data_dir, "eval")), ev.ctx, ev.max_windows)
     try:
         model = TorchModel(directory, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for unloadable checkpoints
@@ -178,8 +178,8 @@ def score_checkpoint(directory: Path, data_dir: Path, eval_params: dict, trust_r
                             f"{str(exc).splitlines()[0][:200]})") from None
     held_out = score(model, windows, label="held-out ppl")
     uni = unigram_ppl(encode(read_split(data_dir, "train")), windows, tok.get_vocab_size())
-    return {"heldout_ppl": held_out["ppl"], "unigram_ppl": uni, "ppl_ratio_vs_unigram": held_out["ppl"] / uni,
-            "eval_tokens_scored": held_out["tokens_scored"]}
+    return rounded({"heldout_ppl": held_out["ppl"], "unigram_ppl": uni, "ppl_ratio_vs_unigram": held_out["ppl"] / uni,
+                    "eval_tokens_scored": held_out["tokens_scored"]})
 
 
 def _data_id(data_dir: Path) -> str | None:
@@ -219,7 +219,7 @@ def parse_random(source: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def random_qwen3(source: str, params: dict, data_dir: Path, tmp: Path) -> dict:
+def random_qwen3(source: str, cfg: CheckpointConfig, data_dir: Path, tmp: Path) -> dict:
     """A Qwen3 of a published shape with random weights from ``train.seed`` and the built-in tokenizer
     (the real vocab size kept, so the embedding and lm_head are the real size). Its perplexity means
     nothing; the stages after it measure what they measure on any model: drift, KLD, top-1, size, time."""
@@ -229,12 +229,12 @@ def random_qwen3(source: str, params: dict, data_dir: Path, tmp: Path) -> dict:
     from calibration.sources import read_split
 
     name, overrides = parse_random(source)
-    tokenizer = train_tokenizer(read_split(data_dir, "train"), int(params["tokenizer"]["vocab_size"]), tmp)
+    tokenizer = train_tokenizer(read_split(data_dir, "train"), cfg.tokenizer.vocab_size, tmp)
     shape = {**QWEN3_SHAPES[name], **overrides}
     config = Qwen3Config(vocab_size=QWEN3_VOCAB, head_dim=128, rms_norm_eps=1e-6, tie_word_embeddings=True,
                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.eos_token_id, use_cache=True, torch_dtype="float32", **shape)
-    torch.manual_seed(int(params["train"]["seed"]))
+    torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
     model = Qwen3ForCausalLM(config)
     model.eval()
@@ -289,9 +289,9 @@ def _convert_pickle(directory: Path, tmp: Path, trust_remote_code: bool) -> None
     model.save_pretrained(str(tmp), safe_serialization=True)
 
 
-def import_checkpoint(source: str, revision: str, tmp: Path, model_params: dict | None = None) -> dict:
-    mp = model_params or {}
-    allow_pickle, trust = bool(mp.get("allow_unsafe_pickle_weights")), bool(mp.get("trust_remote_code"))
+def import_checkpoint(model: Model, tmp: Path) -> dict:
+    source, revision = model.source, model.revision
+    allow_pickle, trust = model.allow_unsafe_pickle_weights, model.trust_remote_code
     path = Path(source).expanduser()
     if path.exists() or source.startswith(("/", ".", "~")):
         if not path.is_dir():
@@ -332,47 +332,54 @@ AVX2_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "DNNL_MAX
              "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
-def training(params: dict, data_dir: str, tmp: str) -> dict:
-    return train_builtin(params, Path(data_dir), Path(tmp))
+def training(cfg: CheckpointConfig, data_dir: str, tmp: str) -> dict:
+    return train_builtin(cfg, Path(data_dir), Path(tmp))
 
 
-def train_pinned(params: dict, data_dir: Path, tmp: Path) -> dict:
+def train_pinned(cfg: CheckpointConfig, data_dir: Path, tmp: Path) -> dict:
     """Train in a fresh interpreter whose CPU code paths and thread count are fixed before torch loads:
     the libraries read these settings once, at start-up, so they cannot be changed in this process."""
-    tp = params["train"]
-    pins = dict(AVX2_PINS) if tp["cpu_code_path"] == "avx2" else {}
-    pins.update({"OMP_NUM_THREADS": str(tp["threads"]), "MKL_NUM_THREADS": str(tp["threads"])})
-    made, peak = store.in_child(training, params, str(data_dir), str(tmp), env=pins)
-    made["metrics"]["child_peak_rss_mb"] = peak  # the training interpreter's own peak
-    made["source"]["cpu_code_path"] = tp["cpu_code_path"]
+    tp = cfg.train
+    pins = dict(AVX2_PINS) if tp.cpu_code_path == "avx2" else {}
+    pins.update({"OMP_NUM_THREADS": str(tp.threads), "MKL_NUM_THREADS": str(tp.threads)})
+    made, peak = in_child(training, cfg, str(data_dir), str(tmp), env=pins)
+    made["run"]["child_peak_rss_mb"] = peak  # the training interpreter's own peak
+    made["source"]["cpu_code_path"] = tp.cpu_code_path
     return made
 
 
 # ---------------------------------------------------------------------------------------------- stage
-def run(params: dict, data_dir: str | Path, out: str | Path) -> dict:
-    """params: the whole params.yaml (model, tokenizer, train, eval sections)."""
-    source = str(params["model"]["source"])
-    with store.staging_dir(out) as tmp:
-        if source == BUILTIN:
-            made = train_pinned(params, Path(data_dir), tmp)
-            stage_params = {k: params[k] for k in ("model", "tokenizer", "train")}
-        elif source.startswith(RANDOM_PREFIX):
-            made = random_qwen3(source, params, Path(data_dir), tmp)
-            stage_params = {k: params[k] for k in ("model", "tokenizer")} | {"seed": params["train"]["seed"]}
-        elif source.startswith("builtin:"):
-            raise PipelineError(f"unknown built-in model {source!r}; the built-in model is {BUILTIN}")
-        else:
-            made = import_checkpoint(source, str(params["model"].get("revision", "main")), tmp, params["model"])
-            stage_params = {"model": params["model"]}
-        config = json.loads((tmp / "config.json").read_text())
-        made["metrics"].update(score_checkpoint(tmp, Path(data_dir), params["eval"],
-                                                bool(params["model"].get("trust_remote_code"))))
-        manifest = store.publish(tmp, out, stage="checkpoint", params=stage_params, source=made["source"],
-                                 metrics=made["metrics"], extra={"config": config})
+def build(inputs: Inputs, cfg: CheckpointConfig, tmp: Path) -> BuildResult:
+    """The built-in model trained, a random-weight real shape, or an imported checkpoint; scored on the
+    data artifact's held-out split. The id covers only the params that shape the model for its source."""
+    source, data_dir = cfg.model.source, inputs.dir
+    if source == BUILTIN:
+        made = train_pinned(cfg, data_dir, tmp)
+        covered = {"model": cfg.model, "tokenizer": cfg.tokenizer, "train": cfg.train}
+    elif source.startswith(RANDOM_PREFIX):
+        made = random_qwen3(source, cfg, data_dir, tmp)
+        covered = {"model": cfg.model, "tokenizer": cfg.tokenizer, "seed": cfg.train.seed}
+    elif source.startswith("builtin:"):
+        raise PipelineError(f"unknown built-in model {source!r}; the built-in model is {BUILTIN}")
+    else:
+        made = import_checkpoint(cfg.model, tmp)
+        covered = {"model": cfg.model}
+    config = json.loads((tmp / "config.json").read_text())
+    metrics = {**made["metrics"], **score_checkpoint(tmp, data_dir, cfg.eval, cfg.model.trust_remote_code)}
+    params = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in covered.items()}
+    return BuildResult(metrics=metrics, extra={"config": config}, run=made.get("run", {}), source=made["source"],
+                       params=params)
+
+
+def describe(manifest: dict, measured: dict) -> str:
     m = manifest["metrics"]
-    what = (f"built-in Qwen3 {m['params_m']} M params trained {m['train_seconds']:.0f} s" if "train_seconds" in m
-            else f"{source} ({manifest['size_bytes'] / 1e6:,.1f} MB)")
+    what = (f"built-in Qwen3 {m['params_m']} M params trained {measured['train_seconds']:.0f} s"
+            if "train_seconds" in measured else f"{manifest['source']['model']} ({manifest['size_bytes'] / 1e6:,.1f} MB)")
     note = " (random weights: this perplexity means nothing)" if m.get("random_weights") else ""
-    info(f"checkpoint: {manifest['artifact_id']} {what}, held-out ppl {m['heldout_ppl']:.2f} vs unigram "
-         f"{m['unigram_ppl']:.1f} (ratio {m['ppl_ratio_vs_unigram']:.3f}){note}")
-    return manifest
+    return (f"checkpoint: {manifest['artifact_id']} {what}, held-out ppl {m['heldout_ppl']:.2f} vs unigram "
+            f"{m['unigram_ppl']:.1f} (ratio {m['ppl_ratio_vs_unigram']:.3f}){note}, {measured['wall_seconds']:.0f} s, "
+            f"peak RSS {measured['peak_rss_mb'] / 1024:.2f} GB")
+
+
+STAGE = Stage(name="checkpoint", config=CheckpointConfig, build=build, parents=("data",), describe=describe,
+              summary="Hugging Face checkpoint (safetensors) the ONNX artifacts start from")

@@ -8,16 +8,17 @@ import gc
 import io
 import json
 import logging
-import shutil
 import time
 import warnings
 from pathlib import Path
 
-from pipeline import manifest as mf
-from pipeline import onnx_io, outputs, parity, store
+from pipeline import onnx_io, store
+from pipeline.child import in_child
 from pipeline.errors import PipelineError
-from pipeline.log import heartbeat, info
-from pipeline.tied import retie_embedding
+from pipeline.log import info
+from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline.schema import Export
+from pipeline.torch_ref import trusted
 
 TASK = "text-generation-with-past"
 
@@ -64,7 +65,7 @@ def _check_exportable(config: dict) -> None:
 
 
 def optimum_export(checkpoint_dir: str, raw: str, opset: int, trust_remote_code: bool) -> None:
-    """optimum-onnx's export, run by :func:`run` in a child process (``store.in_child``): torch's exporter
+    """optimum-onnx's export, run by :func:`build` in a child process (``pipeline.child.in_child``): torch's exporter
     leaves a sharded checkpoint's weights mapped after it returns (7.4 GB at Qwen3-1.7B), and the
     parity check that follows loads PyTorch and an ORT session, one after the other."""
     from optimum.exporters.onnx import main_export
@@ -86,60 +87,28 @@ def optimum_export(checkpoint_dir: str, raw: str, opset: int, trust_remote_code:
                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
 
 
-def run(params: dict, checkpoint_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
-    """``evaluation`` = {text, reference: the checkpoint, params}: score the export against PyTorch on
-    held-out text when built, recorded in the manifest and model card (see pipeline.derive)."""
-    from pipeline.derive import check, decode_speed, summary_figures
-    from pipeline.torch_ref import trusted
-
-    checkpoint_dir = Path(checkpoint_dir)
-    parent = mf.read_manifest(checkpoint_dir)
-    mf.expect_stage(parent, ("checkpoint",), checkpoint_dir)
-    config = json.loads((checkpoint_dir / "config.json").read_text())
-    _check_exportable(config)
-    opset = int(params["opset"])
+def build(inputs: Inputs, config: Export, tmp: Path) -> BuildResult:
+    checkpoint_dir = inputs.dir
+    model_config = json.loads((checkpoint_dir / "config.json").read_text())
+    _check_exportable(model_config)
     t0 = time.perf_counter()
-    with store.staging_dir(out) as tmp, store.scratch_dir(tmp, "raw") as raw, \
-            store.scratch_dir(tmp, "outputs") as scratch:
-        info(f"export: optimum-onnx {TASK}, opset {opset} ...")
-        with heartbeat("export"):
-            _, child_peak = store.in_child(optimum_export, str(checkpoint_dir), str(raw), opset,
-                                           trusted(checkpoint_dir))
+    with store.scratch_dir(tmp, "raw") as raw:
+        info(f"export: optimum-onnx {TASK}, opset {config.opset} ...")
+        _, child_peak = in_child(optimum_export, str(checkpoint_dir), str(raw), config.opset, trusted(checkpoint_dir))
         raw = Path(raw)
         model = onnx_io.load_ir(raw)  # weights stay on disk, streamed into the artifact
         folded = onnx_io.fold_constants(model)
-        retied = retie_embedding(model) if config.get("tie_word_embeddings", True) else []
         onnx_io.save_ir(model, tmp)
         del model
         gc.collect()  # the graph's nodes and values form cycles: free its mapped weights now
         onnx_io.copy_side_files(raw, tmp)
-        for f in raw.iterdir():  # the raw export goes now
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
-        graph = onnx_io.load(tmp, load_external_data=False)
-        counts, opset_found = onnx_io.op_counts(graph), onnx_io.opset(graph)
-        onnx_io.copy_side_files(checkpoint_dir, tmp)  # tokenizer and config files
-        export_s = time.perf_counter() - t0
-        onnx_io.check(tmp / onnx_io.MODEL)
-        info(f"export: graph checked ({export_s:.1f} s); parity with PyTorch on {len(parity.PROMPTS)} prompts ...")
-        result, scored, mine = check(tmp, "export", checkpoint_dir, int(params["greedy_tokens"]), evaluation,
-                                     Path(scratch))
-        if not result["greedy_match"]:
-            raise PipelineError(f"export parity failed: greedy tokens differ from PyTorch (prefix match "
-                                f"{result['greedy_prefix_match']:.0%}, max |dlogit| {result['max_abs_logit_delta']:.2e})")
-        if result["max_abs_logit_delta"] > float(params["max_abs_logit_delta"]):
-            raise PipelineError(f"export parity failed: max |dlogit| {result['max_abs_logit_delta']:.2e} > "
-                                f"export.max_abs_logit_delta {params['max_abs_logit_delta']}")
-        metrics = {**result, "export_seconds": round(export_s, 2), "stage_seconds": round(time.perf_counter() - t0, 2),
-                   "op_counts": counts, "decode": decode_speed(result), "retied_initializers": retied,
-                   "folded_nodes": folded,
-                   "child_peak_rss_mb": child_peak}
-        if scored:
-            metrics["eval"] = scored
-        manifest = store.publish(tmp, out, stage="export", params=params, parent=parent, source=parent["source"],
-                                 metrics=metrics, extra={"opset": opset_found, "task": TASK,
-                                                         "precision": "fp32", "kv_dtype": "float32"})
-        outputs.keep(mine, out)  # every derived artifact is parity-checked and scored against the export
-    info(f"export: {manifest['artifact_id']} fp32 {manifest['size_bytes'] / 1e6:.1f} MB, opset {manifest['opset']}, "
-         f"max |dlogit| vs PyTorch {result['max_abs_logit_delta']:.2e}, greedy {result['greedy_tokens']} tokens "
-         f"identical on {result['greedy_prompts']} prompts{summary_figures(scored) if scored else ''}, {export_s:.1f} s")
-    return manifest
+    graph = onnx_io.load(tmp, load_external_data=False)
+    onnx_io.check(tmp / onnx_io.MODEL)
+    return BuildResult(metrics={"op_counts": onnx_io.op_counts(graph), "folded_nodes": folded},
+                       extra={"opset": onnx_io.opset(graph), "task": TASK, "precision": "fp32", "kv_dtype": "float32"},
+                       run={"export_seconds": round(time.perf_counter() - t0, 2), "child_peak_rss_mb": child_peak})
+
+
+STAGE = Stage(name="export", section="export", config=Export, build=build, parents=("checkpoint",),
+              require_greedy_match=True, keep_outputs=True,
+              summary="FP32 ONNX export (optimum-onnx, merged decoder with KV cache), checked against PyTorch")

@@ -11,55 +11,55 @@ from unittest import mock
 
 from onnx import TensorProto
 
-from pipeline import onnx_io
-from pipeline.derive import derive
+from pipeline import onnx_io, registry
+from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline.schema import FP16
 
 
-def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
-    """``evaluation`` = {text, reference, params}: score the artifact when built (see pipeline.derive)."""
-    def build(parent_dir: Path, parent: dict, tmp: Path) -> dict:
-        import sys
+def build(inputs: Inputs, config: FP16, tmp: Path) -> BuildResult:
+    parent_dir = inputs.dir
+    import sys
 
-        from onnxruntime.transformers.onnx_model import OnnxModel
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-        float16 = sys.modules["float16"]  # ORT's transformers tools import it under this name
+    float16 = sys.modules["float16"]  # ORT's transformers tools import it under this name
 
-        # ORT's converter runs on the graph alone (weights left on disk): it rewrites the graph and
-        # retypes every converted initializer, and for one stored externally it only changes the type.
-        # Those are converted here, one tensor at a time as onnx-ir writes them, with ORT's own
-        # float16 rounding. (On the whole ModelProto it held the weights three times over.)
-        proto = onnx_io.load(parent_dir, load_external_data=False)
-        external = {t.name for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT
-                    and t.data_location == TensorProto.EXTERNAL}
-        model = OnnxModel(proto)
-        keep_io = list(params.get("keep_io_types") or [])
-        block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(params.get("op_block_list") or []))
-        # Its shape inference reads a few small initializers by a path relative to the working directory;
-        # its make_value_info_from_tensor reads a whole tensor to learn the shape its dims already give
-        # (and fails on a retyped external one): replaced by one that reads the dims.
-        with onnx_io.weights_from(parent_dir), mock.patch.object(float16, "make_value_info_from_tensor",
-                                                                       _value_info):
-            model.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=keep_io, op_block_list=block,
-                                           node_block_list=list(params.get("node_block_list") or []))
-        graph = model.model
-        retyped = {t.name for t in graph.graph.initializer if t.name in external and t.data_type == TensorProto.FLOAT16}
-        io_types = {v.name: _elem(v) for v in list(graph.graph.input) + list(graph.graph.output)}
-        counts = onnx_io.op_counts(graph)
-        ir_model = onnx_io.to_ir(graph, parent_dir.resolve())
-        del model, graph, proto
-        for name in retyped:
-            value = ir_model.graph.initializers[name]
-            value.const_value = _to_float16(value.const_value, float16.convert_np_to_float16)
-        onnx_io.save_ir(ir_model, tmp)
-        kv = next((t for n, t in io_types.items() if n.startswith("past_key_values")), None)
-        policy = {"io_types": io_types, "kv_dtype": kv, "keep_io_types": keep_io,
-                  "op_block_list_extra": list(params.get("op_block_list") or []),
-                  "node_block_list": list(params.get("node_block_list") or [])}
-        return {"metrics": {"op_counts": counts},
-                "extra": {"precision": "fp16", "kv_dtype": kv, "fp16_policy": policy}}
+    # ORT's converter runs on the graph alone (weights left on disk): it rewrites the graph and
+    # retypes every converted initializer, and for one stored externally it only changes the type.
+    # Those are converted here, one tensor at a time as onnx-ir writes them, with ORT's own
+    # float16 rounding. (On the whole ModelProto it held the weights three times over.)
+    proto = onnx_io.load(parent_dir, load_external_data=False)
+    external = {t.name for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT
+                and t.data_location == TensorProto.EXTERNAL}
+    model = OnnxModel(proto)
+    keep_io = list(config.keep_io_types)
+    block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(config.op_block_list))
+    # Its shape inference reads a few small initializers by a path relative to the working directory;
+    # its make_value_info_from_tensor reads a whole tensor to learn the shape its dims already give
+    # (and fails on a retyped external one): replaced by one that reads the dims.
+    with onnx_io.weights_from(parent_dir), mock.patch.object(float16, "make_value_info_from_tensor",
+                                                                   _value_info):
+        model.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=keep_io, op_block_list=block,
+                                       node_block_list=list(config.node_block_list))
+    graph = model.model
+    retyped = {t.name for t in graph.graph.initializer if t.name in external and t.data_type == TensorProto.FLOAT16}
+    io_types = {v.name: _elem(v) for v in list(graph.graph.input) + list(graph.graph.output)}
+    counts = onnx_io.op_counts(graph)
+    ir_model = onnx_io.to_ir(graph, parent_dir.resolve())
+    del model, graph, proto
+    for name in retyped:
+        value = ir_model.graph.initializers[name]
+        value.const_value = _to_float16(value.const_value, float16.convert_np_to_float16)
+    onnx_io.save_ir(ir_model, tmp)
+    kv = next((t for n, t in io_types.items() if n.startswith("past_key_values")), None)
+    policy = {"io_types": io_types, "kv_dtype": kv, "keep_io_types": keep_io,
+              "op_block_list_extra": list(config.op_block_list),
+              "node_block_list": list(config.node_block_list)}
+    return BuildResult(metrics={"op_counts": counts}, extra={"precision": "fp16", "kv_dtype": kv, "fp16_policy": policy})
 
-    return derive(parent_dir, out, "fp16", params, build, greedy_tokens=int(params["greedy_tokens"]),
-                  evaluation=evaluation)
+
+STAGE = Stage(name="fp16", section="fp16", config=FP16, build=build, parents=registry.ONNX, default_parent="fused",
+              summary="FP16 weights and KV cache, float32 logits: the GPU artifact")
 
 
 def _value_info(tensor):

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import onnx_io, store
-from pipeline.derive import derive
 from pipeline.errors import PipelineError
+from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline.schema import Fused
 from pipeline.fusions import fuse_attention
 from pipeline.tied import retie_embedding
 
@@ -43,53 +44,55 @@ def trim_rotary_caches(model, max_positions: int) -> dict:
     return trimmed
 
 
-def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
-    """``evaluation`` = {text, reference, params}: score the artifact when built (see pipeline.derive)."""
+def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_by_onnxruntime, optimize_model
 
-    def build(parent_dir: Path, parent: dict, tmp: Path) -> dict:
-        import onnx
-        from onnxruntime.transformers.optimizer import optimize_by_onnxruntime, optimize_model
+    parent_dir = inputs.dir
 
-        config = json.loads((parent_dir / "config.json").read_text())
-        logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)
-        layers = int(config["num_hidden_layers"])
-        if params["attention"] == "gqa" and config.get("use_sliding_window"):
-            raise PipelineError("the checkpoint uses sliding-window attention, which the GQA fusion does not carry "
-                                "over: set fused.attention: none")
-        with store.scratch_dir(tmp, "ort") as scratch:
-            scratch = Path(scratch).resolve()
-            # ORT's graph optimizations (constant folding, which its fusions need) run in an ORT session
-            # that writes its result with external data; the fusions then see the graph alone, and the
-            # weights stay on disk until onnx-ir streams them into the artifact. (optimize_model would
-            # load every weight into a ModelProto, then copy them: 6x the model's bytes at 0.6B.)
-            optimized = optimize_by_onnxruntime(str(parent_dir / onnx_io.MODEL), use_gpu=False,
-                                                optimized_model_path=str(scratch / onnx_io.MODEL),
-                                                opt_level=int(params["opt_level"]),
-                                                disabled_optimizers=["ConstantSharing"], save_as_external_data=True)
-            # Its symbolic shape inference reads a few small initializers (norm weights) by a path relative
-            # to the working directory: run it from the one holding the weights.
-            with onnx_io.weights_from(scratch), contextlib.redirect_stdout(io.StringIO()):
-                optimizer = optimize_model(onnx.load(optimized, load_external_data=False),
-                                           model_type=params["model_type"], num_heads=int(config["num_attention_heads"]),
-                                           hidden_size=int(config["hidden_size"]), opt_level=0, use_gpu=False)
-            model = onnx_io.to_ir(optimizer.model, scratch)
-            del optimizer
-            gqa = 0
-            if params["attention"] == "gqa":
-                model, gqa = fuse_attention(model, config, int(config["max_position_embeddings"]))
-            if params["attention"] == "gqa" and gqa != layers:
-                raise PipelineError(f"fused {gqa} of {layers} attention blocks into GroupQueryAttention: the export's "
-                                    f"attention is not the pattern pipeline/fusions.py knows (set fused.attention: none)")
-            trimmed = trim_rotary_caches(model, int(config["max_position_embeddings"]))
-            retied = retie_embedding(model)
-            onnx_io.save_ir(model, tmp)
-            del model
-        graph = onnx_io.load(tmp, load_external_data=False)
-        counts = onnx_io.op_counts(graph)
-        fused = {op: counts.get(op, 0) for op in FUSED_OPS}
-        return {"metrics": {"fused_ops": fused, "op_counts": counts, "rotary_caches_trimmed_to": trimmed,
-                            "retied_initializers": retied},
-                "extra": {"precision": "fp32", "kv_dtype": "float32", "attention": params["attention"]}}
+    model_config = json.loads((parent_dir / "config.json").read_text())
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)
+    layers = int(model_config["num_hidden_layers"])
+    if config.attention == "gqa" and model_config.get("use_sliding_window"):
+        raise PipelineError("the checkpoint uses sliding-window attention, which the GQA fusion does not carry "
+                            "over: set fused.attention: none")
+    with store.scratch_dir(tmp, "ort") as scratch:
+        scratch = Path(scratch).resolve()
+        # ORT's graph optimizations (constant folding, which its fusions need) run in an ORT session
+        # that writes its result with external data; the fusions then see the graph alone, and the
+        # weights stay on disk until onnx-ir streams them into the artifact. (optimize_model would
+        # load every weight into a ModelProto, then copy them: 6x the model's bytes at 0.6B.)
+        optimized = optimize_by_onnxruntime(str(parent_dir / onnx_io.MODEL), use_gpu=False,
+                                            optimized_model_path=str(scratch / onnx_io.MODEL),
+                                            opt_level=config.opt_level,
+                                            disabled_optimizers=["ConstantSharing"], save_as_external_data=True)
+        # Its symbolic shape inference reads a few small initializers (norm weights) by a path relative
+        # to the working directory: run it from the one holding the weights.
+        with onnx_io.weights_from(scratch), contextlib.redirect_stdout(io.StringIO()):
+            optimizer = optimize_model(onnx.load(optimized, load_external_data=False),
+                                       model_type=config.model_type, num_heads=int(model_config["num_attention_heads"]),
+                                       hidden_size=int(model_config["hidden_size"]), opt_level=0, use_gpu=False)
+        model = onnx_io.to_ir(optimizer.model, scratch)
+        del optimizer
+        gqa = 0
+        if config.attention == "gqa":
+            model, gqa = fuse_attention(model, model_config, int(model_config["max_position_embeddings"]))
+        if config.attention == "gqa" and gqa != layers:
+            raise PipelineError(f"fused {gqa} of {layers} attention blocks into GroupQueryAttention: the export's "
+                                f"attention is not the pattern pipeline/fusions.py knows (set fused.attention: none)")
+        trimmed = trim_rotary_caches(model, int(model_config["max_position_embeddings"]))
+        retied = retie_embedding(model)
+        onnx_io.save_ir(model, tmp)
+        del model
+    graph = onnx_io.load(tmp, load_external_data=False)
+    counts = onnx_io.op_counts(graph)
+    fused = {op: counts.get(op, 0) for op in FUSED_OPS}
+    return BuildResult(metrics={"fused_ops": fused, "op_counts": counts, "rotary_caches_trimmed_to": trimmed,
+                                "retied_initializers": retied},
+                       extra={"precision": "fp32", "kv_dtype": "float32", "attention": config.attention})
 
-    return derive(parent_dir, out, "fused", params, build, parents=("export",),
-                  require_greedy_match=True, greedy_tokens=int(params["greedy_tokens"]), evaluation=evaluation)
+
+STAGE = Stage(name="fused", section="fused", config=Fused, build=build, parents=("export",),
+              require_greedy_match=True, keep_outputs=True,
+              summary="FP32, fused: RMSNorm / SkipRMSNorm and one GroupQueryAttention per layer (rotary inside, "
+                      "shareable KV buffer)")

@@ -16,69 +16,70 @@ import logging
 from pathlib import Path
 
 from pipeline import onnx_io, store
-from pipeline.derive import derive
+from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline.schema import Int8Dynamic
 from pipeline.tied import find_tied, share_quantized_table
 
 
-def _matmulnbits(model, params: dict, exclude: list[str]):
+def _matmulnbits(model, config: Int8Dynamic, exclude: list[str]):
     """``model``: the graph alone; run inside onnx_io.weights_from(its dir): each weight is read as it
     is quantized."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
-    config = mnb.DefaultWeightOnlyQuantConfig(block_size=int(params["block_size"]), is_symmetric=True,
-                                              accuracy_level=params["accuracy_level"], bits=8,
+    config = mnb.DefaultWeightOnlyQuantConfig(block_size=config.block_size, is_symmetric=True,
+                                              accuracy_level=config.accuracy_level, bits=8,
                                               op_types_to_quantize=("MatMul",))
     quant = mnb.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
     quant.process()
     return quant.model.model
 
 
-def _qoperator(parent_dir: Path, params: dict, exclude: list[str], tmp: Path):
+def _qoperator(parent_dir: Path, config: Int8Dynamic, exclude: list[str], tmp: Path):
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with store.scratch_dir(tmp, "int8d") as scratch:
         quantize_dynamic(str(parent_dir / onnx_io.MODEL), str(Path(scratch) / "model.onnx"),
-                         per_channel=bool(params["per_channel"]), weight_type=QuantType.QInt8,
+                         per_channel=config.per_channel, weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         return onnx_io.load(scratch)
 
 
-def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
-    """``evaluation`` = {text, reference, params}: score the artifact when built (see pipeline.derive)."""
-    def build(parent_dir: Path, parent: dict, tmp: Path) -> dict:
-        model = onnx_io.load(parent_dir, load_external_data=False)
-        tied = bool(params["quantize_tied"]) and find_tied(model) is not None
-        exclude = list(params.get("nodes_to_exclude") or []) + (onnx_io.lm_head_nodes(model) if tied else [])
-        del model
-        logging.getLogger().setLevel(logging.ERROR)
-        # and the quantizer's own logger, which has a handler of its own: one INFO line per MatMul
-        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # ORT's "please pre-process" advice on every call
-        nbits = params["format"] == "matmulnbits"
-        if nbits:
-            graph = onnx_io.load(parent_dir, load_external_data=False)
-            with onnx_io.weights_from(parent_dir):
-                q = _matmulnbits(graph, params, exclude)
-                shared = share_quantized_table(q, 8, int(params["tied_block_size"]), params["accuracy_level"]) \
-                    if tied else None
-            onnx_io.save_ir(onnx_io.to_ir(q, parent_dir.resolve()), tmp)  # the weights it kept, from the parent
-        else:
-            q = _qoperator(parent_dir, params, exclude, tmp)
-            shared = share_quantized_table(q, 8, int(params["tied_block_size"]), params["accuracy_level"]) \
+def build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
+    parent_dir = inputs.dir
+    model = onnx_io.load(parent_dir, load_external_data=False)
+    tied = config.quantize_tied and find_tied(model) is not None
+    exclude = list(config.nodes_to_exclude) + (onnx_io.lm_head_nodes(model) if tied else [])
+    del model
+    logging.getLogger().setLevel(logging.ERROR)
+    # and the quantizer's own logger, which has a handler of its own: one INFO line per MatMul
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # ORT's "please pre-process" advice on every call
+    nbits = config.format == "matmulnbits"
+    if nbits:
+        graph = onnx_io.load(parent_dir, load_external_data=False)
+        with onnx_io.weights_from(parent_dir):
+            q = _matmulnbits(graph, config, exclude)
+            shared = share_quantized_table(q, 8, config.tied_block_size, config.accuracy_level) \
                 if tied else None
-            onnx_io.save(q, tmp)
-        if nbits:
-            policy = {"weights": f"int8 symmetric blocks of {params['block_size']} (MatMulNBits)",
-                      "activations": f"quantized inside the kernel (accuracy_level {params['accuracy_level']})"
-                      if params["accuracy_level"] == 4 else "float32", "ops": ["MatMulNBits"]}
-        else:
-            policy = {"weights": "int8 symmetric" + (" per-channel" if params["per_channel"] else " per-tensor"),
-                      "activations": "uint8 dynamic (per tensor, at run time)", "ops": ["MatMul (constant B)"]}
-        policy.update({"format": params["format"], "tied_embedding": shared or "fp32 (not quantized)",
-                       "excluded_nodes": exclude})
-        return {"metrics": {"op_counts": onnx_io.op_counts(q)},
-                "extra": {"precision": "int8-dynamic", "kv_dtype": "float32", "quant_policy": policy}}
+        onnx_io.save_ir(onnx_io.to_ir(q, parent_dir.resolve()), tmp)  # the weights it kept, from the parent
+    else:
+        q = _qoperator(parent_dir, config, exclude, tmp)
+        shared = share_quantized_table(q, 8, config.tied_block_size, config.accuracy_level) \
+            if tied else None
+        onnx_io.save(q, tmp)
+    if nbits:
+        policy = {"weights": f"int8 symmetric blocks of {config.block_size} (MatMulNBits)",
+                  "activations": f"quantized inside the kernel (accuracy_level {config.accuracy_level})"
+                  if config.accuracy_level == 4 else "float32", "ops": ["MatMulNBits"]}
+    else:
+        policy = {"weights": "int8 symmetric" + (" per-channel" if config.per_channel else " per-tensor"),
+                  "activations": "uint8 dynamic (per tensor, at run time)", "ops": ["MatMul (constant B)"]}
+    policy.update({"format": config.format, "tied_embedding": shared or "fp32 (not quantized)",
+                   "excluded_nodes": exclude})
+    return BuildResult(metrics={"op_counts": onnx_io.op_counts(q)},
+                       extra={"precision": "int8-dynamic", "kv_dtype": "float32", "quant_policy": policy})
 
-    return derive(parent_dir, out, "int8-dynamic", params, build, greedy_tokens=int(params["greedy_tokens"]),
-                  evaluation=evaluation)
+
+STAGE = Stage(name="int8-dynamic", section="int8_dynamic", config=Int8Dynamic, build=build, parents=("export", "fused"),
+              summary="INT8 weights (MatMulNBits, 8-bit blocks), activations quantized inside the kernel")

@@ -18,14 +18,11 @@ from pathlib import Path
 from calibration.reader import CalibrationReader, calibration_windows
 from calibration.smoothquant import Weights, activation_channel_max, smooth, smoothing_groups
 from pipeline import onnx_io, store
-from pipeline.derive import derive
-from pipeline.errors import PipelineError
+from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline.schema import Int8Static
 from pipeline.log import info
 from pipeline.runtime import GraphIO
 from pipeline.tied import find_tied, share_quantized_table
-
-METHODS = ("MinMax", "Entropy", "Percentile")
-
 
 def _stride(n: int, wanted: int) -> int:
     """Largest divisor of n that is <= wanted (ORT requires the stride to divide the sample count)."""
@@ -42,7 +39,6 @@ def _with_types(model):
         return model
 
 
-
 def _graph_only(path: Path):
     """ORT's load_model_with_shape_infer, less the weights (they stay in the model's data file)."""
     import onnx
@@ -53,7 +49,7 @@ def _graph_only(path: Path):
     return model
 
 
-def _calibrate(model_path: Path, config: dict, windows, method: str, stride: int, params: dict,
+def _calibrate(model_path: Path, config: dict, windows, method: str, stride: int, percentile: float,
                scratch: Path) -> Path:
     """ORT's calibrator over the windows in strides; the ranges saved in its calibration-cache format."""
     from onnxruntime.quantization import CalibrationMethod, calibrate, create_calibrator
@@ -67,7 +63,7 @@ def _calibrate(model_path: Path, config: dict, windows, method: str, stride: int
                                        augmented_model_path=str(model_path.parent / "augmented.onnx"),
                                        calibrate_method=getattr(CalibrationMethod, method),
                                        use_external_data_format=True,
-                                       extra_options={"percentile": float(params["percentile"])}
+                                       extra_options={"percentile": percentile}
                                        if method == "Percentile" else {})
     reader = CalibrationReader(GraphIO.from_onnx(model_path, config), windows)
     for start in range(0, len(windows), stride):
@@ -81,98 +77,94 @@ def _calibrate(model_path: Path, config: dict, windows, method: str, stride: int
     return path
 
 
-def run(params: dict, parent_dir: str | Path, out: str | Path, evaluation: dict | None = None) -> dict:
-    """``evaluation`` = {text, reference, params}: score the artifact when built (see pipeline.derive)."""
-    method = params["method"]
-    if method not in METHODS:
-        raise PipelineError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
+def build(inputs: Inputs, config: Int8Static, tmp: Path) -> BuildResult:
+    parent_dir = inputs.dir
+    method = config.method
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    def build(parent_dir: Path, parent: dict, tmp: Path) -> dict:
-        import onnx
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    cal = config.calibration
+    model_config = json.loads((parent_dir / "config.json").read_text())
+    eos = model_config.get("eos_token_id")
+    windows = calibration_windows(cal.source, cal.text_column, parent_dir / "tokenizer.json", cal.samples, cal.seq_len,
+                                  eos if isinstance(eos, int) else None)
+    info(f"int8-static: {len(windows)} calibration windows of {windows.shape[1]} tokens from {cal.source}")
+    graph = onnx_io.load(parent_dir, load_external_data=False)
+    tied = config.quantize_tied and find_tied(graph) is not None
+    ex = config.exclude
+    exclude = set(ex.nodes)
+    if ex.lm_head or tied:
+        exclude |= set(onnx_io.lm_head_nodes(graph))
+    if ex.activation_matmuls:
+        exclude |= set(onnx_io.activation_matmuls(graph))
+    sq = config.smoothquant
+    logging.getLogger().setLevel(logging.ERROR)
+    # One model in memory at a time: the SmoothQuant statistics and ORT's calibrator run sessions on
+    # graphs beside the parent's weights; the smoothed weights are made with no session open; the
+    # calibrated ranges are handed to quantize_static through its cache (left to itself it holds
+    # the model, the calibrator's copy and a session together: 3x the weights).
+    with store.scratch_dir(tmp, "int8s") as scratch:
+        scratch = Path(scratch).resolve()
+        sq_summary = None
+        src = scratch / "in"
+        if sq.enabled:
+            maxima = activation_channel_max(graph, parent_dir, smoothing_groups(graph, exclude), model_config, windows,
+                                            scratch / "sq")
+            shutil.rmtree(scratch / "sq")
+            weights = Weights(graph, parent_dir.resolve())
+            sq_summary = smooth(graph, weights, maxima, sq.alpha, exclude)
+            info(f"int8-static: SmoothQuant alpha {sq.alpha}: {sq_summary['groups']} groups, "
+                 f"{sq_summary['folded']} folded into the graph (RMSNorm gamma or up_proj), {sq_summary['mul_inserted']} Mul inserted")
+            model = onnx_io.to_ir(graph, parent_dir.resolve())
+            weights.lazy(model)
+            src.mkdir()
+            onnx_io.save_ir(model, src)  # the smoothed weights are computed here, one tensor at a time
+            del model, weights
+            graph = onnx_io.load(src, load_external_data=False)
+            weights = src
+        else:
+            weights = parent_dir
+        # Types for every tensor (ORT's symbolic inference knows the contrib ops of the fused graph):
+        # without them the calibrator skips the outputs of RMSNorm & co. and their MatMuls keep
+        # float activations. It reads a few small initializers relative to the working directory.
+        with onnx_io.weights_from(weights):
+            graph = _with_types(graph)
+        if weights is src:
+            onnx.save_model(graph, str(src / onnx_io.MODEL))  # the graph only: the weights are in place
+        else:
+            onnx_io.beside_weights(graph, weights, src, link=False)  # quantize_static reads it via onnx
+        del graph
+        stride = _stride(len(windows), cal.stride)
+        ranges = _calibrate(src / onnx_io.MODEL, model_config, windows, method, stride, config.percentile, scratch)
+        # quantize_static on the graph alone too: each weight is read from disk as it is quantized,
+        # and the weights it leaves float stay in src's data file, which the output (written beside
+        # it) refers to.
+        ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not the function
 
-        cal = params["calibration"]
-        config = json.loads((parent_dir / "config.json").read_text())
-        eos = config.get("eos_token_id")
-        windows = calibration_windows(str(cal["source"]), cal.get("text_column", "text"),
-                                      parent_dir / "tokenizer.json", int(cal["samples"]), int(cal["seq_len"]),
-                                      eos if isinstance(eos, int) else None)
-        info(f"int8-static: {len(windows)} calibration windows of {windows.shape[1]} tokens from {cal['source']}")
-        graph = onnx_io.load(parent_dir, load_external_data=False)
-        tied = bool(params["quantize_tied"]) and find_tied(graph) is not None
-        ex = params["exclude"]
-        exclude = set(ex.get("nodes") or [])
-        if ex.get("lm_head") or tied:
-            exclude |= set(onnx_io.lm_head_nodes(graph))
-        if ex.get("activation_matmuls"):
-            exclude |= set(onnx_io.activation_matmuls(graph))
-        sq = params["smoothquant"]
-        logging.getLogger().setLevel(logging.ERROR)
-        # One model in memory at a time: the SmoothQuant statistics and ORT's calibrator run sessions on
-        # graphs beside the parent's weights; the smoothed weights are made with no session open; the
-        # calibrated ranges are handed to quantize_static through its cache (left to itself it holds
-        # the model, the calibrator's copy and a session together: 3x the weights).
-        with store.scratch_dir(tmp, "int8s") as scratch:
-            scratch = Path(scratch).resolve()
-            sq_summary = None
-            src = scratch / "in"
-            if sq.get("enabled"):
-                maxima = activation_channel_max(graph, parent_dir, smoothing_groups(graph, exclude), config, windows,
-                                                scratch / "sq")
-                shutil.rmtree(scratch / "sq")
-                weights = Weights(graph, parent_dir.resolve())
-                sq_summary = smooth(graph, weights, maxima, float(sq["alpha"]), exclude)
-                info(f"int8-static: SmoothQuant alpha {sq['alpha']}: {sq_summary['groups']} groups, "
-                     f"{sq_summary['folded']} folded into the graph (RMSNorm gamma or up_proj), {sq_summary['mul_inserted']} Mul inserted")
-                model = onnx_io.to_ir(graph, parent_dir.resolve())
-                weights.lazy(model)
-                src.mkdir()
-                onnx_io.save_ir(model, src)  # the smoothed weights are computed here, one tensor at a time
-                del model, weights
-                graph = onnx_io.load(src, load_external_data=False)
-                weights = src
-            else:
-                weights = parent_dir
-            # Types for every tensor (ORT's symbolic inference knows the contrib ops of the fused graph):
-            # without them the calibrator skips the outputs of RMSNorm & co. and their MatMuls keep
-            # float activations. It reads a few small initializers relative to the working directory.
-            with onnx_io.weights_from(weights):
-                graph = _with_types(graph)
-            if weights is src:
-                onnx.save_model(graph, str(src / onnx_io.MODEL))  # the graph only: the weights are in place
-            else:
-                onnx_io.beside_weights(graph, weights, src, link=False)  # quantize_static reads it via onnx
-            del graph
-            stride = _stride(len(windows), int(cal.get("stride", 8)))
-            ranges = _calibrate(src / onnx_io.MODEL, config, windows, method, stride, params, scratch)
-            # quantize_static on the graph alone too: each weight is read from disk as it is quantized,
-            # and the weights it leaves float stay in src's data file, which the output (written beside
-            # it) refers to.
-            ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not the function
+        with mock.patch.object(ort_quantize, "load_model_with_shape_infer", _graph_only), \
+                onnx_io.weights_from(src):
+            quantize_static(str(src / onnx_io.MODEL), str(src / "quantized.onnx"), None,
+                            quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                            per_channel=config.per_channel, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=sorted(exclude),
+                            calibrate_method=getattr(CalibrationMethod, method), use_external_data_format=True,
+                            calibration_cache_path=str(ranges),
+                            extra_options={"MatMulConstBOnly": False, "DefaultTensorType": onnx.TensorProto.FLOAT})
+            q = onnx.load(str(src / "quantized.onnx"), load_external_data=False)
+            shared = share_quantized_table(q, 8, config.tied_block_size, config.tied_accuracy_level) \
+                if tied else None
+        onnx_io.save_ir(onnx_io.to_ir(q, src), tmp)
+    counts = onnx_io.op_counts(q)
+    policy = {"format": "QDQ", "weights": "int8 symmetric" + (" per-channel" if config.per_channel else ""),
+              "activations": f"uint8 static ({method})", "smoothquant": sq_summary,
+              "excluded_nodes": sorted(exclude), "tied_embedding": shared or "fp32 (not quantized)",
+              "calibration": {"source": cal.source, "windows": len(windows),
+                              "seq_len": int(windows.shape[1]), "stride": stride}}
+    dq = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = sum(1 for n in q.graph.node if n.op_type == "MatMul" and all(i in dq for i in n.input[:2]))
+    return BuildResult(metrics={"op_counts": counts, "quantized_matmuls": quantized},
+                       extra={"precision": "int8-static", "kv_dtype": "float32", "quant_policy": policy})
 
-            with mock.patch.object(ort_quantize, "load_model_with_shape_infer", _graph_only), \
-                    onnx_io.weights_from(src):
-                quantize_static(str(src / onnx_io.MODEL), str(src / "quantized.onnx"), None,
-                                quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                                per_channel=bool(params["per_channel"]), activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8, nodes_to_exclude=sorted(exclude),
-                                calibrate_method=getattr(CalibrationMethod, method), use_external_data_format=True,
-                                calibration_cache_path=str(ranges),
-                                extra_options={"MatMulConstBOnly": False, "DefaultTensorType": onnx.TensorProto.FLOAT})
-                q = onnx.load(str(src / "quantized.onnx"), load_external_data=False)
-                shared = share_quantized_table(q, 8, int(params["tied_block_size"]), params["tied_accuracy_level"]) \
-                    if tied else None
-            onnx_io.save_ir(onnx_io.to_ir(q, src), tmp)
-        counts = onnx_io.op_counts(q)
-        policy = {"format": "QDQ", "weights": "int8 symmetric" + (" per-channel" if params["per_channel"] else ""),
-                  "activations": f"uint8 static ({method})", "smoothquant": sq_summary,
-                  "excluded_nodes": sorted(exclude), "tied_embedding": shared or "fp32 (not quantized)",
-                  "calibration": {"source": str(cal["source"]), "windows": len(windows),
-                                  "seq_len": int(windows.shape[1]), "stride": stride}}
-        dq = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-        quantized = sum(1 for n in q.graph.node if n.op_type == "MatMul" and all(i in dq for i in n.input[:2]))
-        return {"metrics": {"op_counts": counts, "quantized_matmuls": quantized},
-                "extra": {"precision": "int8-static", "kv_dtype": "float32", "quant_policy": policy}}
 
-    return derive(parent_dir, out, "int8-static", params, build, greedy_tokens=int(params["greedy_tokens"]),
-                  evaluation=evaluation)
+STAGE = Stage(name="int8-static", section="int8_static", config=Int8Static, build=build, parents=("export", "fused"),
+              summary="INT8 static QDQ, calibrated with SmoothQuant (for execution providers that consume QDQ)")

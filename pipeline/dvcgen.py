@@ -1,0 +1,154 @@
+"""dvc.yaml, generated from the stage declarations (pipeline/registry.py, each stage's ``STAGE``).
+
+A stage's code dependencies are the files of every first-party module it can execute: the import
+closure (grimp, import-linter's graph) of the stage's module, plus the CLI module that runs it and
+what that imports at its top level. Editing any of them re-runs exactly the stages that execute it;
+nothing is listed by hand, so nothing can be forgotten. ``pipeline dvc-yaml --check`` (and a test)
+keeps the committed file equal to what this module renders."""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import yaml
+
+from . import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "stages", "calibration")
+# How the CLI builds each stage (its verb); the arguments come from the declarations.
+VERBS = {"data": "data", "checkpoint": "checkpoint", "export": "export", "fused": "fuse", "fp16": "fp16",
+         "int8-dynamic": "quantize --mode dynamic", "int8-static": "quantize --mode static", "int4": "quantize --mode int4"}
+# Scored when built and by evaluate@<name> against this artifact: PyTorch for the export, the export
+# for everything built on it.
+REFERENCE = {"export": "checkpoint"}
+BENCH_RESULTS = "benchmarks/results.json"  # the report's tok/s panel (python benchmarks/bench.py)
+
+
+@functools.lru_cache(maxsize=1)
+def _graph():
+    import grimp
+
+    return grimp.build_graph(*PACKAGES, cache_dir=None)
+
+
+def _with_packages(modules: set[str]) -> set[str]:
+    """Importing ``a.b`` runs ``a/__init__.py`` first."""
+    out = set(modules)
+    for m in modules:
+        parts = m.split(".")
+        out |= {".".join(parts[:i]) for i in range(1, len(parts))}
+    return out
+
+
+def closure(*modules: str) -> set[str]:
+    """First-party modules ``modules`` import, directly or not (function-level imports included)."""
+    graph = _graph()
+    out = set(modules)
+    for m in modules:
+        out |= graph.find_upstream_modules(m)
+    return _with_packages(out)
+
+
+def cli_base() -> set[str]:
+    """What `pipeline <verb>` runs before any verb: pipeline.__main__, pipeline.cli and its top-level imports."""
+    tree = ast.parse((ROOT / "pipeline" / "cli.py").read_text())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            top.add("pipeline" + (f".{node.module}" if node.module else ""))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            top.add(node.module)
+    return {"pipeline.__main__", "pipeline.cli"} | closure(*top)
+
+
+def module_file(name: str) -> str:
+    path = ROOT.joinpath(*name.split("."))
+    return (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).relative_to(ROOT).as_posix()
+
+
+def code_deps(*modules: str) -> list[str]:
+    return sorted(module_file(m) for m in closure(*modules) | cli_base())
+
+
+def stage_modules(name: str) -> tuple[str, ...]:
+    """The modules `pipeline <verb>` runs for stage ``name``: the stage's own (the runner and all it uses
+    come with it) and the verb's helpers (the scoring options of a build verb)."""
+    extra = ("pipeline.registry", "pipeline.runner", "pipeline.manifest")
+    return (registry.STAGES[name], *extra, *(("pipeline.evaluate",) if name in registry.ONNX else ()))
+
+
+def _params_of(stage) -> list[str]:
+    sections = [stage.section] if stage.section else list(stage.config.model_fields)
+    if stage.name in registry.ONNX and "eval" not in sections:
+        sections.append("eval")  # scored when built
+    return sections
+
+
+def _parent(stage) -> str | None:
+    if not stage.parents:
+        return None
+    if "parent" in stage.config.model_fields:
+        return f"${{{stage.section}.parent}}"
+    return stage.default_parent or stage.parents[0]
+
+
+def render() -> str:
+    stages: dict = {}
+    for name in registry.STAGES:
+        stage = registry.load(name)
+        parent = _parent(stage)
+        cmd = [f"pipeline {VERBS[name]}"]
+        deps: list[str] = []
+        if name == "checkpoint":
+            cmd.append(f"--data artifacts/{parent}")
+        elif name == "export":
+            cmd.append(f"--checkpoint artifacts/{parent}")
+        elif parent:
+            cmd.append(f"--input artifacts/{parent}")
+        cmd.append(f"--out artifacts/{name}")
+        if name in registry.ONNX:
+            ref = REFERENCE.get(name, "export")
+            if name != "export":
+                cmd.append(f"--reference artifacts/{ref}")
+            cmd.append("--data artifacts/data")
+            deps += sorted({f"artifacts/{parent}", f"artifacts/{ref}", "artifacts/data"})
+        elif parent:
+            deps.append(f"artifacts/{parent}")
+        if name == "checkpoint":
+            cmd.append("--metrics metrics/checkpoint.json")
+        cmd.append(f"--run-metrics metrics/build/{name}.json")
+        entry = {"cmd": " ".join(cmd), "deps": deps + code_deps(*stage_modules(name)), "params": _params_of(stage),
+                 "outs": [f"artifacts/{name}"]}
+        if name == "checkpoint":
+            entry["metrics"] = [{"metrics/checkpoint.json": {"cache": False}}]
+        stages[name] = entry
+    stages["evaluate"] = {
+        "foreach": {name: {"reference": f"artifacts/{REFERENCE.get(name, 'export')}"} for name in registry.ONNX},
+        "do": {"cmd": "pipeline evaluate --artifact artifacts/${key} --reference ${item.reference} --name ${key} "
+                      "--out metrics/${key}.json",
+               "deps": ["artifacts/${key}", "${item.reference}", "artifacts/data",
+                        *code_deps("pipeline.evaluate", "calibration.sources")],
+               "params": ["eval", "budgets.${key}"],
+               "metrics": [{"metrics/${key}.json": {"cache": False}}]}}
+    stages["report"] = {
+        "cmd": "pipeline report --out reports",
+        "deps": [f"metrics/{n}.json" for n in registry.ARTIFACTS] + [BENCH_RESULTS] + code_deps("pipeline.gate"),
+        "params": ["budgets", "gate"],
+        "outs": [{"reports/summary.md": {"cache": False}}, {"reports/summary.json": {"cache": False}}],
+        "plots": [{"reports/size_vs_drift.png": {"cache": False}}]}
+    artifacts = {}
+    for name in registry.ONNX:
+        stage = registry.load(name)
+        artifacts[f"qwen3-onnx-{name}"] = {"path": f"artifacts/{name}", "type": "model", "desc": stage.summary,
+                                           "labels": ["onnx", name, "qwen3"]}
+    doc = {"stages": stages,
+           # Each build's wall time, peak RSS and decode speed: measured per run, so outside every artifact
+           # and outside dvc.lock (a rebuild gives the same lock); `dvc metrics show` lists them.
+           "metrics": ["metrics/build"],
+           "artifacts": artifacts}
+    head = ("# Generated by `pipeline dvc-yaml` from the stage declarations (pipeline/registry.py, stages/*.py):\n"
+            "# edit those, not this file. Each stage depends on every module it runs (its import closure).\n")
+    return head + yaml.safe_dump(doc, sort_keys=False, width=120)

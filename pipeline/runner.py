@@ -1,0 +1,152 @@
+"""The one stage runner. Every stage is one declaration (:class:`Stage`: its name, the stages its input
+may come from, its config class and a ``build``) and this module owns the frame around the build:
+
+    verify the parent -> build into a scratch dir -> (ONNX) parity with the parent and scoring against
+    the reference -> genai_config.json and the model card -> manifest -> atomic publish
+
+Everything a stage writes into the artifact is a function of its inputs, so rebuilding gives the same
+bytes; what a run measures (wall time, peak RSS, decode speed, the machine) comes back separately, as
+:attr:`Built.run`, for ``metrics/build/`` (the CLI's ``--run-metrics``), never into the artifact."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from . import card, evaluate, genai, onnx_io, outputs, store
+from . import manifest as mf
+from .child import peak_rss_mb
+from .errors import PipelineError
+from .evaluate import Scoring, model_bytes
+from .log import heartbeat, info
+from .verify import verify
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a build returns, beside the files it wrote."""
+    metrics: dict = field(default_factory=dict)  # the artifact's own figures (op counts, ...): in the manifest
+    extra: dict = field(default_factory=dict)    # manifest fields (precision, kv_dtype, policies)
+    run: dict = field(default_factory=dict)      # this run's measurements (child peak RSS, ...): never in the artifact
+    source: dict | None = None                   # where the model comes from (default: the parent's)
+    params: dict | None = None                   # what the id covers, where that is less than the whole config
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The build's input: the parent artifact (verified) or nothing (the first stage)."""
+    dir: Path | None
+    manifest: dict | None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type[BaseModel]
+    build: Callable[[Inputs, Any, Path], BuildResult]
+    parents: tuple[str, ...] = ()                # stages its input may come from; () = no input artifact
+    default_parent: str | None = None            # the input dvc.yaml gives it (default: parents[0]; a config
+                                                 # with a ``parent`` field names it there)
+    section: str | None = None                   # its params section; None: the config's fields name sections
+    summary: str = ""                            # what the artifact is, in one line (model card, DVC registry)
+    require_greedy_match: bool = False           # parity: the greedy tokens must equal the parent's
+    keep_outputs: bool = False                   # others are checked against it: keep its recorded outputs
+    describe: Callable[[dict, dict], str] | None = None  # the closing line, for stages that are not ONNX
+
+
+def config_of(stage: Stage, params) -> BaseModel:
+    """The stage's typed config, taken from the checked params."""
+    if stage.section:
+        return getattr(params, stage.section)
+    return stage.config.model_validate({f: getattr(params, f) for f in stage.config.model_fields})
+
+
+@dataclass(frozen=True)
+class Built:
+    manifest: dict
+    run: dict
+
+
+def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str | Path,
+        scoring: Scoring | None = None) -> Built:
+    t0 = time.perf_counter()
+    parent = None
+    if stage.parents:
+        if parent_dir is None:
+            raise PipelineError(f"{stage.name} needs an input artifact ({' or '.join(stage.parents)})")
+        parent_dir = Path(parent_dir)
+        parent = verify(parent_dir, load=False)
+        mf.expect_stage(parent, stage.parents, parent_dir)
+    measured: dict = {}
+    with store.staging_dir(out) as tmp, store.scratch_dir(tmp, "outputs") as scratch:
+        with heartbeat(stage.name):
+            made = stage.build(Inputs(parent_dir, parent), config, tmp)
+        gc.collect()  # the build's graph and weights are gone before any model is loaded
+        measured["build_seconds"] = round(time.perf_counter() - t0, 2)
+        measured.update(made.run)
+        metrics, extra = dict(made.metrics), dict(made.extra)
+        is_onnx = (tmp / onnx_io.MODEL).is_file()
+        mine = {}
+        if is_onnx:
+            onnx_io.copy_side_files(parent_dir, tmp)
+            # The graph check is onnxruntime loading it: fused graphs hold ORT-only ops
+            # (SimplifiedLayerNormalization, com.microsoft.*) that onnx.checker does not know.
+            info(f"{stage.name}: built in {measured['build_seconds']:.1f} s; parity with {parent['stage']} ...")
+            result, scored, mine, timings = evaluate.check(tmp, stage.name, parent_dir, config.greedy_tokens, scoring,
+                                                           Path(scratch))
+            measured.update(timings)
+            _enforce(stage, config, result, parent["stage"])
+            metrics["parity_vs_parent"] = result
+            if scored:
+                metrics["eval"] = scored
+            extra.setdefault("opset", onnx_io.opset(onnx_io.load(tmp, load_external_data=False)))
+            genai.write(tmp)  # onnxruntime-genai runs every ONNX artifact as shipped
+        params = made.params if made.params is not None else config.model_dump(mode="json")
+        manifest = mf.build_manifest(tmp, stage=stage.name, params=params, parent=parent,
+                                     source=made.source if made.source is not None else parent["source"],
+                                     metrics=metrics, extra=extra)
+        if is_onnx:  # every ONNX artifact explains itself: README.md, a model card
+            manifest["files"] = sorted([*manifest["files"], card.write(tmp, manifest, stage.summary)],
+                                       key=lambda f: f["path"])
+            manifest["size_bytes"] = sum(f["size"] for f in manifest["files"])
+        store.publish(tmp, out, manifest)
+        if stage.keep_outputs:
+            outputs.keep(mine, out)
+    measured["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    measured["peak_rss_mb"] = max(peak_rss_mb(), measured.get("child_peak_rss_mb", 0))
+    built = Built(manifest, measured)
+    info(stage.describe(manifest, measured) if stage.describe else summary_line(manifest, Path(out), parent_dir,
+                                                                                 measured))
+    return built
+
+
+def _enforce(stage: Stage, config: BaseModel, result: dict, parent_stage: str) -> None:
+    vs = "PyTorch" if parent_stage == "checkpoint" else parent_stage
+    if stage.require_greedy_match and not result["greedy_match"]:
+        raise PipelineError(f"{stage.name} parity failed: greedy tokens differ from {vs} (prefix match "
+                            f"{result['greedy_prefix_match']:.0%}, max |dlogit| {result['max_abs_logit_delta']:.2e})")
+    limit = getattr(config, "max_abs_logit_delta", None)
+    if limit is not None and result["max_abs_logit_delta"] > limit:
+        raise PipelineError(f"{stage.name} parity failed: max |dlogit| {result['max_abs_logit_delta']:.2e} > "
+                            f"{stage.section}.max_abs_logit_delta {limit}")
+
+
+def summary_line(manifest: dict, out: Path, parent_dir: Path, measured: dict) -> str:
+    """``int4: <id> 12.3 MB (0.160x fused), max |dlogit| vs fused ..., ppl ..., drift ..., 12.0 s``."""
+    m = manifest["metrics"]
+    parity, ev = m.get("parity_vs_parent", {}), m.get("eval")
+    parent = manifest["lineage"][0]["stage"]
+    size, parent_size = model_bytes(out), model_bytes(parent_dir)
+    ratio = f" ({size / parent_size:.3f}x {parent})" if parent_size else f" {manifest.get('precision', '')}"
+    line = (f"{manifest['stage']}: {manifest['artifact_id']} {size / 1e6:.1f} MB{ratio}, opset {manifest['opset']}, "
+            f"max |dlogit| vs {parent} {parity['max_abs_logit_delta']:.2e}, greedy prefix match "
+            f"{parity['greedy_prefix_match']:.0%}")
+    if ev:
+        line += (f", ppl {ev['ppl']:.3f}, drift {ev['drift_pct']:+.3f} % vs {ev['reference']}, KLD {ev['kld_mean']:.2e}, "
+                 f"top-1 {ev['top1_agreement']:.2%}")
+    return line + f", {measured['wall_seconds']:.1f} s, peak RSS {measured['peak_rss_mb'] / 1024:.2f} GB"

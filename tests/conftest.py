@@ -21,19 +21,33 @@ SMALL = ("train.steps=40", "train.warmup=5", "eval.max_windows=12", "int8_static
          "budgets.checkpoint.report_only=true")
 
 
-def small_params(*extra: str) -> dict:
+def small_params(*extra: str):
     return load_params(REPO / "params.yaml", [o for o in SMALL if _known(o)] + list(extra))
 
 
 def _known(override: str) -> bool:
+    """Does params.yaml have the section this override sets a key of?"""
     key = override.split("=", 1)[0].split(".")
-    params = load_params(REPO / "params.yaml")
-    node = params
+    node = load_params(REPO / "params.yaml").model_dump()
     for part in key[:-1]:
         if not isinstance(node, dict) or part not in node:
             return False
         node = node[part]
     return isinstance(node, dict)
+
+
+def build(name: str, params, parent, out: Path, scoring=None) -> dict:
+    """Build stage ``name`` the way `pipeline <verb>` does: its declaration on the one runner."""
+    from pipeline import registry, runner
+
+    stage = registry.load(name)
+    return runner.run(stage, runner.config_of(stage, params), parent, out, scoring).manifest
+
+
+def scoring(params, data_dir: Path, reference: Path):
+    from pipeline.evaluate import Scoring
+
+    return Scoring(text=(data_dir / "eval.txt").read_text(), reference=reference, eval=params.eval)
 
 
 def run_cli(*args: str, cwd: Path | str = REPO, check: bool = False, env: dict | None = None):
@@ -73,56 +87,44 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def data_dir(params, work):
-    from stages import data
-
-    data.run(params["data"], work / "data")
+    build("data", params, None, work / "data")
     return work / "data"
 
 
 @pytest.fixture(scope="session")
 def checkpoint_dir(params, data_dir, work):
-    from stages import checkpoint
-
-    checkpoint.run(params, data_dir, work / "checkpoint")
+    build("checkpoint", params, data_dir, work / "checkpoint")
     return work / "checkpoint"
 
 
 @pytest.fixture(scope="session")
 def export_dir(params, checkpoint_dir, work):
-    from stages import export
-
-    export.run(params["export"], checkpoint_dir, work / "export")
+    build("export", params, checkpoint_dir, work / "export")
     return work / "export"
 
 
 @pytest.fixture(scope="session")
 def fused_dir(params, export_dir, work):
-    from stages import fuse
-
-    fuse.run(params["fused"], export_dir, work / "fused")
+    build("fused", params, export_dir, work / "fused")
     return work / "fused"
 
 
 @pytest.fixture(scope="session")
 def derived(params, fused_dir, export_dir, data_dir, work):
     """Build a derived artifact once per session: derived('int4') -> its directory."""
-    import importlib
-
     built = {}
-    modules = {"fp16": ("fp16", "fp16"), "int8-dynamic": ("int8_dynamic", "int8_dynamic"),
-               "int8-static": ("int8_static", "int8_static"), "int4": ("int4", "int4")}
+    dirs = {"fused": fused_dir, "export": export_dir}
 
-    def build(name: str) -> Path:
+    def make(name: str) -> Path:
         if name == "fused":
             return fused_dir
         if name not in built:
-            module, section = modules[name]
-            sp = dict(params[section])
+            p = params
             if name == "int8-static":
-                sp["calibration"] = {**sp["calibration"], "source": str(data_dir / "calibration.txt")}
-            parent = fused_dir if sp.get("parent", "fused") == "fused" else export_dir
-            importlib.import_module(f"stages.{module}").run(sp, parent, work / name)
+                p = small_params(f"int8_static.calibration.source={data_dir / 'calibration.txt'}")
+            parent = "fused" if name == "fp16" else getattr(p, name.replace("-", "_")).parent
+            build(name, p, dirs[parent], work / name)
             built[name] = work / name
         return built[name]
 
-    return build
+    return make

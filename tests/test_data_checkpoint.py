@@ -8,6 +8,7 @@ import pytest
 from calibration.sources import load_text_dataset, paragraphs, split_paragraphs
 from pipeline import manifest as mf
 from pipeline.errors import PipelineError
+from tests.conftest import build, small_params
 
 
 def test_splits_are_disjoint_and_deterministic(data_dir, params):
@@ -20,9 +21,9 @@ def test_splits_are_disjoint_and_deterministic(data_dir, params):
     assert texts["eval"] and 0.05 < len(texts["eval"]) / total < 0.2
     # same seed, same split; another seed, another split
     ps = paragraphs(load_text_dataset("builtin:pydoc"))
-    a = split_paragraphs(ps, params["data"]["fractions"], 0)
-    assert a == split_paragraphs(ps, params["data"]["fractions"], 0)
-    assert a["eval"] != split_paragraphs(ps, params["data"]["fractions"], 1)["eval"]
+    a = split_paragraphs(ps, params.data.fractions, 0)
+    assert a == split_paragraphs(ps, params.data.fractions, 0)
+    assert a["eval"] != split_paragraphs(ps, params.data.fractions, 1)["eval"]
     manifest = mf.read_manifest(data_dir)
     mf.check_files(data_dir, manifest)
     assert manifest["stage"] == "data"
@@ -61,7 +62,8 @@ def test_builtin_checkpoint_is_a_real_qwen3(checkpoint_dir):
     metrics = m["metrics"]
     # even the tiny test budget must beat the unigram model on held-out text
     assert metrics["heldout_ppl"] < metrics["unigram_ppl"]
-    assert metrics["ppl_ratio_vs_unigram"] == pytest.approx(metrics["heldout_ppl"] / metrics["unigram_ppl"])
+    # stored to 6 significant digits (pipeline.evaluate.rounded)
+    assert metrics["ppl_ratio_vs_unigram"] == pytest.approx(metrics["heldout_ppl"] / metrics["unigram_ppl"], rel=1e-5)
 
 
 def test_unigram_baseline_matches_definition():
@@ -76,10 +78,7 @@ def test_unigram_baseline_matches_definition():
 
 
 def test_local_checkpoint_directory_is_imported(checkpoint_dir, params, data_dir, tmp_path):
-    from stages import checkpoint
-
-    m = checkpoint.run({**params, "model": {"source": str(checkpoint_dir), "revision": "main"}}, data_dir,
-                       tmp_path / "imported")
+    m = build("checkpoint", small_params(f"model.source={checkpoint_dir}"), data_dir, tmp_path / "imported")
     assert m["source"]["kind"] == "local"
     # scored like the built-in model: same weights, same held-out text, same figure
     built = mf.read_manifest(checkpoint_dir)["metrics"]

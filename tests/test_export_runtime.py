@@ -14,8 +14,9 @@ def test_export_artifact_is_complete_and_checked(export_dir, checkpoint_dir):
     mf.check_files(export_dir, m)
     assert m["stage"] == "export" and m["parent_id"] == mf.read_manifest(checkpoint_dir)["artifact_id"]
     assert m["opset"] == 17 and m["precision"] == "fp32"
-    assert m["metrics"]["greedy_match"] is True and m["metrics"]["greedy_tokens"] == 32
-    assert m["metrics"]["max_abs_logit_delta"] < 1e-3
+    parity = m["metrics"]["parity_vs_parent"]
+    assert parity["greedy_match"] is True and parity["greedy_tokens"] == 32
+    assert parity["max_abs_logit_delta"] < 1e-3
     assert {"python", "onnx", "onnxruntime", "optimum", "transformers", "torch"} <= m["versions"].keys()
     names = {f["path"] for f in m["files"]}
     assert {"model.onnx", "model.onnx_data", "config.json", "generation_config.json", "tokenizer.json"} <= names

@@ -11,8 +11,9 @@ from tests.conftest import no_partial
 def _publish(out, content, params=None, parent=None):
     with store.staging_dir(out) as tmp:
         (tmp / "a.bin").write_bytes(content)
-        return store.publish(tmp, out, stage="test", params=params or {"x": 1}, source={"model": "m"},
-                             metrics={}, parent=parent)
+        manifest = mf.build_manifest(tmp, stage="test", params=params or {"x": 1}, source={"model": "m"},
+                                     metrics={}, parent=parent)
+        return store.publish(tmp, out, manifest)
 
 
 def test_artifact_id_follows_content_params_and_parent(tmp_path):

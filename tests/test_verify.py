@@ -35,12 +35,13 @@ def copy(derived, tmp_path):
     return make
 
 
-def test_verify_passes_and_prints_lineage(derived, fused_dir, export_dir, checkpoint_dir):
+def test_verify_passes_and_prints_lineage(derived, fused_dir, export_dir, checkpoint_dir, data_dir):
     proc = run_cli("verify", str(derived("int4")), check=True)
-    ids = [mf.read_manifest(d)["artifact_id"] for d in (derived("int4"), fused_dir, export_dir, checkpoint_dir)]
+    dirs = (derived("int4"), fused_dir, export_dir, checkpoint_dir, data_dir)
+    ids = [mf.read_manifest(d)["artifact_id"] for d in dirs]
     lineage = next(line for line in proc.stdout.splitlines() if line.startswith("lineage:"))
     assert lineage == (f"lineage: int4 {ids[0]} -> fused {ids[1]} -> export {ids[2]} -> checkpoint {ids[3]}"
-                       f" -> source builtin:qwen3-tiny")
+                       f" -> data {ids[4]} -> source builtin:qwen3-tiny")
 
 
 def test_missing_malformed_and_unknown_schema_manifest(copy):

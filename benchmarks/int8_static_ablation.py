@@ -6,7 +6,6 @@ the real evaluation against the FP32 export.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import sys
@@ -17,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.evaluate import evaluate_artifact  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
+from pipeline import runner  # noqa: E402
 from stages import int8_static  # noqa: E402
 
 VARIANTS = {
@@ -36,20 +36,13 @@ VARIANTS = {
 
 
 def main() -> None:
-    params = load_params("params.yaml")
     text = Path("artifacts/data/eval.txt").read_text()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, changes in VARIANTS.items():
-            sp = copy.deepcopy(params["int8_static"])
-            for key, value in changes.items():
-                node = sp
-                *path, last = key.split(".")
-                for part in path:
-                    node = node[part]
-                node[last] = value
+            params = load_params("params.yaml", values={f"int8_static.{k}": v for k, v in changes.items()})
             out = Path(tmp) / "q"
-            int8_static.run(sp, "artifacts/fused", out)
+            runner.run(int8_static.STAGE, params.int8_static, "artifacts/fused", out)
             m = evaluate_artifact(out, text, params, "artifacts/export", "int8-static")
             rows[name] = {k: m[k] for k in ("ppl", "drift_pct", "kld_mean", "kld_p99", "top1_agreement", "size_ratio")}
             print(f"  {name}: {rows[name]}", file=sys.stderr, flush=True)

@@ -29,7 +29,7 @@ STAGES = ("checkpoint", "export", "fused", "fp16", "int8-dynamic", "int4", "int8
 def commands(a: Path) -> dict[str, list[str]]:
     ev = ["--reference", str(a / "export"), "--data", str(a / "data")]
     return {
-        "data": ["data", "--out", str(a / "data")],
+        "data": ["data", "--out", str(a / "data")],  # every command also gets --run-metrics (see main)
         "checkpoint": ["checkpoint", "--data", str(a / "data"), "--out", str(a / "checkpoint")],
         "export": ["export", "--checkpoint", str(a / "checkpoint"), "--out", str(a / "export"), "--data", str(a / "data")],
         "fused": ["fuse", "--input", str(a / "export"), "--out", str(a / "fused"), *ev],
@@ -45,11 +45,12 @@ def commands(a: Path) -> dict[str, list[str]]:
 def figures(a: Path, stage: str, fp32_bytes: int) -> dict:
     m = json.loads((a / stage / "manifest.json").read_text())
     met = m["metrics"]
+    run = json.loads((a / "build" / f"{stage}.json").read_text())  # the run's figures, outside the artifact
     size = sum(p.stat().st_size for p in (a / stage).glob("model.onnx*")) or sum(
         p.stat().st_size for p in (a / stage).glob("*.safetensors"))
-    peak = (met.get("peak_rss_mb") or 0) * 2**20  # the manifest's figure is in MiB (ru_maxrss / 1024)
+    peak = (run.get("peak_rss_mb") or 0) * 2**20  # in MiB (ru_maxrss / 1024)
     target = 2 * fp32_bytes + 1e9
-    row = {"stage": stage, "artifact_id": m["artifact_id"], "wall_s": met.get("wall_seconds"),
+    row = {"stage": stage, "artifact_id": m["artifact_id"], "wall_s": run.get("wall_seconds"),
            "peak_rss_gb": round(peak / 1e9, 2), "peak_vs_fp32": round(peak / fp32_bytes, 2),
            "size_mb": round(size / 1e6, 1), "target_gb": round(target / 1e9, 2), "within_target": peak <= target}
     ev = met.get("eval") or {}
@@ -119,7 +120,8 @@ def main() -> int:
     cmds = commands(a)
     if not args.collect:
         for stage in (["data"] if not (a / "data").is_dir() else []) + stages:
-            cmd = ["pipeline", cmds[stage][0], *overrides, *cmds[stage][1:]]
+            cmd = ["pipeline", cmds[stage][0], *overrides, *cmds[stage][1:],
+                   "--run-metrics", str(a / "build" / f"{stage}.json")]
             print(f"== {stage}: {' '.join(cmd)}", flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=REPO)

@@ -16,6 +16,7 @@ import json
 import re
 from pathlib import Path
 
+from .compat import optimum_head_dim_fix
 from .manifest import CARD
 
 PRECISION_TAGS = {"export": "fp32", "fused": "fp32", "fp16": "fp16", "int8-dynamic": "int8",
@@ -108,15 +109,6 @@ def _config(directory: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _optimum_head_dim_fix(cfg: dict) -> list[str]:
-    """optimum-onnx 0.1.0 sizes the KV cache with hidden_size // heads; every real Qwen3 sets a larger
-    head_dim (huggingface/optimum#2379), so its snippet needs one line more for them."""
-    head_dim, hidden, heads = cfg.get("head_dim"), cfg.get("hidden_size"), cfg.get("num_attention_heads")
-    if head_dim and hidden and heads and head_dim != hidden // heads:
-        return ["model.embed_size_per_head = model.config.head_dim  # huggingface/optimum#2379"]
-    return []
-
-
 def _run(manifest: dict, has_genai: bool, config: dict) -> list[str]:
     name = manifest["stage"]
     out = [
@@ -130,7 +122,7 @@ def _run(manifest: dict, has_genai: bool, config: dict) -> list[str]:
         "",
         f'tok = AutoTokenizer.from_pretrained("{name}")',
         f'model = ORTModelForCausalLM.from_pretrained("{name}")',
-        *_optimum_head_dim_fix(config),
+        *optimum_head_dim_fix(config),
         'print(tok.decode(model.generate(**tok("The for statement", return_tensors="pt"))[0]))',
         "```", "",
         "**onnxruntime-genai** (`pip install onnxruntime-genai`):", "",

@@ -3,16 +3,12 @@ against PyTorch (ONNX checker, max |delta logit|, 32 greedy tokens)."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import io
 import json
-import logging
 import time
-import warnings
 from pathlib import Path
 
-from pipeline import onnx_io, store
+from pipeline import compat, onnx_io, store
 from pipeline.child import in_child
 from pipeline.errors import PipelineError
 from pipeline.log import info
@@ -21,32 +17,6 @@ from pipeline.schema import Export
 from pipeline.torch_ref import trusted
 
 TASK = "text-generation-with-past"
-
-
-@contextlib.contextmanager
-def _bounded_export_memory():
-    """Two steps of the export would otherwise hold a second copy of the weights:
-
-    - optimum re-saves a model over 2 GB into one data file by loading every tensor while the PyTorch
-      model is still alive; here its check for external data answers no, and :func:`onnx_io.save_ir`
-      writes the one data file tensor by tensor instead;
-    - torch's ONNX shape inference serializes each node with its weights, allocating and freeing
-      weight-sized buffers; glibc's adaptive mmap threshold then serves them from the heap, which keeps
-      what was freed (+1.1 GB measured at Qwen3-0.6B). A fixed threshold gives it back."""
-    import ctypes
-
-    from optimum.exporters.onnx import convert
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
-    check = convert.check_model_uses_external_data
-    convert.check_model_uses_external_data = lambda model: False
-    try:
-        yield
-    finally:
-        convert.check_model_uses_external_data = check
 
 
 def _check_exportable(config: dict) -> None:
@@ -70,10 +40,8 @@ def optimum_export(checkpoint_dir: str, raw: str, opset: int, trust_remote_code:
     parity check that follows loads PyTorch and an ORT session, one after the other."""
     from optimum.exporters.onnx import main_export
 
-    logging.getLogger("optimum").setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _bounded_export_memory():
-            warnings.simplefilter("ignore")  # torch.jit tracer warnings on every export
+        with compat.optimum_export_in_bounded_memory():
             # no_post_process: optimum's tied-weight de-duplication serializes the whole model in
             # memory and fails on any model over protobuf's 2 GB (every Qwen3 up to 4B in FP32);
             # the table is stored once on any size (fold_constants keeps the lm_head's Transpose).

@@ -7,22 +7,17 @@ only ORT's own default block list). The graph stays valid on the CPU EP, so it i
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
 
 from onnx import TensorProto
 
-from pipeline import onnx_io, registry
+from pipeline import compat, onnx_io, registry
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import FP16
 
 
 def build(inputs: Inputs, config: FP16, tmp: Path) -> BuildResult:
     parent_dir = inputs.dir
-    import sys
-
     from onnxruntime.transformers.onnx_model import OnnxModel
-
-    float16 = sys.modules["float16"]  # ORT's transformers tools import it under this name
 
     # ORT's converter runs on the graph alone (weights left on disk): it rewrites the graph and
     # retypes every converted initializer, and for one stored externally it only changes the type.
@@ -33,12 +28,9 @@ def build(inputs: Inputs, config: FP16, tmp: Path) -> BuildResult:
                 and t.data_location == TensorProto.EXTERNAL}
     model = OnnxModel(proto)
     keep_io = list(config.keep_io_types)
-    block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(config.op_block_list))
-    # Its shape inference reads a few small initializers by a path relative to the working directory;
-    # its make_value_info_from_tensor reads a whole tensor to learn the shape its dims already give
-    # (and fails on a retyped external one): replaced by one that reads the dims.
-    with onnx_io.weights_from(parent_dir), mock.patch.object(float16, "make_value_info_from_tensor",
-                                                                   _value_info):
+    # Its shape inference reads a few small initializers by a path relative to the working directory.
+    with onnx_io.weights_from(parent_dir), compat.ort_float16_on_graph_alone() as float16:
+        block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(config.op_block_list))
         model.convert_float_to_float16(use_symbolic_shape_infer=True, keep_io_types=keep_io, op_block_list=block,
                                        node_block_list=list(config.node_block_list))
     graph = model.model
@@ -60,12 +52,6 @@ def build(inputs: Inputs, config: FP16, tmp: Path) -> BuildResult:
 
 STAGE = Stage(name="fp16", section="fp16", config=FP16, build=build, parents=registry.ONNX, default_parent="fused",
               summary="FP16 weights and KV cache, float32 logits: the GPU artifact")
-
-
-def _value_info(tensor):
-    from onnx import helper
-
-    return helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
 
 def _to_float16(stored, convert):

@@ -11,12 +11,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import onnx_io, store
+from pipeline import compat, onnx_io, store
 from pipeline.errors import PipelineError
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import Fused
@@ -51,7 +50,7 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
     parent_dir = inputs.dir
 
     model_config = json.loads((parent_dir / "config.json").read_text())
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)
+    compat.quiet_ort_quantizers()
     layers = int(model_config["num_hidden_layers"])
     if config.attention == "gqa" and model_config.get("use_sliding_window"):
         raise PipelineError("the checkpoint uses sliding-window attention, which the GQA fusion does not carry "

@@ -4,10 +4,9 @@ once as 4-bit blocks shared by GatherBlockQuantized + MatMulNBits."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from pipeline import onnx_io
+from pipeline import compat, onnx_io
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import Int4
 from pipeline.errors import PipelineError
@@ -32,9 +31,7 @@ def build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
     model = onnx_io.load(parent_dir, load_external_data=False)
     tied = config.quantize_tied and find_tied(model) is not None
     exclude = list(config.nodes_to_exclude) + (onnx_io.lm_head_nodes(model) if tied else [])
-    logging.getLogger().setLevel(logging.ERROR)
-    # and the quantizer's own logger, which has a handler of its own: one INFO line per MatMul
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    compat.quiet_ort_quantizers()
     with onnx_io.weights_from(parent_dir):
         quant = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=_algo_config(config))
         try:

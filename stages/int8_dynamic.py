@@ -12,10 +12,9 @@ it stays FP32. Both were measured (README); quantizing it is what meets the size
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from pipeline import onnx_io, store
+from pipeline import compat, onnx_io, store
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import Int8Dynamic
 from pipeline.tied import find_tied, share_quantized_table
@@ -52,9 +51,7 @@ def build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
     tied = config.quantize_tied and find_tied(model) is not None
     exclude = list(config.nodes_to_exclude) + (onnx_io.lm_head_nodes(model) if tied else [])
     del model
-    logging.getLogger().setLevel(logging.ERROR)
-    # and the quantizer's own logger, which has a handler of its own: one INFO line per MatMul
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # ORT's "please pre-process" advice on every call
+    compat.quiet_ort_quantizers()
     nbits = config.format == "matmulnbits"
     if nbits:
         graph = onnx_io.load(parent_dir, load_external_data=False)

@@ -8,16 +8,13 @@ reader's ``set_range``), so only one stride of intermediate outputs is alive at 
 from __future__ import annotations
 
 import gc
-import importlib
 import json
-import logging
 import shutil
-from unittest import mock
 from pathlib import Path
 
 from calibration.reader import CalibrationReader, calibration_windows
 from calibration.smoothquant import Weights, activation_channel_max, smooth, smoothing_groups
-from pipeline import onnx_io, store
+from pipeline import compat, onnx_io, store
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import Int8Static
 from pipeline.log import info
@@ -39,26 +36,15 @@ def _with_types(model):
         return model
 
 
-def _graph_only(path: Path):
-    """ORT's load_model_with_shape_infer, less the weights (they stay in the model's data file)."""
-    import onnx
-    from onnxruntime.quantization.quant_utils import add_infer_metadata
-
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
-    add_infer_metadata(model)
-    return model
-
-
 def _calibrate(model_path: Path, config: dict, windows, method: str, stride: int, percentile: float,
                scratch: Path) -> Path:
     """ORT's calibrator over the windows in strides; the ranges saved in its calibration-cache format."""
-    from onnxruntime.quantization import CalibrationMethod, calibrate, create_calibrator
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator
     from onnxruntime.quantization.calibrate import save_tensors_data
 
-    # The calibrator loads the model with its weights, only to add outputs and save it for its session;
-    # protobuf keeps those bytes while the session holds its own (2x the weights). Loaded without them,
-    # and saved beside them, its augmented graph runs on the same weights.
-    with mock.patch.object(calibrate, "load_model_with_shape_infer", _graph_only):
+    # Loaded without its weights (pipeline/compat.py) and saved beside them, the calibrator's augmented
+    # graph runs on the same weights.
+    with compat.ort_quantization_on_graph_alone():
         calibrator = create_calibrator(model_path, ["MatMul"],
                                        augmented_model_path=str(model_path.parent / "augmented.onnx"),
                                        calibrate_method=getattr(CalibrationMethod, method),
@@ -98,7 +84,7 @@ def build(inputs: Inputs, config: Int8Static, tmp: Path) -> BuildResult:
     if ex.activation_matmuls:
         exclude |= set(onnx_io.activation_matmuls(graph))
     sq = config.smoothquant
-    logging.getLogger().setLevel(logging.ERROR)
+    compat.quiet_ort_quantizers()
     # One model in memory at a time: the SmoothQuant statistics and ORT's calibrator run sessions on
     # graphs beside the parent's weights; the smoothed weights are made with no session open; the
     # calibrated ranges are handed to quantize_static through its cache (left to itself it holds
@@ -139,10 +125,7 @@ def build(inputs: Inputs, config: Int8Static, tmp: Path) -> BuildResult:
         # quantize_static on the graph alone too: each weight is read from disk as it is quantized,
         # and the weights it leaves float stay in src's data file, which the output (written beside
         # it) refers to.
-        ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not the function
-
-        with mock.patch.object(ort_quantize, "load_model_with_shape_infer", _graph_only), \
-                onnx_io.weights_from(src):
+        with compat.ort_quantization_on_graph_alone(), onnx_io.weights_from(src):
             quantize_static(str(src / onnx_io.MODEL), str(src / "quantized.onnx"), None,
                             quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
                             per_channel=config.per_channel, activation_type=QuantType.QUInt8,

@@ -1,0 +1,135 @@
+"""Every workaround for a library we build on, in one place: what it works around, the upstream issue
+where there is one, and the versions it was written against. :func:`guard` says so once per run when
+the installed version is newer than the last one checked, so it is visible when a workaround can go.
+
+Nothing here changes what a library computes: each patch only keeps a library from holding a second
+copy of the weights, from reading a tensor it does not need, or from printing a line per node."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from importlib import metadata
+
+from .log import info
+
+_warned: set[str] = set()
+
+
+def _version(package: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in metadata.version(package).split("+")[0].split(".")[:3] if p.isdigit())
+    except metadata.PackageNotFoundError:
+        return ()
+
+
+def guard(name: str, package: str, checked: str, issue: str) -> None:
+    """Note once when ``package`` is newer than the last version (``checked``) the workaround ``name`` was
+    checked against: the upstream fix (``issue``) may make it unnecessary."""
+    newer = _version(package) > tuple(int(p) for p in checked.split("."))
+    if newer and name not in _warned:
+        _warned.add(name)
+        info(f"note: compat workaround '{name}' was checked against {package} {checked}; installed "
+             f"{metadata.version(package)}: see whether {issue} is fixed and pipeline/compat.py can drop it")
+
+
+# ---------------------------------------------------------------------------------------------- optimum
+@contextlib.contextmanager
+def optimum_export_in_bounded_memory():
+    """optimum-onnx 0.1.0's export holds a second copy of the weights twice (no upstream issue found):
+
+    - it re-saves a model over 2 GB into one data file by loading every tensor while the PyTorch model is
+      still alive: its check for external data answers no here, and ``onnx_io.save_ir`` streams the one
+      data file tensor by tensor instead;
+    - torch's ONNX shape inference allocates and frees weight-sized buffers; glibc's adaptive mmap
+      threshold then serves them from the heap, which keeps what was freed (+1.1 GB measured at
+      Qwen3-0.6B). A fixed threshold gives it back.
+
+    Also silences optimum's logger and torch.jit's tracer warnings on every export."""
+    import ctypes
+    import io
+    import warnings
+
+    from optimum.exporters.onnx import convert
+
+    guard("optimum external-data merge", "optimum-onnx", "0.1.0", "optimum's merge of external data in memory")
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+    logging.getLogger("optimum").setLevel(logging.ERROR)
+    check = convert.check_model_uses_external_data
+    convert.check_model_uses_external_data = lambda model: False
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        convert.check_model_uses_external_data = check
+
+
+def optimum_head_dim_fix(config: dict) -> list[str]:
+    """optimum-onnx 0.1.0's ORTModelForCausalLM sizes the KV cache with hidden_size // heads; every real
+    Qwen3 sets a larger head_dim (huggingface/optimum#2379): the model card's snippet sets it."""
+    head_dim, hidden, heads = config.get("head_dim"), config.get("hidden_size"), config.get("num_attention_heads")
+    if head_dim and hidden and heads and head_dim != hidden // heads:
+        return ["model.embed_size_per_head = model.config.head_dim  # huggingface/optimum#2379"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------- onnxruntime
+def _value_info(tensor):
+    from onnx import helper
+
+    return helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+
+@contextlib.contextmanager
+def ort_float16_on_graph_alone():
+    """ORT's float16 converter (onnxruntime.transformers.float16) calls ``make_value_info_from_tensor``,
+    which reads a whole tensor to learn the shape its dims already give, and fails on an external one
+    it has retyped: replaced by one that reads the dims. (No upstream issue found.)"""
+    import sys
+    from unittest import mock
+
+    from onnxruntime.transformers import onnx_model  # noqa: F401  (imports float16 under that name)
+
+    guard("ORT float16 value info", "onnxruntime", "1.32.0", "float16.make_value_info_from_tensor reading data")
+    with mock.patch.object(sys.modules["float16"], "make_value_info_from_tensor", _value_info):
+        yield sys.modules["float16"]
+
+
+def _graph_only(path):
+    """ORT's load_model_with_shape_infer, less the weights (they stay in the model's data file)."""
+    import onnx
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    add_infer_metadata(model)
+    return model
+
+
+@contextlib.contextmanager
+def ort_quantization_on_graph_alone():
+    """ORT's calibrator and ``quantize_static`` load the model with its weights only to add outputs or
+    read one initializer at a time; protobuf keeps those bytes while the session holds its own (2x and
+    3x the weights). Loaded without them, the weights are read from the data file as needed.
+    (No upstream issue found.)"""
+    import importlib
+    from unittest import mock
+
+    from onnxruntime.quantization import calibrate
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not the function
+    guard("ORT quantization graph-only load", "onnxruntime", "1.32.0", "load_model_with_shape_infer loading weights")
+    with mock.patch.object(calibrate, "load_model_with_shape_infer", _graph_only), \
+            mock.patch.object(ort_quantize, "load_model_with_shape_infer", _graph_only):
+        yield
+
+
+def quiet_ort_quantizers() -> None:
+    """ORT's quantizers log one INFO line per MatMul and advise "please pre-process" on every call through
+    the root logger and a handler of their own."""
+    logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)

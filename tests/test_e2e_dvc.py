@@ -70,6 +70,37 @@ def test_repro_builds_every_artifact_and_the_second_run_is_a_noop(publisher):
     text = json.dumps(shown)
     assert all(f"metrics/{n}.json" in text for n in NAMES) and '"drift_pct"' in text
     assert run_cli("gate", cwd=publisher).returncode == 0
+    assert all(f"metrics/build/{n}.json" in text for n in ("data", "checkpoint", *NAMES))  # the runs' own figures
+
+
+def _tree(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_forced_rebuild_gives_the_same_bytes_and_the_same_lock(publisher):
+    """Per-run figures live in metrics/build/, outside the artifacts and dvc.lock: `dvc repro -f` again
+    rebuilds every artifact byte for byte."""
+    before = {n: _tree(publisher / "artifacts" / n) for n in ("data", "checkpoint", *NAMES)}
+    lock = (publisher / "dvc.lock").read_text()
+    sh("dvc", "repro", "-f", cwd=publisher)
+    for name, files in before.items():
+        after = _tree(publisher / "artifacts" / name)
+        assert after.keys() == files.keys(), name
+        assert [f for f in files if files[f] != after[f]] == [], name
+    assert (publisher / "dvc.lock").read_text() == lock
+
+
+def test_editing_a_module_reruns_every_stage_that_executes_it(publisher):
+    tied = publisher / "pipeline" / "tied.py"
+    original = tied.read_text()
+    try:
+        tied.write_text(original + "\n# an edit\n")
+        status = json.loads(sh("dvc", "status", "--json", cwd=publisher).stdout)
+        changed = {k for k, v in status.items() if any("changed deps" in c for c in v if isinstance(c, dict))}
+        assert {"fused", "int8-dynamic", "int8-static", "int4"} <= changed, status
+    finally:
+        tied.write_text(original)
+    assert json.loads(sh("dvc", "status", "--json", cwd=publisher).stdout) == {}
 
 
 def test_publish_and_consume_with_real_dvc(publisher, tmp_path):

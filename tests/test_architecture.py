@@ -116,3 +116,13 @@ def test_every_module_a_stage_executes_is_among_its_deps(stage, export_dir, fuse
     assert {"pipeline.cli", "pipeline.evaluate"} <= executed
     missing = {dvcgen.module_file(m) for m in executed} - _deps(stage)
     assert not missing, f"{stage} executes {sorted(missing)}, not among its deps in dvc.yaml"
+
+
+def test_doc_tables_are_generated_from_their_results_files():
+    """The docs' tables come from the committed benchmark results (the README's artifact table comes from
+    metrics/, which every `dvc repro` rewrites: `python benchmarks/tables.py` after it)."""
+    docs = sorted(str(p) for p in (REPO / "docs").glob("*.md"))
+    proc = subprocess.run([sys.executable, "benchmarks/tables.py", "--check", *docs], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "<!-- table: stages" in (REPO / "docs" / "real-shapes.md").read_text()

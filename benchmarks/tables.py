@@ -1,0 +1,152 @@
+"""Every table of figures in the README and docs/, generated from the results files, so that no table
+can drift from its data. A table sits between ``<!-- table: KIND FILE -->`` and ``<!-- /table -->``;
+this script re-renders each from FILE (relative to the repository root).
+
+    python benchmarks/tables.py            # rewrite the tables in README.md and docs/*.md
+    python benchmarks/tables.py --check    # exit 1 if any is stale (the test suite runs this)
+
+Kinds: ``artifacts`` (FILE: a metrics directory, with its ``build/`` run figures), ``bench`` and
+``ratios`` (a benchmarks/results*.json), ``stages`` (a benchmarks/real_shapes_*.json),
+``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"(<!-- table: (\w+) (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)
+ORDER = ("checkpoint", "export", "fused", "fp16", "int8-dynamic", "int8-static", "int4")
+
+
+def _fmt(v, spec: str, dash: str = "—") -> str:
+    return dash if v is None else format(v, spec)
+
+
+def artifacts(directory: Path) -> str:
+    rows = ["| artifact | PPL | drift vs reference | KLD mean | KLD p99 | top-1 | model size | vs reference | "
+            "build wall | build peak RSS |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in ORDER:
+        path = directory / f"{name}.json"
+        if not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        run_path = directory / "build" / f"{name}.json"
+        run = json.loads(run_path.read_text()) if run_path.is_file() else {}
+        ppl = m.get("ppl", m.get("heldout_ppl"))
+        drift = m.get("drift_pct")
+        vs = " vs PyTorch" if m.get("reference") == "checkpoint" else ""
+        rows.append(f"| {name} | {_fmt(ppl, '.3f')} | {_fmt(drift, '+.4f')} %{vs} | {_fmt(m.get('kld_mean'), '.1e')} | "
+                    f"{_fmt(m.get('kld_p99'), '.1e')} | {_fmt(m.get('top1_agreement'), '.2%')} | "
+                    f"{_fmt(m.get('size_bytes') and m['size_bytes'] / 1e6, ',.2f')} MB | {_fmt(m.get('size_ratio'), '.3f')} | "
+                    f"{_fmt(run.get('wall_seconds'), '.1f')} s | {_fmt(run.get('peak_rss_mb'), ',.0f')} MB |"
+                    if name != "checkpoint" else
+                    f"| checkpoint | {_fmt(ppl, '.3f')} (unigram {_fmt(m.get('unigram_ppl'), '.1f')}) | — | — | — | — | "
+                    f"— | — | {_fmt(run.get('wall_seconds'), '.1f')} s | {_fmt(run.get('peak_rss_mb'), ',.0f')} MB |")
+    return "\n".join(rows)
+
+
+def _label(key: str) -> str:
+    if ":" not in key:
+        return key
+    kind, _, name = key.partition(":")
+    return {"builder": f"genai builder {name} (peer)", "torch": "PyTorch eager fp32",
+            "optimum": "optimum `ORTModelForCausalLM` on the export"}.get(kind, name)
+
+
+def bench(path: Path) -> str:
+    doc = json.loads(path.read_text())
+    s = doc["settings"]
+    head = (f"{s['new_tokens']} new tokens after a {s['prompt_tokens']}-token prompt, {s['statistic']} of {s['repeats']}; "
+            f"copy bandwidth {doc['copy_bandwidth_gb_s']} GB/s; {doc['machine'].get('cpu')}, {doc['machine'].get('cores')} "
+            f"cores, onnxruntime {doc['machine'].get('onnxruntime')}; commit `{(doc.get('commit') or '?')[:8]}`.\n\n")
+    rows = ["| model | weights read / token | bandwidth bound tok/s | **ours** decode tok/s | genai runtime on it | "
+            "TTFT ms (ours) | prefill tok/s (ours) | peak RSS (ours) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    eng, wb, bound = doc["engines"], doc["weight_bytes_per_token"], doc["bandwidth_bound_tok_s"]
+    keys = [k.split(":", 1)[1] for k in eng if k.startswith("ours:")] + [k for k in eng if k.split(":")[0] in
+                                                                          ("builder", "torch", "optimum")]
+    for key in keys:
+        own = eng.get(f"ours:{key}") or eng.get(key)
+        genai = eng.get(f"genai:{key}") if ":" not in key else (eng.get(key) if key.startswith("builder:") else None)
+        if not isinstance(own, dict):
+            rows.append(f"| {_label(key)} | | | {own} | | | | |")
+            continue
+        ours = own if ":" not in key or not key.startswith("builder:") else None
+        rows.append(f"| {_label(key)} | {wb.get(key, 0) / 1e6:,.0f} MB | {_fmt(bound.get(key), ',.1f')} | "
+                    f"{'**' + format(ours['decode_tok_s'], ',.1f') + '**' if ours and ':' not in key else (format(ours['decode_tok_s'], ',.1f') if ours else '')} | "
+                    f"{format(genai['decode_tok_s'], ',.1f') if isinstance(genai, dict) else ''} | "
+                    f"{own['ttft_ms']:,.1f} | {own['prefill_tok_s']:,.1f} | {own['peak_rss_mb']:,.0f} MB |")
+    return head + "\n".join(rows)
+
+
+def ratios(path: Path) -> str:
+    doc = json.loads(path.read_text())
+    return "\n".join(["| ratio (same run) | value |", "|---|---:|"] +
+                     [f"| {k} | {v:.2f}× |" for k, v in doc["ratios"].items()])
+
+
+def stages(path: Path) -> str:
+    doc = json.loads(path.read_text())
+    head = (f"{doc['shape']}: {doc['fp32_weight_bytes'] / 1e9:.2f} GB FP32 weights, {doc['layers']} layers; "
+            f"{doc['eval_windows']} eval windows, {doc['calibration_samples']} calibration windows; "
+            f"{doc.get('run', 'benchmarks/real_shapes.py')}"
+            + (f"; whole DAG {doc['dag_wall_s']} s" if doc.get("dag_wall_s") else "")
+            + (f"; commit `{doc['commit']}`" if doc.get("commit") else "") + f"; {doc.get('date', '')}.\n\n")
+    rows = ["| stage | wall | peak RSS | × FP32 | within 2×FP32 + 1 GB | artifact | drift vs export |",
+            "|---|---:|---:|---:|---|---:|---:|"]
+    for r in doc["stages"]:
+        rows.append(f"| {r['stage']} | {_fmt(r.get('wall_s'), ',.0f')} s | {r['peak_rss_gb']:.2f} GB | "
+                    f"{r['peak_vs_fp32']:.2f} | {'yes' if r['within_target'] else '**no**'} | {r['size_mb']:,} MB | "
+                    f"{_fmt(r.get('drift_pct'), '+.3f')} % |")
+    return head + "\n".join(rows)
+
+
+def extrapolated(path: Path) -> str:
+    doc = json.loads(path.read_text())
+    rows = [f"{doc['layers']} layers, from {' and '.join(f'`{p}`' for p in doc['from'])}: "
+            f"{doc['fp32_weight_bytes'] / 1e9:.1f} GB FP32 weights, target {doc['target_gb']} GB.\n",
+            "| stage | peak RSS, by depth | per layer | artifact |", "|---|---:|---:|---:|"]
+    for r in doc["stages"]:
+        peak = "falls with depth" if r["peak_rss_gb"] is None else f"{r['peak_rss_gb']:.1f} GB"
+        rows.append(f"| {r['stage']} | {peak} | {r['per_layer_rss_gb'] * 1e3:,.0f} MB | {r['size_mb']:,} MB |")
+    return "\n".join(rows)
+
+
+KINDS = {"artifacts": artifacts, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
+
+
+def render(text: str) -> str:
+    def one(m):
+        kind, src = m.group(2), REPO / m.group(3)
+        if kind not in KINDS:
+            raise SystemExit(f"unknown table kind {kind!r} (kinds: {', '.join(KINDS)})")
+        return m.group(1) + KINDS[kind](src).rstrip() + "\n" + m.group(5)
+    return BLOCK.sub(one, text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if a table differs from its results file")
+    ap.add_argument("files", nargs="*", type=Path, help="only these markdown files [default: README.md, docs/*.md]")
+    args = ap.parse_args()
+    stale = []
+    for path in [p.resolve() for p in args.files] or [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = path.read_text()
+        new = render(text)
+        if new != text:
+            stale.append(path.relative_to(REPO).as_posix())
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print(f"stale tables in {', '.join(stale)}: run python benchmarks/tables.py", file=sys.stderr)
+        return 1
+    print(("tables up to date" if args.check else f"rewrote tables in {len(stale)} file(s)") +
+          (f": {', '.join(stale)}" if stale and not args.check else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

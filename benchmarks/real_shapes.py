@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("checkpoint", "export", "fused", "fp16", "int8-dynamic", "int4", "int8-static")
+sys.path.insert(0, str(REPO))
+from pipeline.registry import ARTIFACTS  # noqa: E402
+
+STAGES = ARTIFACTS  # every stage after the text split (pipeline/registry.py)
 
 
 def commands(a: Path) -> dict[str, list[str]]:

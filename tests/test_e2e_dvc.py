@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from pipeline.params import set_dotted
+from pipeline.registry import ONNX as NAMES
 from tests.conftest import REPO, SMALL, _known, assert_clean_failure, run_cli
 
 pytestmark = pytest.mark.slow
-NAMES = ("export", "fused", "fp16", "int8-dynamic", "int8-static", "int4")
 
 
 def sh(*args, cwd, check=True, timeout=1200):

@@ -8,9 +8,10 @@ import pytest
 
 from pipeline import manifest as mf
 from pipeline.evaluate import checkpoint_metrics, evaluate_artifact
+from pipeline.registry import ONNX
 from tests.conftest import REPO, assert_clean_failure, run_cli
 
-NAMES = ("fused", "fp16", "int8-dynamic", "int8-static", "int4")
+NAMES = ONNX[1:]  # every ONNX artifact but the export (pipeline/registry.py)
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,6 @@ from pathlib import Path
 from .compat import optimum_head_dim_fix
 from .manifest import CARD
 
-PRECISION_TAGS = {"export": "fp32", "fused": "fp32", "fp16": "fp16", "int8-dynamic": "int8",
-                  "int8-static": "int8", "int4": "int4"}
 
 
 def base_model(manifest: dict) -> str:
@@ -32,9 +30,9 @@ def base_model(manifest: dict) -> str:
     return model
 
 
-def _front_matter(manifest: dict, directory: Path) -> str:
+def _front_matter(manifest: dict, directory: Path, precision: str) -> str:
     stage = manifest["stage"]
-    tags = ["onnx", "onnxruntime", stage, PRECISION_TAGS.get(stage, "fp32"), "kv-cache", "text-generation"]
+    tags = ["onnx", "onnxruntime", stage, precision or "fp32", "kv-cache", "text-generation"]
     model_type = _config(directory).get("model_type")
     if model_type:
         tags.insert(2, model_type)
@@ -139,13 +137,13 @@ def _run(manifest: dict, has_genai: bool, config: dict) -> list[str]:
     return out
 
 
-def render(manifest: dict, directory: Path, summary: str = "") -> str:
+def render(manifest: dict, directory: Path, summary: str = "", precision: str = "") -> str:
     """The card for ``manifest`` (its ``files`` not yet holding the card) of the artifact in ``directory``."""
     stage = manifest["stage"]
     m = manifest.get("metrics", {})
     model_bytes = sum(f["size"] for f in manifest["files"] if re.fullmatch(r"model\.onnx(_data)?", f["path"]))
     parent = (manifest.get("lineage") or [{}])[0].get("stage")
-    lines = [_front_matter(manifest, directory),
+    lines = [_front_matter(manifest, directory, precision),
              f"# {base_model(manifest)} — {stage} (ONNX)", "",
              f"{summary or stage}. Artifact id `{manifest['artifact_id']}`, built by qwen-onnx-pipeline "
              f"from `{base_model(manifest)}`.", "",
@@ -164,11 +162,11 @@ def render(manifest: dict, directory: Path, summary: str = "") -> str:
     return "\n".join(lines)
 
 
-def write(directory: Path, manifest: dict, summary: str = "") -> dict:
+def write(directory: Path, manifest: dict, summary: str = "", precision: str = "") -> dict:
     """Write the card into ``directory``; return its manifest file entry."""
     from .manifest import sha256_file
 
     path = directory / CARD
-    path.write_text(render(manifest, directory, summary))
+    path.write_text(render(manifest, directory, summary, precision))
     path.chmod(0o644)
     return {"path": CARD, "size": path.stat().st_size, "sha256": sha256_file(path)}

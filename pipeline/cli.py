@@ -33,11 +33,6 @@ RUN_METRICS_OPT = click.option("--run-metrics", default=None, type=click.Path(di
                                     "(per-run figures never go into the artifact)")
 
 
-def _params(params_file, overrides, values: dict | None = None, required: bool = True):
-    """params.yaml (or --params), checked; evaluate/gate/report also run without one (a consumer's machine)."""
-    return load_params(params_file, overrides, values, required=required)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qwen-onnx-pipeline")
 def cli():
@@ -46,11 +41,10 @@ def cli():
 
 def _build(name: str, params, input_dir, out, scoring, run_metrics) -> dict:
     """Every build verb: the stage's declaration run by the one runner, its run figures written apart."""
-    from . import registry, runner
     from .manifest import machine
+    from .runner import run_stage
 
-    stage = registry.load(name)
-    built = runner.run(stage, runner.config_of(stage, params), input_dir, out, scoring)
+    built = run_stage(name, params, input_dir, out, scoring)
     if run_metrics:
         _write_json(run_metrics, {"artifact": name, "artifact_id": built.manifest["artifact_id"], **built.run,
                                   "machine": machine()})
@@ -78,7 +72,7 @@ def _scoring(params, eval_after: bool, reference: str, data_dir: str):
 @RUN_METRICS_OPT
 def data(params_file, overrides, out, run_metrics):
     """Split the text source into train / calibration / eval."""
-    _build("data", _params(params_file, overrides), None, out, None, run_metrics)
+    _build("data", load_params(params_file, overrides), None, out, None, run_metrics)
 
 
 @cli.command()
@@ -94,7 +88,7 @@ def checkpoint(params_file, overrides, data_dir, source, out, metrics_out, run_m
     """Train the built-in model or import a checkpoint (local dir / hub id)."""
     from .evaluate import checkpoint_metrics
 
-    params = _params(params_file, overrides, {"model.source": source} if source else None)
+    params = load_params(params_file, overrides, {"model.source": source} if source else None)
     manifest = _build("checkpoint", params, data_dir, out, None, run_metrics)
     if metrics_out:
         _write_json(metrics_out, checkpoint_metrics(manifest))
@@ -111,7 +105,7 @@ def checkpoint(params_file, overrides, data_dir, source, out, metrics_out, run_m
 @RUN_METRICS_OPT
 def export(params_file, overrides, checkpoint_dir, out, eval_after, eval_data, run_metrics):
     """Export the checkpoint to FP32 ONNX with KV cache and check parity with PyTorch."""
-    params = _params(params_file, overrides)
+    params = load_params(params_file, overrides)
     _build("export", params, checkpoint_dir, out, _scoring(params, eval_after, checkpoint_dir, eval_data), run_metrics)
 
 
@@ -134,7 +128,7 @@ def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, n
     from .errors import BudgetExceeded
     from .evaluate import evaluate_artifact
 
-    params = _params(params_file, overrides, required=False)
+    params = load_params(params_file, overrides, required=False)
     if text_file:
         if not Path(text_file).is_file():
             raise PipelineError(f"--text {text_file}: no such file")
@@ -186,7 +180,7 @@ def _derived(name, params, input_dir, out, eval_after, eval_reference, eval_data
 @_build_opts("artifacts/export", "artifacts/fused")
 def fuse(params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data, run_metrics):
     """ORT transformer optimizer (qwen3): fused RMSNorm, SkipRMSNorm; one GroupQueryAttention per layer."""
-    _derived("fused", _params(params_file, overrides), input_dir, out, eval_after, eval_reference, eval_data,
+    _derived("fused", load_params(params_file, overrides), input_dir, out, eval_after, eval_reference, eval_data,
              run_metrics)
 
 
@@ -194,7 +188,7 @@ def fuse(params_file, overrides, input_dir, out, eval_after, eval_reference, eva
 @_build_opts("artifacts/fused", "artifacts/fp16")
 def fp16(params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data, run_metrics):
     """FP16 weights and KV cache (the GPU artifact), valid on CPU too."""
-    _derived("fp16", _params(params_file, overrides), input_dir, out, eval_after, eval_reference, eval_data,
+    _derived("fp16", load_params(params_file, overrides), input_dir, out, eval_after, eval_reference, eval_data,
              run_metrics)
 
 
@@ -240,7 +234,7 @@ def quantize(mode, params_file, overrides, input_dir, out, eval_after, eval_refe
         if mode not in modes:
             raise PipelineError(f"--{flag.replace('_', '-')} applies to --mode {' or '.join(modes)} only")
         values[f"{section}.{key}"] = value
-    params = _params(params_file, overrides, values)
+    params = load_params(params_file, overrides, values)
     parent = getattr(params, section).parent
     _derived(name, params, input_dir or f"artifacts/{parent}", out or f"artifacts/{name}", eval_after, eval_reference,
              eval_data, run_metrics)
@@ -312,7 +306,7 @@ def gate(params_file, overrides, metrics_dir, baseline, baseline_file, summary):
     """Fail (exit 1) when an artifact is over its budget or regressed against a baseline."""
     from . import gate as g
 
-    params = _params(params_file, overrides, required=False)
+    params = load_params(params_file, overrides, required=False)
     metrics = g.load_metrics(metrics_dir or params.gate.metrics_dir)
     if baseline and baseline_file:
         raise PipelineError("give --baseline or --baseline-file, not both")
@@ -342,7 +336,7 @@ def report(params_file, overrides, metrics_dir, bench, out):
     """Write reports/summary.md, summary.json and size_vs_drift.png."""
     from . import gate as g
 
-    params = _params(params_file, overrides, required=False)
+    params = load_params(params_file, overrides, required=False)
     rows = g.judge(g.load_metrics(metrics_dir or params.gate.metrics_dir), params)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -357,9 +351,9 @@ def report(params_file, overrides, metrics_dir, bench, out):
 @cli.command("check-params")
 @PARAMS_OPT
 @SET_OPT
-def check_params(params_file, overrides):
+def checkload_params(params_file, overrides):
     """Check params.yaml (and -S overrides) against the schema; exit non-zero on the first problem."""
-    params = _params(params_file, overrides)
+    params = load_params(params_file, overrides)
     click.echo(f"params ok: {params_file or 'params.yaml'} ({len(type(params).model_fields)} sections)")
 
 

@@ -74,10 +74,9 @@ def code_deps(*modules: str) -> list[str]:
 
 
 def stage_modules(name: str) -> tuple[str, ...]:
-    """The modules `pipeline <verb>` runs for stage ``name``: the stage's own (the runner and all it uses
-    come with it) and the verb's helpers (the scoring options of a build verb)."""
-    extra = ("pipeline.registry", "pipeline.runner", "pipeline.manifest")
-    return (registry.STAGES[name], *extra, *(("pipeline.evaluate",) if name in registry.ONNX else ()))
+    """The modules `pipeline <verb>` runs for stage ``name``: the stage's own and the runner the verb calls
+    (``run_stage``; scoring and the manifest come with it)."""
+    return registry.STAGES[name], "pipeline.runner"
 
 
 def _params_of(stage) -> list[str]:
@@ -143,7 +142,7 @@ def render() -> str:
     for name in registry.ONNX:
         stage = registry.load(name)
         artifacts[f"qwen3-onnx-{name}"] = {"path": f"artifacts/{name}", "type": "model", "desc": stage.summary,
-                                           "labels": ["onnx", name, "qwen3"]}
+                                           "labels": list(dict.fromkeys(["onnx", stage.precision, name, "qwen3"]))}
     doc = {"stages": stages,
            # Each build's wall time, peak RSS and decode speed: measured per run, so outside every artifact
            # and outside dvc.lock (a rebuild gives the same lock); `dvc metrics show` lists them.

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from . import card, evaluate, genai, onnx_io, outputs, store
+from . import card, evaluate, genai, onnx_io, outputs, registry, store
 from . import manifest as mf
 from .child import peak_rss_mb
 from .errors import PipelineError
@@ -54,6 +54,7 @@ class Stage:
                                                  # with a ``parent`` field names it there)
     section: str | None = None                   # its params section; None: the config's fields name sections
     summary: str = ""                            # what the artifact is, in one line (model card, DVC registry)
+    precision: str = ""                          # an ONNX artifact's precision tag: fp32 | fp16 | int8 | int4
     require_greedy_match: bool = False           # parity: the greedy tokens must equal the parent's
     keep_outputs: bool = False                   # others are checked against it: keep its recorded outputs
     describe: Callable[[dict, dict], str] | None = None  # the closing line, for stages that are not ONNX
@@ -70,6 +71,14 @@ def config_of(stage: Stage, params) -> BaseModel:
 class Built:
     manifest: dict
     run: dict
+
+
+def run_stage(name: str, params, parent_dir: str | Path | None, out: str | Path,
+              scoring: Scoring | None = None) -> Built:
+    """Build the registered stage ``name`` with its section of the checked ``params``: what every
+    `pipeline <verb>` runs."""
+    stage = registry.load(name)
+    return run(stage, config_of(stage, params), parent_dir, out, scoring)
 
 
 def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str | Path,
@@ -111,7 +120,7 @@ def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str
                                      source=made.source if made.source is not None else parent["source"],
                                      metrics=metrics, extra=extra)
         if is_onnx:  # every ONNX artifact explains itself: README.md, a model card
-            manifest["files"] = sorted([*manifest["files"], card.write(tmp, manifest, stage.summary)],
+            manifest["files"] = sorted([*manifest["files"], card.write(tmp, manifest, stage.summary, stage.precision)],
                                        key=lambda f: f["path"])
             manifest["size_bytes"] = sum(f["size"] for f in manifest["files"])
         store.publish(tmp, out, manifest)

@@ -79,4 +79,4 @@ def build(inputs: Inputs, config: Export, tmp: Path) -> BuildResult:
 
 STAGE = Stage(name="export", section="export", config=Export, build=build, parents=("checkpoint",),
               require_greedy_match=True, keep_outputs=True,
-              summary="FP32 ONNX export (optimum-onnx, merged decoder with KV cache), checked against PyTorch")
+              precision="fp32", summary="FP32 ONNX export (optimum-onnx, merged decoder with KV cache), checked against PyTorch")

@@ -51,7 +51,7 @@ def build(inputs: Inputs, config: FP16, tmp: Path) -> BuildResult:
 
 
 STAGE = Stage(name="fp16", section="fp16", config=FP16, build=build, parents=registry.ONNX, default_parent="fused",
-              summary="FP16 weights and KV cache, float32 logits: the GPU artifact")
+              precision="fp16", summary="FP16 weights and KV cache, float32 logits: the GPU artifact")
 
 
 def _to_float16(stored, convert):

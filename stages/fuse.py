@@ -93,5 +93,5 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
 
 STAGE = Stage(name="fused", section="fused", config=Fused, build=build, parents=("export",),
               require_greedy_match=True, keep_outputs=True,
-              summary="FP32, fused: RMSNorm / SkipRMSNorm and one GroupQueryAttention per layer (rotary inside, "
+              precision="fp32", summary="FP32, fused: RMSNorm / SkipRMSNorm and one GroupQueryAttention per layer (rotary inside, "
                       "shareable KV buffer)")

@@ -51,4 +51,4 @@ def build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
 
 
 STAGE = Stage(name="int4", section="int4", config=Int4, build=build, parents=("export", "fused"),
-              summary="INT4 weight-only, block-wise (MatMulNBits, the format onnxruntime-genai uses)")
+              precision="int4", summary="INT4 weight-only, block-wise (MatMulNBits, the format onnxruntime-genai uses)")

@@ -79,4 +79,4 @@ def build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
 
 
 STAGE = Stage(name="int8-dynamic", section="int8_dynamic", config=Int8Dynamic, build=build, parents=("export", "fused"),
-              summary="INT8 weights (MatMulNBits, 8-bit blocks), activations quantized inside the kernel")
+              precision="int8", summary="INT8 weights (MatMulNBits, 8-bit blocks), activations quantized inside the kernel")

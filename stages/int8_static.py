@@ -150,4 +150,4 @@ def build(inputs: Inputs, config: Int8Static, tmp: Path) -> BuildResult:
 
 
 STAGE = Stage(name="int8-static", section="int8_static", config=Int8Static, build=build, parents=("export", "fused"),
-              summary="INT8 static QDQ, calibrated with SmoothQuant (for execution providers that consume QDQ)")
+              precision="int8", summary="INT8 static QDQ, calibrated with SmoothQuant (for execution providers that consume QDQ)")

@@ -38,10 +38,9 @@ def _known(override: str) -> bool:
 
 def build(name: str, params, parent, out: Path, scoring=None) -> dict:
     """Build stage ``name`` the way `pipeline <verb>` does: its declaration on the one runner."""
-    from pipeline import registry, runner
+    from pipeline.runner import run_stage
 
-    stage = registry.load(name)
-    return runner.run(stage, runner.config_of(stage, params), parent, out, scoring).manifest
+    return run_stage(name, params, parent, out, scoring).manifest
 
 
 def scoring(params, data_dir: Path, reference: Path):

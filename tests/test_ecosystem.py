@@ -13,6 +13,7 @@ from pipeline import chat
 from pipeline import gate as g
 from pipeline import manifest as mf
 from pipeline.runtime import Runtime
+from pipeline import registry
 from pipeline.registry import ONNX as ARTIFACTS
 from tests.conftest import REPO, assert_clean_failure, build, run_cli, scoring
 from tests.test_verify import rehash
@@ -150,7 +151,8 @@ def test_every_artifact_carries_a_model_card(artifact, name):
     front = yaml.safe_load(text.split("---\n")[1])
     assert front["library_name"] == "onnxruntime" and front["pipeline_tag"] == "text-generation"
     assert front["base_model"] == m["source"]["model"]
-    assert {"onnx", name, model_card.PRECISION_TAGS[name]} <= set(front["tags"])
+    precision = registry.load(name).precision
+    assert precision in ("fp32", "fp16", "int8", "int4") and {"onnx", name, precision} <= set(front["tags"])
     assert f"`{m['artifact_id']}`" in text and "ORTModelForCausalLM" in text and "pipeline generate" in text
     # speed is the machine's, not the artifact's: the card says where it is measured and quotes no figure
     assert "tok/s" not in text and "benchmarks/bench.py" in text and "decode" not in m["metrics"]

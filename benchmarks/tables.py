@@ -7,7 +7,7 @@ this script re-renders each from FILE (relative to the repository root).
 
 Kinds: ``artifacts`` (FILE: a metrics directory, with its ``build/`` run figures), ``bench`` and
 ``ratios`` (a benchmarks/results*.json), ``stages`` (a benchmarks/real_shapes_*.json),
-``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json)."""
+``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json)."""
 
 from __future__ import annotations
 
@@ -115,7 +115,20 @@ def extrapolated(path: Path) -> str:
     return "\n".join(rows)
 
 
-KINDS = {"artifacts": artifacts, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
+def repro(path: Path) -> str:
+    doc = json.loads(path.read_text())
+    rows = ["| other code path | round_bits | activation scales differing | max relative difference | same artifact |",
+            "|---|---:|---:|---:|---|"]
+    for name, r in doc.items():
+        for key in (k for k in r if k.startswith("round_bits")):
+            c = r[key]
+            rows.append(f"| {name} (vs onnxruntime {r['shipped_onnxruntime']}) | {key.split()[1]} | "
+                        f"{c['differing']} of {c['activation_scales']} | {c['max_relative_difference']:.1e} | "
+                        f"{'yes' if c['same_artifact'] else '**no**'} (`{c['ids'][0]}` / `{c['ids'][1]}`) |")
+    return "\n".join(rows)
+
+
+KINDS = {"artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
 
 
 def render(text: str) -> str:

@@ -147,6 +147,9 @@ class Calibration(Section):
     samples: int = PosInt
     seq_len: int = Field(ge=8)
     stride: int = PosInt
+    # ranges and SmoothQuant maxima rounded outward to this many mantissa bits (calibration/rounding.py),
+    # so another CPU's last bits give the same artifact; 0 = as ORT computed them
+    round_bits: int = Field(4, ge=0, le=20)
 
 
 class Exclude(Section):

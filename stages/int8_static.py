@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from calibration.reader import CalibrationReader, calibration_windows
+from calibration.rounding import coarsen_maxima, coarsen_ranges
 from calibration.smoothquant import Weights, activation_channel_max, smooth, smoothing_groups
 from pipeline import compat, onnx_io, store
 from pipeline.runner import BuildResult, Inputs, Stage
@@ -37,8 +38,9 @@ def _with_types(model):
 
 
 def _calibrate(model_path: Path, config: dict, windows, method: str, stride: int, percentile: float,
-               scratch: Path) -> Path:
-    """ORT's calibrator over the windows in strides; the ranges saved in its calibration-cache format."""
+               round_bits: int, scratch: Path) -> Path:
+    """ORT's calibrator over the windows in strides; the ranges, rounded outward to ``round_bits``
+    mantissa bits, saved in its calibration-cache format."""
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
     from onnxruntime.quantization.calibrate import save_tensors_data
 
@@ -55,7 +57,7 @@ def _calibrate(model_path: Path, config: dict, windows, method: str, stride: int
     for start in range(0, len(windows), stride):
         reader.set_range(start_index=start, end_index=start + stride)
         calibrator.collect_data(reader)
-    ranges = calibrator.compute_data()
+    ranges = coarsen_ranges(calibrator.compute_data(), round_bits)
     del calibrator, reader
     gc.collect()
     path = scratch / "ranges.json"
@@ -96,6 +98,7 @@ def build(inputs: Inputs, config: Int8Static, tmp: Path) -> BuildResult:
         if sq.enabled:
             maxima = activation_channel_max(graph, parent_dir, smoothing_groups(graph, exclude), model_config, windows,
                                             scratch / "sq")
+            maxima = coarsen_maxima(maxima, cal.round_bits)
             shutil.rmtree(scratch / "sq")
             weights = Weights(graph, parent_dir.resolve())
             sq_summary = smooth(graph, weights, maxima, sq.alpha, exclude)
@@ -121,7 +124,8 @@ def build(inputs: Inputs, config: Int8Static, tmp: Path) -> BuildResult:
             onnx_io.beside_weights(graph, weights, src, link=False)  # quantize_static reads it via onnx
         del graph
         stride = _stride(len(windows), cal.stride)
-        ranges = _calibrate(src / onnx_io.MODEL, model_config, windows, method, stride, config.percentile, scratch)
+        ranges = _calibrate(src / onnx_io.MODEL, model_config, windows, method, stride, config.percentile,
+                            cal.round_bits, scratch)
         # quantize_static on the graph alone too: each weight is read from disk as it is quantized,
         # and the weights it leaves float stay in src's data file, which the output (written beside
         # it) refers to.
@@ -142,7 +146,8 @@ def build(inputs: Inputs, config: Int8Static, tmp: Path) -> BuildResult:
               "activations": f"uint8 static ({method})", "smoothquant": sq_summary,
               "excluded_nodes": sorted(exclude), "tied_embedding": shared or "fp32 (not quantized)",
               "calibration": {"source": cal.source, "windows": len(windows),
-                              "seq_len": int(windows.shape[1]), "stride": stride}}
+                              "seq_len": int(windows.shape[1]), "stride": stride,
+                              "round_bits": cal.round_bits}}
     dq = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     quantized = sum(1 for n in q.graph.node if n.op_type == "MatMul" and all(i in dq for i in n.input[:2]))
     return BuildResult(metrics={"op_counts": counts, "quantized_matmuls": quantized},

@@ -7,7 +7,7 @@ this script re-renders each from FILE (relative to the repository root).
 
 Kinds: ``artifacts`` (FILE: a metrics directory, with its ``build/`` run figures), ``bench`` and
 ``ratios`` (a benchmarks/results*.json), ``stages`` (a benchmarks/real_shapes_*.json),
-``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json)."""
+``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scores`` (benchmarks/outlier_builtin.json)."""
 
 from __future__ import annotations
 
@@ -128,7 +128,17 @@ def repro(path: Path) -> str:
     return "\n".join(rows)
 
 
-KINDS = {"artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
+def scores(path: Path) -> str:
+    doc = json.loads(path.read_text())
+    rows = [f"{doc['model']}; {doc['how']}.\n", "| artifact | PPL | drift vs reference | KLD mean | KLD p99 | top-1 | vs reference size |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in doc["artifacts"].items():
+        rows.append(f"| {name} | {m['ppl']:.3f} | {m['drift_pct']:+.3f} % | {m['kld_mean']:.1e} | {m['kld_p99']:.1e} | "
+                    f"{m['top1_agreement']:.2%} | {_fmt(m.get('size_ratio'), '.3f')} |")
+    return "\n".join(rows)
+
+
+KINDS = {"artifacts": artifacts, "repro": repro, "scores": scores, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
 
 
 def render(text: str) -> str:

@@ -21,7 +21,8 @@ Figures: prefill tok/s (one pass over ``--prompt-tokens``), time to first token 
 bandwidth / the weight bytes read per token. Writes ``--out`` (read by `pipeline report`) and prints the
 table with the ratios the README quotes. Speed targets live here, never in the test suite.
 
-This file imports nothing of ours at the top: its worker mode also runs inside the peer venv."""
+At the top it imports only pipeline/registry.py, which imports nothing: the worker mode also runs
+inside the peer venv."""
 
 from __future__ import annotations
 

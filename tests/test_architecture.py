@@ -50,7 +50,10 @@ def test_dvc_yaml_is_generated_from_the_declarations():
 
 
 def test_one_list_of_stages():
+    from pipeline import cli
+
     assert set(dvcgen.VERBS) == set(registry.STAGES)
+    assert all(dvcgen.VERBS[name] == f"quantize --mode {mode}" for mode, name in cli.MODES.items())
     assert ARTIFACTS == registry.ARTIFACTS and set(registry.ONNX) <= set(registry.ARTIFACTS)
     for name in registry.STAGES:
         stage = registry.load(name)

@@ -158,6 +158,26 @@ def peak_rss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def read_bandwidth_gb_s(threads: int, mb: int = 1024) -> float:
+    """Bytes read per second by ``threads`` threads summing their share of one ``mb`` array (numpy
+    releases the GIL in the loop), best of 5: what a decode step that streams the weights with that many
+    threads can reach. One thread reads less than two here (measured 30.8 vs 35.6 GB/s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    a = np.ones(mb * 2**20 // 8)
+    parts = np.array_split(a, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.sum, parts))
+        best = min(_timed(lambda: list(pool.map(np.sum, parts))) for _ in range(5))
+    return round(a.nbytes / best / 1e9, 2)
+
+
+# The builder's settings, explicit (its CPU defaults for int4 as of 0.18) and recorded with its figures.
+BUILDER_OPTIONS = {"int4_block_size": 32, "int4_accuracy_level": 4}
+
+
 def copy_bandwidth_gb_s(mb: int = 512) -> float:
     """STREAM's Copy convention: bytes read plus bytes written per second (one 512 MB copy, best of 5)."""
     import numpy as np
@@ -199,8 +219,10 @@ def build_peer(python: str, checkpoint: Path, precision: str, cache: Path) -> Pa
     out = cache / f"{ckpt_id}-{precision}"
     if (out / "genai_config.json").is_file():
         return out
+    extra = [f"{k}={v}" for k, v in BUILDER_OPTIONS.items()] if precision != "fp32" else []
     proc = subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
-                           "-p", precision, "-e", "cpu", "-c", str(cache / "hf-cache")],
+                           "-p", precision, "-e", "cpu", "-c", str(cache / "hf-cache"),
+                           *(["--extra_options", *extra] if extra else [])],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -265,8 +287,11 @@ def main() -> None:
     only = set(filter(None, args.only.split(",")))
     text = (art / "data" / "eval.txt").read_text()
     ids = Runtime(art / "export").encode(text)[: args.prompt_tokens]
-    bandwidth = copy_bandwidth_gb_s()
-    print(f"copy bandwidth {bandwidth} GB/s; {len(ids)}-token prompt, {args.new_tokens} new tokens, "
+    threads = os.cpu_count() or 1  # every engine runs ORT's / torch's default: one intra-op thread per core
+    copy = copy_bandwidth_gb_s()
+    bandwidth = read_bandwidth_gb_s(threads)
+    print(f"read bandwidth ({threads} threads) {bandwidth} GB/s, copy (1 thread) {copy} GB/s; "
+          f"{len(ids)}-token prompt, {args.new_tokens} new tokens, "
           f"median of {args.repeats}", file=sys.stderr)
     jobs = [("ours", n, art / n) for n in NAMES] + [("genai", n, art / n) for n in NAMES]
     jobs += [("optimum", "export", art / "export"), ("torch", "checkpoint", art / "checkpoint")]
@@ -299,8 +324,12 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     doc = {"machine": {**machine(), "provider": "CPUExecutionProvider"}, "commit": commit or None,
            "settings": {"artifacts": str(art), "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
-                        "repeats": args.repeats, "statistic": "median"},
-           "copy_bandwidth_gb_s": bandwidth,
+                        "repeats": args.repeats, "statistic": "median",
+                        "threads": {"ours": f"{threads} (ORT intra-op default: one per core)",
+                                    "genai": f"{threads} (ORT default)", "optimum": f"{threads} (ORT default)",
+                                    "torch": f"{threads} (torch.set_num_threads)"},
+                        "builder_options": BUILDER_OPTIONS},
+           "read_bandwidth_gb_s": bandwidth, "read_bandwidth_threads": threads, "copy_bandwidth_gb_s": copy,
            "weight_bytes_per_token": {k.split(":", 1)[1] if k.startswith("ours:") else k: v
                                       for k, v in bytes_per_token.items() if not k.startswith("genai:")},
            "engines": engines}

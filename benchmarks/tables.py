@@ -7,7 +7,7 @@ this script re-renders each from FILE (relative to the repository root).
 
 Kinds: ``artifacts`` (FILE: a metrics directory, with its ``build/`` run figures), ``bench`` and
 ``ratios`` (a benchmarks/results*.json), ``stages`` (a benchmarks/real_shapes_*.json),
-``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scores`` (benchmarks/outlier_builtin.json)."""
+``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scoreboard`` (a benchmarks/scoreboard_*.json)."""
 
 from __future__ import annotations
 
@@ -138,7 +138,32 @@ def scores(path: Path) -> str:
     return "\n".join(rows)
 
 
-KINDS = {"artifacts": artifacts, "repro": repro, "scores": scores, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
+def scoreboard(path: Path) -> str:
+    """llama.cpp-style scoreboard (benchmarks/scoreboard.py): every precision and INT4 method, then the peer."""
+    doc = json.loads(path.read_text())
+    m, st = doc["machine"], doc["settings"]
+    outl = doc["model"].get("outliers")
+    what = (f"{doc['model']['source']}" + (f" with {outl['channels']} outlier channels x{outl['scale']:g} per layer"
+                                           if outl else ""))
+    im = doc["model"]["imatrix"]
+    rows = [f"{what}; imatrix: largest channel {im['max_outlier_ratio']}x the median; eval windows "
+            f"{st['eval_windows'] or 'all'} of {st['ctx']}, reference {st['reference']}; decode: {st['decode']}, "
+            f"{st['threads']}; {m.get('cpu')}, {m.get('cores')} cores, onnxruntime {m.get('onnxruntime')}; "
+            f"commit `{doc['commit'][:8]}`.\n",
+            "| artifact / method | size MB | vs FP32 | ΔPPL | KLD mean | KLD p99 | top-1 | decode tok/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in [*doc["variants"].items(), *doc["peers"].items()]:
+        if not isinstance(r, dict):
+            rows.append(f"| {name} | {r} | | | | | | |")
+            continue
+        tok = r.get("decode_tok_s")
+        rows.append(f"| {name} | {r['size_bytes'] / 1e6:,.1f} | {r['size_vs_export']:.3f} | {r['drift_pct']:+.3f} % | "
+                    f"{r['kld_mean']:.2e} | {r['kld_p99']:.2e} | {r['top1_agreement']:.2%} | "
+                    f"{tok if isinstance(tok, (int, float)) else '—'} |")
+    return "\n".join(rows)
+
+
+KINDS = {"scoreboard": scoreboard, "artifacts": artifacts, "repro": repro, "scores": scores, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
 
 
 def render(text: str) -> str:

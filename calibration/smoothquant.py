@@ -14,9 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import onnx_io
-from pipeline.log import Progress
-from pipeline.runtime import GraphIO, make_session
+from .imatrix import channel_statistics
 
 NORM_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "Mul")
 
@@ -33,27 +31,9 @@ def _groups(model, exclude: set[str]) -> dict[str, list]:
 
 def activation_channel_max(graph, weights_dir: Path, tensors: list[str], config: dict, windows: np.ndarray,
                            work: Path) -> dict:
-    """Running per-channel max |x| of ``tensors`` over the calibration windows (bounded memory).
-    ``graph``: the model loaded without its weights from ``weights_dir`` (they are linked, not loaded)."""
-    from onnx import TensorProto, helper
-
-    aug = type(graph)()
-    aug.CopyFrom(graph)
-    have = {o.name for o in aug.graph.output}
-    for name in tensors:
-        if name not in have:
-            aug.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    path = onnx_io.beside_weights(aug, weights_dir, work)
-    session = make_session(path)
-    io = GraphIO.from_onnx(path, config)
-    maxima: dict[str, np.ndarray] = {}
-    progress = Progress("smoothquant stats", len(windows))
-    for i, win in enumerate(windows):
-        for name, value in zip(tensors, session.run(tensors, io.feeds(win[None]))):
-            m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
-            maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
-        progress.update(i + 1)
-    return maxima
+    """Running per-channel max |x| of ``tensors`` over the calibration windows (bounded memory)."""
+    stats = channel_statistics(graph, weights_dir, tensors, config, windows, work, "smoothquant stats")
+    return {name: s["max"] for name, s in stats.items()}
 
 
 def smoothing_groups(graph, exclude: set[str]) -> list[str]:
@@ -100,15 +80,45 @@ class Weights:
         import onnx_ir as ir
 
         for name in self.ops:
+            if name not in model.graph.initializers:  # quantized and dropped (pipeline/nbits.py)
+                continue
             value = model.graph.initializers[name]
             value.const_value = ir.LazyTensor(lambda name=name: ir.tensor(self.current(name)),
                                               dtype=value.const_value.dtype, shape=value.const_value.shape, name=name)
 
 
-def smooth(model, weights: Weights, maxima: dict, alpha: float, exclude: set[str]) -> dict:
+def smoothquant_factors(model, weights: Weights, maxima: dict, alpha: float, exclude: set[str],
+                        only: set[str] | None = None) -> dict:
+    """SmoothQuant's ``s_j = max|X_j|^alpha / max|W_j,:|^(1-alpha)`` per group's input channel (the
+    groups whose activation is in ``only``, default all)."""
+    factors = {}
+    for x, members in _groups(model, exclude).items():
+        if only is not None and x not in only:
+            continue
+        act = maxima[x].astype(np.float64)
+        wmax = np.max([np.abs(weights.current(m.input[1])).max(axis=1) for m in members], axis=0).astype(np.float64)
+        s = np.power(np.maximum(act, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
+        factors[x] = np.clip(s, 1e-3, 1e3)
+    return factors
+
+
+def smooth(model, weights: Weights, maxima: dict, alpha: float, exclude: set[str], fold_only: bool = False) -> dict:
     """Apply SmoothQuant to ``model`` (a ModelProto without its weights: graph edits in place, weight
     scalings recorded in ``weights``), with the activation maxima of :func:`activation_channel_max`;
     returns a summary for the manifest."""
+    factors = smoothquant_factors(model, weights, maxima, alpha, exclude)
+    ratios = [float(maxima[x].max() / max(np.median(maxima[x]), 1e-9)) for x in factors]
+    summary = scale_inputs(model, weights, factors, exclude, fold_only)
+    summary.pop("scaled")
+    return {"alpha": alpha, **summary, "median_outlier_ratio": float(np.median(ratios)) if ratios else None}
+
+
+def scale_inputs(model, weights: Weights, factors: dict[str, np.ndarray], exclude: set[str],
+                 fold_only: bool = False) -> dict:
+    """``X W = (X / s)(diag(s) W)`` for each activation ``X`` in ``factors``: the projections' weight rows
+    scaled by ``s``, ``1/s`` folded into the graph where that is exact (:func:`_fold_target`), else a
+    ``Mul`` inserted, or (``fold_only``) that group left as it is. Graph edits in place; weight
+    scalings recorded in ``weights``; ``scaled`` in the summary lists the activations scaled. Shared by SmoothQuant and AWQ-style scaling (pipeline/nbits.py)."""
     from onnx import helper, numpy_helper
 
     groups = _groups(model, exclude)
@@ -118,18 +128,17 @@ def smooth(model, weights: Weights, maxima: dict, alpha: float, exclude: set[str
     for n in model.graph.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
-    folded = inserted = 0
-    new_nodes = []
-    ratios = []
-    for x, members in groups.items():
-        act = maxima[x].astype(np.float64)
-        wmax = np.max([np.abs(weights.current(m.input[1])).max(axis=1) for m in members], axis=0).astype(np.float64)
-        s = np.power(np.maximum(act, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
-        s = np.clip(s, 1e-3, 1e3)
-        ratios.append(float(act.max() / max(np.median(act), 1e-9)))
+    folded = inserted = skipped = 0
+    new_nodes, scaled = [], []
+    for x, s in factors.items():
+        members = groups[x]
+        target = _fold_target(x, producers, readers, init, members, len(s))
+        if target is None and fold_only:
+            skipped += 1
+            continue
+        scaled.append(x)
         for m in members:
             weights.scale(m.input[1], "rows", s)
-        target = _fold_target(x, producers, readers, init, members, len(s))
         if target is not None:
             kind, name = target
             if kind == "shared-gamma":  # the norm gets its own copy of a gamma other norms share, then folds
@@ -151,8 +160,8 @@ def smooth(model, weights: Weights, maxima: dict, alpha: float, exclude: set[str
     for first_member, node in new_nodes:  # insert each Mul right before the first MatMul that reads it
         nodes = list(model.graph.node)
         model.graph.node.insert(nodes.index(first_member), node)
-    return {"alpha": alpha, "groups": len(groups), "folded": folded, "mul_inserted": inserted,
-            "median_outlier_ratio": float(np.median(ratios)) if ratios else None}
+    return {"groups": len(factors), "folded": folded, "mul_inserted": inserted,
+            **({"left_unscaled": skipped} if fold_only else {}), "scaled": scaled}
 
 
 def _fold_target(x, producers, readers, init, members, channels) -> tuple[str, str] | None:

@@ -39,12 +39,12 @@ def cli():
     """Hugging Face causal LM -> validated, versioned ONNX artifacts."""
 
 
-def _build(name: str, params, input_dir, out, scoring, run_metrics) -> dict:
+def _build(name: str, params, input_dir, out, scoring, run_metrics, uses: dict | None = None) -> dict:
     """Every build verb: the stage's declaration run by the one runner, its run figures written apart."""
     from .manifest import machine
     from .runner import run_stage
 
-    built = run_stage(name, params, input_dir, out, scoring)
+    built = run_stage(name, params, input_dir, out, scoring, uses)
     if run_metrics:
         _write_json(run_metrics, {"artifact": name, "artifact_id": built.manifest["artifact_id"], **built.run,
                                   "machine": machine()})
@@ -172,8 +172,21 @@ def _build_opts(default_in, default_out):
     return wrap
 
 
-def _derived(name, params, input_dir, out, eval_after, eval_reference, eval_data, run_metrics):
-    _build(name, params, input_dir, out, _scoring(params, eval_after, eval_reference, eval_data), run_metrics)
+def _derived(name, params, input_dir, out, eval_after, eval_reference, eval_data, run_metrics, uses=None):
+    _build(name, params, input_dir, out, _scoring(params, eval_after, eval_reference, eval_data), run_metrics, uses)
+
+
+@cli.command()
+@PARAMS_OPT
+@SET_OPT
+@click.option("--input", "input_dir", default=None, help="the graph to collect it on [default: artifacts/<imatrix.parent>]")
+@click.option("--out", default="artifacts/imatrix", show_default=True, help="output dir")
+@RUN_METRICS_OPT
+def imatrix(params_file, overrides, input_dir, out, run_metrics):
+    """Importance matrix: per projection input channel, mean x^2 and max |x| on the calibration text
+    (read by quantize --mode int4 with algorithm imatrix/awq, and by --mode dynamic with smoothing)."""
+    params = load_params(params_file, overrides)
+    _build("imatrix", params, input_dir or f"artifacts/{params.imatrix.parent}", out, None, run_metrics)
 
 
 @cli.command()
@@ -202,7 +215,8 @@ ALIASES = {"calibration": (("static",), "calibration.source"),
            "smoothquant": (("static",), "smoothquant.enabled"),
            "alpha": (("static",), "smoothquant.alpha"),
            "block_size": (("int4", "dynamic"), "block_size"),
-           "symmetric": (("int4",), "symmetric")}
+           "symmetric": (("int4",), "symmetric"),
+           "algorithm": (("int4",), "algorithm")}
 
 
 @cli.command()
@@ -217,8 +231,12 @@ ALIASES = {"calibration": (("static",), "calibration.source"),
 @click.option("--alpha", type=float, default=None, help="static: SmoothQuant alpha")
 @click.option("--block-size", type=int, default=None, help="int4 / dynamic: weights per quantization block")
 @click.option("--symmetric/--asymmetric", default=None, help="int4: symmetric blocks")
+@click.option("--algorithm", default=None, type=click.Choice(["rtn", "k_quant", "imatrix", "awq"]),
+              help="int4: quantization algorithm")
+@click.option("--imatrix", "imatrix_dir", default="artifacts/imatrix", show_default=True,
+              help="int4 (imatrix, awq) / dynamic (smoothing): the importance matrix artifact (pipeline imatrix)")
 def quantize(mode, params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data, run_metrics,
-             **flags):
+             imatrix_dir, **flags):
     """INT8 dynamic, INT8 static (calibrated, QDQ) or INT4 weight-only (MatMulNBits).
 
     Each flag is an alias for -S <section>.<key>=<value> of the mode's section (int8_dynamic, int8_static, int4)."""
@@ -236,8 +254,9 @@ def quantize(mode, params_file, overrides, input_dir, out, eval_after, eval_refe
         values[f"{section}.{key}"] = value
     params = load_params(params_file, overrides, values)
     parent = getattr(params, section).parent
+    uses = {"imatrix": imatrix_dir} if "imatrix" in registry.load(name).uses else None
     _derived(name, params, input_dir or f"artifacts/{parent}", out or f"artifacts/{name}", eval_after, eval_reference,
-             eval_data, run_metrics)
+             eval_data, run_metrics, uses)
 
 
 @cli.command()

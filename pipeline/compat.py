@@ -133,3 +133,29 @@ def quiet_ort_quantizers() -> None:
     logging.getLogger().setLevel(logging.ERROR)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)
+
+
+# ----------------------------------------------------------------------------- ORT k_quant (int4)
+@contextlib.contextmanager
+def unused_inputs_hidden(model):
+    """ORT 1.32's k_quant path (``neural_compressor.weight_only.rtn_quantize``) sorts the graph
+    topologically from its inputs and fails with ``KeyError: 'position_ids'`` on a graph input no node
+    reads (the fused graph's GroupQueryAttention takes positions from the mask). Those inputs are
+    removed while it runs and put back on ``model``; the context yields ``put_back(q)`` for the model
+    the quantizer returns, which may be another object."""
+    guard("k_quant unused graph inputs", "onnxruntime", "1.32.0", "neural_compressor onnx_model.topological_sort")
+    read = {i for n in model.graph.node for i in n.input}
+    inputs = list(model.graph.input)
+    kept = [v for v in inputs if v.name in read]
+
+    def put_back(q):
+        del q.graph.input[:]
+        q.graph.input.extend(inputs)
+        return q
+
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    try:
+        yield put_back
+    finally:
+        put_back(model)

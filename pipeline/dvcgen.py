@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages", "calibration")
 # How the CLI builds each stage (its verb); the arguments come from the declarations.
 VERBS = {"data": "data", "checkpoint": "checkpoint", "export": "export", "fused": "fuse", "fp16": "fp16",
+         "imatrix": "imatrix",
          "int8-dynamic": "quantize --mode dynamic", "int8-static": "quantize --mode static", "int4": "quantize --mode int4"}
 # Scored when built and by evaluate@<name> against this artifact: PyTorch for the export, the export
 # for everything built on it.
@@ -108,14 +109,20 @@ def render() -> str:
         elif parent:
             cmd.append(f"--input artifacts/{parent}")
         cmd.append(f"--out artifacts/{name}")
+        for used in stage.uses:
+            cmd.append(f"--{used} artifacts/{used}")
+            deps.append(f"artifacts/{used}")
+        if parent:
+            deps.append(f"artifacts/{parent}")
         if name in registry.ONNX:
             ref = REFERENCE.get(name, "export")
             if name != "export":
                 cmd.append(f"--reference artifacts/{ref}")
             cmd.append("--data artifacts/data")
-            deps += sorted({f"artifacts/{parent}", f"artifacts/{ref}", "artifacts/data"})
-        elif parent:
-            deps.append(f"artifacts/{parent}")
+            deps += [f"artifacts/{ref}", "artifacts/data"]
+        elif "calibration" in stage.config.model_fields:
+            deps.append("artifacts/data")  # the calibration text's default source (params: <section>.calibration)
+        deps = sorted(set(deps))
         if name == "checkpoint":
             cmd.append("--metrics metrics/checkpoint.json")
         cmd.append(f"--run-metrics metrics/build/{name}.json")

@@ -13,6 +13,11 @@ from pathlib import Path
 
 from .errors import PipelineError
 from .evaluate import check_budget
+from .registry import ONNX
+
+# Every ONNX artifact's budget bounds the distribution, not only the mean log-likelihood: an artifact
+# whose top-1 agreement collapses can keep its perplexity (llama.cpp's perplexity tool reports these).
+DISTRIBUTION_KEYS = ("max_kld_mean", "max_kld_p99", "min_top1_agreement")
 
 COLUMNS = ("artifact", "PPL", "drift %", "KLD mean", "top-1", "size", "vs FP32", "status")
 
@@ -81,13 +86,17 @@ def judge(metrics: dict[str, dict], params, baseline: dict[str, dict] | None = N
         verdict = check_budget(m, budgets.get(name))
         reasons = list(verdict["violations"])
         status = verdict["status"]
+        budget = budgets.get(name) or {}
+        if not budget:
+            reasons.append(f"no budget: every built artifact needs budgets.{name} in params.yaml")
+        elif name in ONNX and (missing := [k for k in DISTRIBUTION_KEYS if k not in budget]):
+            reasons.append(f"budgets.{name} has no {', '.join(missing)}: every ONNX artifact's budget bounds "
+                           f"its KLD and top-1 agreement")
         old = (baseline or {}).get(name)
         if old:
             reasons += _regressions(m, old, tol)
-        if reasons and not status.startswith("over budget (report-only)"):
+        if reasons and not status.startswith("over budget (report-only)") or not budget:
             status = "fail"
-        elif status == "no budget" and not reasons:
-            status = "pass (no budget)"
         rows.append({"artifact": name, "metrics": m, "status": status, "reasons": reasons,
                      "baseline_ppl": (old or {}).get("ppl")})
     return rows

@@ -12,14 +12,16 @@ STAGES = {
     "export": "stages.export",
     "fused": "stages.fuse",
     "fp16": "stages.fp16",
+    "imatrix": "stages.imatrix",
     "int8-dynamic": "stages.int8_dynamic",
     "int8-static": "stages.int8_static",
     "int4": "stages.int4",
 }
-# Artifacts a budget can name (every stage after the text split).
-ARTIFACTS = tuple(name for name in STAGES if name != "data")
 # The ONNX artifacts: scored against a reference, served, published.
-ONNX = ARTIFACTS[1:]
+ONNX = ("export", "fused", "fp16", "int8-dynamic", "int8-static", "int4")
+# Artifacts with figures a budget can name: the checkpoint and every ONNX artifact. (The imatrix is
+# calibration statistics: its consumers are scored, not it.)
+ARTIFACTS = ("checkpoint", *ONNX)
 
 
 def load(name: str):

@@ -39,9 +39,18 @@ class BuildResult:
 
 @dataclass(frozen=True)
 class Inputs:
-    """The build's input: the parent artifact (verified) or nothing (the first stage)."""
+    """The build's input: the parent artifact (verified) or nothing (the first stage), and the other
+    artifacts it reads (``Stage.uses``, verified), by stage name: (dir, manifest)."""
     dir: Path | None
     manifest: dict | None
+    uses: dict = field(default_factory=dict)
+
+    def use(self, name: str, why: str) -> tuple[Path, dict]:
+        """The artifact ``name`` the build needs for ``why``; one clear error when it was not given."""
+        if name not in self.uses:
+            raise PipelineError(f"{why} needs the {name} artifact: build it first (pipeline {name}) and pass "
+                                f"--{name} DIR")
+        return self.uses[name]
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,7 @@ class Stage:
     config: type[BaseModel]
     build: Callable[[Inputs, Any, Path], BuildResult]
     parents: tuple[str, ...] = ()                # stages its input may come from; () = no input artifact
+    uses: tuple[str, ...] = ()                   # other artifacts it may read (CLI --<name> DIR, a DVC dep)
     default_parent: str | None = None            # the input dvc.yaml gives it (default: parents[0]; a config
                                                  # with a ``parent`` field names it there)
     section: str | None = None                   # its params section; None: the config's fields name sections
@@ -74,15 +84,31 @@ class Built:
 
 
 def run_stage(name: str, params, parent_dir: str | Path | None, out: str | Path,
-              scoring: Scoring | None = None) -> Built:
+              scoring: Scoring | None = None, uses: dict | None = None) -> Built:
     """Build the registered stage ``name`` with its section of the checked ``params``: what every
     `pipeline <verb>` runs."""
     stage = registry.load(name)
-    return run(stage, config_of(stage, params), parent_dir, out, scoring)
+    return run(stage, config_of(stage, params), parent_dir, out, scoring, uses)
+
+
+def _verified_uses(stage: Stage, uses: dict | None) -> dict:
+    found = {}
+    for name, directory in (uses or {}).items():
+        if name not in stage.uses:
+            raise PipelineError(f"{stage.name} reads no {name} artifact (it reads: {', '.join(stage.uses) or 'none'})")
+        if directory is None:
+            continue
+        directory = Path(directory)
+        if not directory.exists():
+            continue  # absent: the build says whether it needed it
+        manifest = verify(directory, load=False)
+        mf.expect_stage(manifest, (name,), directory)
+        found[name] = (directory, manifest)
+    return found
 
 
 def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str | Path,
-        scoring: Scoring | None = None) -> Built:
+        scoring: Scoring | None = None, uses: dict | None = None) -> Built:
     t0 = time.perf_counter()
     parent = None
     if stage.parents:
@@ -91,10 +117,11 @@ def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str
         parent_dir = Path(parent_dir)
         parent = verify(parent_dir, load=False)
         mf.expect_stage(parent, stage.parents, parent_dir)
+    used = _verified_uses(stage, uses)
     measured: dict = {}
     with store.staging_dir(out) as tmp, store.scratch_dir(tmp, "outputs") as scratch:
         with heartbeat(stage.name):
-            made = stage.build(Inputs(parent_dir, parent), config, tmp)
+            made = stage.build(Inputs(parent_dir, parent, used), config, tmp)
         gc.collect()  # the build's graph and weights are gone before any model is loaded
         measured["build_seconds"] = round(time.perf_counter() - t0, 2)
         measured.update(made.run)

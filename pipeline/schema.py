@@ -48,6 +48,24 @@ class Data(Section):
     fractions: Fractions
 
 
+class Outliers(Section):
+    """Outlier activation channels moved into the model without changing its function
+    (pipeline/outliers.py): the hard case for quantization that real LLMs are and the built-in model
+    is not. ``channels: 0`` = none."""
+    channels: int = Field(0, ge=0)
+    scale: float = Field(64.0, gt=1)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("scale")
+    @classmethod
+    def _exact(cls, v: float) -> float:
+        import math
+
+        if 2.0 ** round(math.log2(v)) != v:
+            raise ValueError("must be a power of two (so the float model stays the same function, exactly)")
+        return v
+
+
 class Model(Section):
     source: str = Field(min_length=1)
     revision: str = "main"
@@ -55,6 +73,7 @@ class Model(Section):
     allow_unsafe_pickle_weights: bool = False
     # Code from the checkpoint's repository is never run unless this says so.
     trust_remote_code: bool = False
+    outliers: Outliers = Outliers()
 
 
 class Tokenizer(Section):
@@ -114,9 +133,15 @@ class FP16(Section):
     greedy_tokens: int = PosInt
 
 
+class Smoothing(Section):
+    enabled: bool
+    alpha: float = Field(ge=0, le=1)
+
+
 class Int8Dynamic(Section):
     parent: Literal["export", "fused"]
     format: Literal["matmulnbits", "qoperator"]
+    smoothing: Smoothing = Smoothing(enabled=False, alpha=0.5)
     block_size: int
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]]
     per_channel: bool
@@ -127,29 +152,62 @@ class Int8Dynamic(Section):
 
     _block = field_validator("tied_block_size", "block_size")(_power_of_two)
 
+    @model_validator(mode="after")
+    def _smoothing_needs_nbits(self):
+        if self.smoothing.enabled and self.format != "matmulnbits":
+            raise ValueError("int8_dynamic.smoothing applies to format matmulnbits only (set smoothing.enabled: false)")
+        return self
+
+
+# Algorithms that read the importance matrix (stage imatrix).
+CALIBRATED_INT4 = ("imatrix", "awq")
+
 
 class Int4(Section):
     parent: Literal["export", "fused"]
-    algorithm: Literal["rtn", "k_quant"]
+    # rtn / k_quant: ORT's MatMulNBitsQuantizer; imatrix / awq: pipeline/nbits.py with the importance
+    # matrix (awq also scales input channels by it first, folded into the graph)
+    algorithm: Literal["rtn", "k_quant", "imatrix", "awq"]
+    awq_alpha: float = Field(0.75, ge=0, le=1)
+    int8_fraction: float = Field(0.0, ge=0, le=1)  # imatrix/awq: this share of projections, the most sensitive, 8-bit
     block_size: int
     symmetric: bool
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]]
     quantize_tied: bool
+    tied_bits: Literal[4, 8] = 4
     nodes_to_exclude: list[str]
     greedy_tokens: int = PosInt
 
     _block = field_validator("block_size")(_power_of_two)
 
+    @model_validator(mode="after")
+    def _ours_symmetric(self):
+        if self.algorithm in CALIBRATED_INT4 and not self.symmetric:
+            raise ValueError(f"int4.algorithm {self.algorithm} quantizes symmetrically (set symmetric: true)")
+        if self.int8_fraction and self.algorithm not in CALIBRATED_INT4:
+            raise ValueError("int4.int8_fraction needs algorithm imatrix or awq (it ranks projections by the "
+                             "importance matrix)")
+        return self
 
-class Calibration(Section):
+
+class TextWindows(Section):
     source: str = Field(min_length=1)
     text_column: str = Field(min_length=1)
     samples: int = PosInt
     seq_len: int = Field(ge=8)
-    stride: int = PosInt
-    # ranges and SmoothQuant maxima rounded outward to this many mantissa bits (calibration/rounding.py),
-    # so another CPU's last bits give the same artifact; 0 = as ORT computed them
+    # ranges and statistics rounded to this many mantissa bits (calibration/rounding.py), so another
+    # CPU's last bits give the same artifact; 0 = as ORT computed them
     round_bits: int = Field(4, ge=0, le=20)
+
+
+class Calibration(TextWindows):
+    stride: int = PosInt
+
+
+class Imatrix(Section):
+    """The importance matrix: per projection input channel, mean x^2 and max |x| over calibration text."""
+    parent: Literal["export", "fused"]
+    calibration: TextWindows
 
 
 class Exclude(Section):
@@ -221,6 +279,7 @@ class Params(ConsumerParams):
     budgets: Budgets
     fused: Fused
     fp16: FP16
+    imatrix: Imatrix
     int8_dynamic: Int8Dynamic
     int4: Int4
     int8_static: Int8Static

@@ -3,7 +3,7 @@
 Qwen3 ties ``lm_head.weight`` to ``embed_tokens.weight``. The export stores the table once (the
 lm_head MatMul reads ``Transpose(table)``). Quantizing it as two separate ops would store it twice,
 so here one block-quantized table (MatMulNBits layout: uint8 blobs, per-block float scales, default
-zero point 2^(bits-1)) feeds both a ``MatMulNBits`` (lm_head) and a ``GatherBlockQuantized``
+zero point 2^(bits-1), pipeline/nbits.py) feeds both a ``MatMulNBits`` (lm_head) and a ``GatherBlockQuantized``
 (embedding lookup), the way onnxruntime-genai's builder shares embeddings."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import PipelineError
+from .nbits import quantize_blocks
 from .onnx_io import embedding_nodes, lm_head_nodes
 
 
@@ -68,40 +69,11 @@ def find_tied(model):
     return None
 
 
-def quantize_blocks(w: np.ndarray, bits: int, block_size: int, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric block quantization along the last axis of ``w`` (N, K) in MatMulNBits' layout.
-
-    Returns packed uint8 (N, K/block, block*bits/8) and float scales (N, K/block). Done ``rows`` rows at
-    a time: the temporaries of a 151,936-row table would otherwise be several times its size."""
-    n, k = w.shape
-    if k % block_size:
-        raise PipelineError(f"hidden size {k} is not a multiple of the block size {block_size}")
-    qmax = 2 ** (bits - 1) - 1
-    packed = np.empty((n, k // block_size, block_size * bits // 8), dtype=np.uint8)
-    scales = np.empty((n, k // block_size), dtype=w.dtype)
-    for start in range(0, n, rows):
-        blocks = np.asarray(w[start:start + rows]).reshape(-1, k // block_size, block_size).astype(np.float32)
-        sc = np.abs(blocks).max(axis=-1) / qmax
-        sc[sc == 0] = 1.0
-        q = np.clip(np.rint(blocks / sc[..., None]), -qmax - 1, qmax).astype(np.int16) + 2 ** (bits - 1)
-        q = q.astype(np.uint8)
-        if bits == 4:
-            q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-        packed[start:start + rows] = q
-        scales[start:start + rows] = sc.astype(w.dtype)
-    return packed, scales
-
-
-def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
-    if bits == 4:
-        lo, hi = packed & 0x0F, packed >> 4
-        packed = np.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], -1)
-    q = packed.astype(np.float32) - 2 ** (bits - 1)
-    return (q * scales[..., None]).reshape(scales.shape[0], -1)
-
-
-def share_quantized_table(model, bits: int, block_size: int, accuracy_level: int | None = None) -> dict:
-    """Replace the tied Gather + lm_head MatMul with GatherBlockQuantized + MatMulNBits over one table."""
+def share_quantized_table(model, bits: int, block_size: int, accuracy_level: int | None = None,
+                          importance=None) -> dict:
+    """Replace the tied Gather + lm_head MatMul with GatherBlockQuantized + MatMulNBits over one table.
+    ``importance``: the lm_head input's mean x^2 per hidden channel (calibration/imatrix.py), to weigh the
+    rounding (pipeline/nbits.py); None: round to nearest."""
     from onnx import helper, numpy_helper
 
     found = find_tied(model)
@@ -111,7 +83,7 @@ def share_quantized_table(model, bits: int, block_size: int, accuracy_level: int
     init = {t.name: t for t in model.graph.initializer}
     w = numpy_helper.to_array(init[table])  # (vocab, hidden)
     vocab, hidden = w.shape
-    packed, scales = quantize_blocks(w, bits, block_size)
+    packed, scales = quantize_blocks(w, bits, block_size, importance)
     nb = hidden // block_size
     q_name, s_name = f"{table}_q{bits}", f"{table}_q{bits}_scales"
     new_inits = [
@@ -153,5 +125,5 @@ def share_quantized_table(model, bits: int, block_size: int, accuracy_level: int
     model.graph.initializer.extend(new_inits)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return {"table": table, "bits": bits, "block_size": block_size, "vocab": int(vocab), "hidden": int(hidden),
+    return {"table": table, "bits": bits, "importance_weighted": importance is not None, "block_size": block_size, "vocab": int(vocab), "hidden": int(hidden),
             "ops": ["GatherBlockQuantized", "MatMulNBits"]}

@@ -364,6 +364,12 @@ def build(inputs: Inputs, cfg: CheckpointConfig, tmp: Path) -> BuildResult:
     else:
         made = import_checkpoint(cfg.model, tmp)
         covered = {"model": cfg.model}
+    if cfg.model.outliers.channels:
+        from pipeline.outliers import inject
+
+        o = cfg.model.outliers
+        made["source"]["outliers"] = inject(tmp, o.channels, o.scale, o.seed)
+        covered["model"] = cfg.model  # the outliers are part of what the id covers, whatever the source
     config = json.loads((tmp / "config.json").read_text())
     metrics = {**made["metrics"], **score_checkpoint(tmp, data_dir, cfg.eval, cfg.model.trust_remote_code)}
     params = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in covered.items()}

@@ -1,6 +1,12 @@
-"""Stage `int4`: weight-only 4-bit ``MatMulNBits`` via ORT's MatMulNBitsQuantizer (block-wise RTN; the
-format onnxruntime-genai's builder uses for Qwen3 on CPU). The tied embedding / lm_head is stored
-once as 4-bit blocks shared by GatherBlockQuantized + MatMulNBits."""
+"""Stage `int4`: weight-only 4-bit ``MatMulNBits`` (the format onnxruntime-genai's builder uses for Qwen3
+on CPU). The tied embedding / lm_head is stored once as ``tied_bits`` blocks shared by
+GatherBlockQuantized + MatMulNBits.
+
+Algorithms: ``rtn`` and ``k_quant`` are ORT's MatMulNBitsQuantizer (scales from the weights alone);
+``imatrix`` weighs each block's rounding by the importance matrix (stage imatrix), as llama.cpp does;
+``awq`` first scales each projection's input channels by mean(x^2)^(alpha/2), folded exactly into the
+RMSNorm gammas and up_proj (calibration/weight_only.py), then does the same. ``int8_fraction`` keeps
+the most sensitive share of projections at 8 bits (mixed precision, like llama.cpp's Q4_K_M)."""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from pathlib import Path
 
 from pipeline import compat, onnx_io
 from pipeline.runner import BuildResult, Inputs, Stage
-from pipeline.schema import Int4
+from pipeline.schema import CALIBRATED_INT4, Int4
 from pipeline.errors import PipelineError
 from pipeline.tied import find_tied, share_quantized_table
 
@@ -24,6 +30,8 @@ def _algo_config(config: Int4):
 
 
 def build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
+    if config.algorithm in CALIBRATED_INT4:
+        return _calibrated(inputs, config, tmp)
     parent_dir = inputs.dir
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -32,15 +40,19 @@ def build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
     tied = config.quantize_tied and find_tied(model) is not None
     exclude = list(config.nodes_to_exclude) + (onnx_io.lm_head_nodes(model) if tied else [])
     compat.quiet_ort_quantizers()
-    with onnx_io.weights_from(parent_dir):
-        quant = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=_algo_config(config))
+    with onnx_io.weights_from(parent_dir), compat.unused_inputs_hidden(model) as put_back:
+        # k_quant's config has no block size or symmetry: the quantizer's own arguments give them
+        quant = MatMulNBitsQuantizer(model, block_size=config.block_size, is_symmetric=config.symmetric,
+                                     accuracy_level=config.accuracy_level, nodes_to_exclude=exclude,
+                                     algo_config=_algo_config(config))
         try:
             quant.process()
         except ImportError as exc:
             raise PipelineError(f"int4.algorithm {config.algorithm} needs a package that is not "
                                 f"installed ({exc.name}); use algorithm: rtn") from None
-        q = quant.model.model
-        shared = share_quantized_table(q, 4, config.block_size, config.accuracy_level) if tied else None
+        q = put_back(quant.model.model)
+    with onnx_io.weights_from(parent_dir):
+        shared = share_quantized_table(q, config.tied_bits, config.block_size, config.accuracy_level) if tied else None
     onnx_io.save_ir(onnx_io.to_ir(q, parent_dir.resolve()), tmp)  # the weights it kept, copied from the parent
     policy = {"weights": f"int4 {'symmetric' if config.symmetric else 'asymmetric'} blocks of "
                          f"{config.block_size} ({config.algorithm})",
@@ -50,5 +62,27 @@ def build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
                        extra={"precision": "int4", "kv_dtype": "float32", "quant_policy": policy})
 
 
-STAGE = Stage(name="int4", section="int4", config=Int4, build=build, parents=("export", "fused"),
+def _calibrated(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
+    """``imatrix`` / ``awq``: our quantizer (pipeline/nbits.py) with the importance matrix."""
+    from calibration import imatrix, weight_only
+
+    im_dir, im_manifest = inputs.use("imatrix", f"int4.algorithm {config.algorithm}")
+    im = imatrix.load(im_dir, im_manifest, inputs.manifest)
+    summary, q = weight_only.quantize(
+        inputs.dir, tmp, bits=4, block_size=config.block_size, accuracy_level=config.accuracy_level,
+        exclude=set(config.nodes_to_exclude), im=im, weighted=True,
+        awq_alpha=config.awq_alpha if config.algorithm == "awq" else None, int8_fraction=config.int8_fraction,
+        tied=(config.tied_bits, config.block_size) if config.quantize_tied else None)
+    policy = {"weights": f"int4 symmetric blocks of {config.block_size} ({config.algorithm}: importance-weighted "
+                         "scales" + (f", input channels scaled by mean(x^2)^({config.awq_alpha}/2)"
+                                     if config.algorithm == "awq" else "") + ")",
+              "activations": "float32", "accuracy_level": config.accuracy_level,
+              "tied_embedding": summary.pop("tied_embedding", "fp32 (not quantized)"), **summary,
+              "excluded_nodes": list(config.nodes_to_exclude)}
+    return BuildResult(metrics={"op_counts": onnx_io.op_counts(q)},
+                       extra={"precision": "int4", "kv_dtype": "float32", "quant_policy": policy,
+                              "uses": {"imatrix": im_manifest["artifact_id"]}})
+
+
+STAGE = Stage(name="int4", section="int4", config=Int4, build=build, parents=("export", "fused"), uses=("imatrix",),
               precision="int4", summary="INT4 weight-only, block-wise (MatMulNBits, the format onnxruntime-genai uses)")

@@ -6,6 +6,12 @@ kernel), the format onnxruntime-genai's builder emits for int8 and ORT's fast CP
 2x the FP32 decode at the 0.6B shape, where ``quantize_dynamic``'s QOperator graph
 (``format: qoperator``: MatMulInteger + DynamicQuantizeLinear, per-channel) ran at a sixth of it.
 
+``smoothing`` (SmoothQuant for int8 compute): accuracy_level 4 quantizes each row of activations to
+int8 block by block along the input, so one outlier channel takes its whole block's range. With the
+importance matrix's per-channel maxima (stage imatrix), ``s = max|x|^alpha / max|w|^(1-alpha)`` moves
+the outliers into the weights, folded exactly into the RMSNorm gammas and up_proj's columns: the same
+graph and ops, so the same speed (calibration/weight_only.py; measured in docs/choices.md).
+
 Embedding / tied lm_head policy (``quantize_tied``): the table is stored once as 8-bit blocks and
 shared by GatherBlockQuantized + MatMulNBits (see pipeline/tied.py); with ``quantize_tied: false``
 it stays FP32. Both were measured (README); quantizing it is what meets the size budget."""
@@ -53,6 +59,8 @@ def build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
     del model
     compat.quiet_ort_quantizers()
     nbits = config.format == "matmulnbits"
+    if config.smoothing.enabled:
+        return _smoothed(inputs, config, tmp)
     if nbits:
         graph = onnx_io.load(parent_dir, load_external_data=False)
         with onnx_io.weights_from(parent_dir):
@@ -78,5 +86,25 @@ def build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
                        extra={"precision": "int8-dynamic", "kv_dtype": "float32", "quant_policy": policy})
 
 
+def _smoothed(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
+    from calibration import imatrix, weight_only
+
+    im_dir, im_manifest = inputs.use("imatrix", "int8_dynamic.smoothing")
+    im = imatrix.load(im_dir, im_manifest, inputs.manifest)
+    summary, q = weight_only.quantize(
+        inputs.dir, tmp, bits=8, block_size=config.block_size, accuracy_level=config.accuracy_level,
+        exclude=set(config.nodes_to_exclude), im=im, smooth_alpha=config.smoothing.alpha,
+        tied=(8, config.tied_block_size) if config.quantize_tied else None)
+    policy = {"format": "matmulnbits", "weights": f"int8 symmetric blocks of {config.block_size} (MatMulNBits)",
+              "activations": f"quantized inside the kernel (accuracy_level {config.accuracy_level})"
+              if config.accuracy_level == 4 else "float32", "ops": ["MatMulNBits"],
+              "tied_embedding": summary.pop("tied_embedding", "fp32 (not quantized)"), **summary,
+              "excluded_nodes": list(config.nodes_to_exclude)}
+    return BuildResult(metrics={"op_counts": onnx_io.op_counts(q)},
+                       extra={"precision": "int8-dynamic", "kv_dtype": "float32", "quant_policy": policy,
+                              "uses": {"imatrix": im_manifest["artifact_id"]}})
+
+
 STAGE = Stage(name="int8-dynamic", section="int8_dynamic", config=Int8Dynamic, build=build, parents=("export", "fused"),
+              uses=("imatrix",),
               precision="int8", summary="INT8 weights (MatMulNBits, 8-bit blocks), activations quantized inside the kernel")

@@ -17,6 +17,7 @@ from pipeline.params import load_params  # noqa: E402
 
 # Same stages, same architecture; a training budget that fits a test run.
 SMALL = ("train.steps=40", "train.warmup=5", "eval.max_windows=12", "int8_static.calibration.samples=8",
+         "imatrix.calibration.samples=8",
          # 40 training steps cannot reach a quarter of the unigram perplexity: report, don't fail
          "budgets.checkpoint.report_only=true")
 
@@ -36,11 +37,17 @@ def _known(override: str) -> bool:
     return isinstance(node, dict)
 
 
-def build(name: str, params, parent, out: Path, scoring=None) -> dict:
+def build(name: str, params, parent, out: Path, scoring=None, uses: dict | None = None) -> dict:
     """Build stage ``name`` the way `pipeline <verb>` does: its declaration on the one runner."""
     from pipeline.runner import run_stage
 
-    return run_stage(name, params, parent, out, scoring).manifest
+    return run_stage(name, params, parent, out, scoring, uses).manifest
+
+
+def calibrated(data_dir: Path, *extra: str):
+    """small_params with every calibration source on the data artifact's calibration split."""
+    cal = data_dir / "calibration.txt"
+    return small_params(f"int8_static.calibration.source={cal}", f"imatrix.calibration.source={cal}", *extra)
 
 
 def scoring(params, data_dir: Path, reference: Path):
@@ -118,11 +125,10 @@ def derived(params, fused_dir, export_dir, data_dir, work):
         if name == "fused":
             return fused_dir
         if name not in built:
-            p = params
-            if name == "int8-static":
-                p = small_params(f"int8_static.calibration.source={data_dir / 'calibration.txt'}")
+            p = calibrated(data_dir)
             parent = "fused" if name == "fp16" else getattr(p, name.replace("-", "_")).parent
-            build(name, p, dirs[parent], work / name)
+            uses = {"imatrix": make("imatrix")} if name in ("int4", "int8-dynamic") else None
+            build(name, p, dirs[parent], work / name, uses=uses)
             built[name] = work / name
         return built[name]
 

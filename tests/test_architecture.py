@@ -98,15 +98,18 @@ def _deps(stage: str) -> set[str]:
     return set(entry["deps"])
 
 
-@pytest.mark.parametrize("stage", ["export", "fused", "int4", "int8-static", "evaluate"])
+@pytest.mark.parametrize("stage", ["export", "fused", "imatrix", "int4", "int8-static", "evaluate"])
 def test_every_module_a_stage_executes_is_among_its_deps(stage, export_dir, fused_dir, checkpoint_dir, data_dir,
-                                                          tmp_path):
+                                                          derived, tmp_path):
     out = tmp_path / "out"
     ev = ["--reference", str(export_dir), "--data", str(data_dir), "-S", "eval.max_windows=2"]
     args = {"export": ["export", "--checkpoint", str(checkpoint_dir), "--out", str(out), "--data", str(data_dir),
                        "-S", "eval.max_windows=2", "-S", "export.greedy_tokens=4"],
             "fused": ["fuse", "--input", str(export_dir), "--out", str(out), *ev],
-            "int4": ["quantize", "--mode", "int4", "--input", str(fused_dir), "--out", str(out), *ev],
+            "imatrix": ["imatrix", "--input", str(fused_dir), "--out", str(out), "-S",
+                        f"imatrix.calibration.source={data_dir / 'calibration.txt'}", "-S", "imatrix.calibration.samples=2"],
+            "int4": ["quantize", "--mode", "int4", "--input", str(fused_dir), "--out", str(out), *ev,
+                     "--imatrix", str(derived("imatrix"))],
             "int8-static": ["quantize", "--mode", "static", "--input", str(fused_dir), "--out", str(out), *ev,
                             "--calibration", str(data_dir / "calibration.txt"), "--samples", "2"],
             "evaluate": ["evaluate", "--artifact", str(fused_dir), *ev]}[stage]

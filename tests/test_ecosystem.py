@@ -160,11 +160,12 @@ def test_every_artifact_carries_a_model_card(artifact, name):
         assert p["artifact_id"] in text
 
 
-def test_card_with_build_time_scores(export_dir, tmp_path, data_dir, params):
+def test_card_with_build_time_scores(export_dir, tmp_path, data_dir, params, derived):
     """Built with --eval, the card carries PPL, drift, KLD and top-1, and `pipeline evaluate` reuses them."""
     fused = tmp_path / "fused"
-    build("fused", params, export_dir, fused)
-    m = build("int4", params, fused, tmp_path / "int4", scoring(params, data_dir, export_dir))
+    build("fused", params, export_dir, fused)  # the same artifact as the session's: the imatrix applies to it
+    m = build("int4", params, fused, tmp_path / "int4", scoring(params, data_dir, export_dir),
+              {"imatrix": derived("imatrix")})
     rec = m["metrics"]["eval"]
     text = (tmp_path / "int4" / "README.md").read_text()
     for figure in (f"{rec['ppl']:.4f}", f"{rec['drift_pct']:+.4f} %", f"{rec['kld_mean']:.2e}",

@@ -111,3 +111,19 @@ def test_report_writes_table_json_and_plot(metrics_dir, tmp_path):
     assert set(json.loads((out / "summary.json").read_text())["artifacts"]) == {"checkpoint", "export", *NAMES}
     png = (out / "size_vs_drift.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_gate_refuses_an_artifact_without_a_budget_or_without_kld_and_top1_bounds(metrics_dir, tmp_path):
+    import yaml
+
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    del doc["budgets"]["fp16"]
+    doc["budgets"]["int4"] = {"max_drift_pct": 5.0}  # perplexity only: an int4 whose top-1 collapsed would pass
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(doc))
+    proc = run_cli("gate", "--params", str(params), "--metrics-dir", str(metrics_dir), *SMALL_MODEL)
+    assert proc.returncode == 1
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.strip().splitlines()[2:]}
+    assert "fail" in rows["fp16"] and "no budget" in rows["fp16"]
+    assert "fail" in rows["int4"] and "max_kld_mean, max_kld_p99, min_top1_agreement" in rows["int4"]
+    assert "pass" in rows["int8-static"]

@@ -36,7 +36,7 @@ def test_reference_outputs_recorded_once_and_exact(export_dir, data_dir, tmp_pat
                     check=True)
     assert "parent export: recording its outputs (prompts and windows)" in fused.stderr
     int4 = run_cli("quantize", "--mode", "int4", "--input", str(tmp_path / "fused"), "--out", str(tmp_path / "int4"),
-                   *eval_opts, check=True)
+                   *eval_opts, "--algorithm", "rtn", check=True)
     # the parent (fused) ran when it was built, the reference (export) when fused was: neither runs again
     assert "parent fused: outputs recorded earlier" in int4.stderr
     assert "reference export: outputs recorded earlier" in int4.stderr

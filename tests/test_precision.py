@@ -117,7 +117,9 @@ def test_int4_artifact(derived, params, export_dir, data_dir):
         assert {a.name: a.i for a in node.attribute}["accuracy_level"] == params.int4.accuracy_level, node.name
     metrics = _evaluate(d, "int4", params, export_dir, data_dir)
     assert metrics["budget"]["status"] == "pass", metrics
-    assert mf.read_manifest(d)["quant_policy"]["weights"].startswith("int4 symmetric blocks of 32")
+    policy = mf.read_manifest(d)["quant_policy"]
+    assert policy["weights"].startswith(f"int4 symmetric blocks of {params.int4.block_size} ({params.int4.algorithm}")
+    assert policy["tied_embedding"]["bits"] == params.int4.tied_bits
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -126,7 +128,8 @@ def test_shared_tied_table_matches_its_dequantized_values(bits):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from pipeline.tied import dequantize_blocks, find_tied, quantize_blocks, share_quantized_table
+    from pipeline.nbits import dequantize_blocks, quantize_blocks
+    from pipeline.tied import find_tied, share_quantized_table
 
     rng = np.random.default_rng(bits)
     table = rng.normal(size=(64, 32)).astype(np.float32)
@@ -151,3 +154,65 @@ def test_shared_tied_table_matches_its_dequantized_values(bits):
     assert np.abs(deq - table).max() <= np.abs(table).max() / (2 ** (bits - 1) - 1)
     for got, whole in zip(quantize_blocks(table, bits, 16, rows=5), quantize_blocks(table, bits, 16)):
         np.testing.assert_array_equal(got, whole)  # in chunks of rows (bounded memory): the same bytes
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_our_matmulnbits_blocks_run_in_onnxruntime_and_weighting_lowers_the_weighted_error(bits, tmp_path):
+    """pipeline/nbits.py's layout is what ORT's MatMulNBits reads, and the importance-weighted scales give a
+    lower importance-weighted error than round-to-nearest on weights whose inputs have outlier channels."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from calibration.smoothquant import Weights
+    from pipeline import nbits
+
+    rng = np.random.default_rng(bits)
+    k, n = 64, 24
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    importance = np.ones(k, np.float32)
+    importance[[3, 40]] = 1e4  # two input channels carry large activations
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="proj")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
+                              [numpy_helper.from_array(w, "W")])
+    x = rng.normal(size=(2, k)).astype(np.float32)
+    for imp in (None, importance):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        counts = nbits.to_matmulnbits(model, Weights(model, tmp_path), {"W": bits}, 16, None,
+                                      None if imp is None else {"W": imp})
+        assert counts == {bits: 1} and [nd.op_type for nd in model.graph.node] == ["MatMulNBits"]
+        y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        deq = nbits.dequantize_blocks(*nbits.quantize_blocks(np.ascontiguousarray(w.T), bits, 16, imp), bits)
+        np.testing.assert_allclose(y, x @ deq.T, rtol=1e-4, atol=1e-4)
+    wt = np.ascontiguousarray(w.T)
+    err = {}
+    for label, imp in (("rtn", None), ("weighted", importance)):
+        deq = nbits.dequantize_blocks(*nbits.quantize_blocks(wt, bits, 16, imp), bits)
+        err[label] = float((np.square(deq - wt) @ importance).sum())
+    assert err["weighted"] < err["rtn"], err
+
+
+def test_calibrated_algorithms_refuse_a_missing_or_foreign_imatrix(fused_dir, export_dir, derived, data_dir, tmp_path):
+    from tests.conftest import assert_clean_failure, run_cli
+
+    proc = run_cli("quantize", "--mode", "int4", "--input", str(fused_dir), "--out", str(tmp_path / "a"), "--no-eval",
+                   "--imatrix", str(tmp_path / "none"))
+    assert_clean_failure(proc, "int4.algorithm awq needs the imatrix artifact", "pipeline imatrix")
+    proc = run_cli("quantize", "--mode", "dynamic", "--input", str(export_dir), "--out", str(tmp_path / "b"),
+                   "--no-eval", "--imatrix", str(derived("imatrix")))
+    assert_clean_failure(proc, "was collected on fused", "not on this input (export")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_k_quant_builds_on_the_fused_graph(fused_dir, export_dir, data_dir, tmp_path):
+    """ORT's k_quant used to fail on the fused graph (an input no node reads: pipeline/compat.py)."""
+    from tests.conftest import build, calibrated, scoring
+
+    p = calibrated(data_dir, "int4.algorithm=k_quant", "int4.block_size=32")
+    m = build("int4", p, fused_dir, tmp_path / "kq", scoring(p, data_dir, export_dir))
+    assert "k_quant" in m["quant_policy"]["weights"] and m["metrics"]["op_counts"].get("MatMulNBits", 0) > 0
+    from onnx import load
+
+    g = load(str(tmp_path / "kq" / "model.onnx"), load_external_data=False).graph
+    assert [i.name for i in g.input] == [i.name for i in load(str(fused_dir / "model.onnx"),
+                                                             load_external_data=False).graph.input]

@@ -131,7 +131,7 @@ def test_disk_full_gives_one_line_and_no_partial_artifact(fused_dir, small_disk)
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
     proc = subprocess.run([sys.executable, "-m", "pipeline", "quantize", "--mode", "int4", "--input", str(fused_dir),
-                           "--out", str(mnt / "int4"), "--no-eval"], cwd=REPO, capture_output=True, text=True,
+                           "--out", str(mnt / "int4"), "--no-eval", "--algorithm", "rtn"], cwd=REPO, capture_output=True, text=True,
                           preexec_fn=limit, timeout=600)
     assert proc.returncode == 2
     assert_clean_failure(proc, "no space left", "nothing was published")

@@ -1,0 +1,113 @@
+"""The importance matrix: for every projection MatMul's input activation, per channel, the mean of x^2
+and the max |x| over the calibration tokens (what llama.cpp's ``imatrix`` tool collects, here from the
+ONNX graph itself, one window at a time).
+
+It is stored as its own artifact (stage ``imatrix``: ``imatrix.safetensors`` + manifest), so that every
+quantizer that reads it uses the same statistics, and collecting them is paid once:
+
+- ``mean_sq`` weighs each input channel's rounding error by the energy it carries (pipeline/nbits.py,
+  the int4 ``imatrix`` and ``awq`` algorithms);
+- ``max`` is SmoothQuant's per-channel maximum (int8-dynamic's ``smoothing``).
+
+Keys are the activation tensors' names in the parent graph: a consumer must be built on the same
+parent artifact (checked by :func:`load`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import onnx_io
+from pipeline.errors import PipelineError
+from pipeline.log import Progress
+from pipeline.runtime import GraphIO, make_session
+
+FILE = "imatrix.safetensors"
+
+
+def channel_statistics(graph, weights_dir: Path, tensors: list[str], config: dict, windows: np.ndarray,
+                       work: Path, label: str = "channel statistics") -> dict[str, dict[str, np.ndarray]]:
+    """Per channel of each of ``tensors``: running max |x| and sum of x^2 (float64) over ``windows``,
+    with bounded memory (one window's activations at a time). ``graph``: the model loaded without its
+    weights from ``weights_dir`` (they are linked, not loaded)."""
+    from onnx import TensorProto, helper
+
+    aug = type(graph)()
+    aug.CopyFrom(graph)
+    have = {o.name for o in aug.graph.output}
+    for name in tensors:
+        if name not in have:
+            aug.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    path = onnx_io.beside_weights(aug, weights_dir, work)
+    session = make_session(path)
+    io = GraphIO.from_onnx(path, config)
+    stats: dict[str, dict[str, np.ndarray]] = {}
+    progress = Progress(label, len(windows))
+    for i, win in enumerate(windows):
+        for name, value in zip(tensors, session.run(tensors, io.feeds(win[None]))):
+            x = value.reshape(-1, value.shape[-1])
+            m, sq = np.abs(x).max(axis=0), np.square(x, dtype=np.float64).sum(axis=0)
+            if name not in stats:
+                stats[name] = {"max": m, "sumsq": sq}
+            else:
+                stats[name]["max"] = np.maximum(stats[name]["max"], m)
+                stats[name]["sumsq"] += sq
+        progress.update(i + 1)
+    del session
+    return stats
+
+
+def save(directory: Path, stats: dict, groups: dict[str, list[str]], tokens: int, round_bits: int) -> dict:
+    """Write ``imatrix.safetensors``: ``<tensor>.mean_sq`` and ``<tensor>.max`` per activation, the
+    projections each one feeds in the metadata. Values rounded to ``round_bits`` mantissa bits (maxima
+    outward), so another CPU's last bits give the same file."""
+    from safetensors.numpy import save_file
+
+    from .rounding import outward
+
+    arrays = {}
+    for name in sorted(stats):
+        mean_sq = (stats[name]["sumsq"] / tokens).astype(np.float32)
+        arrays[f"{name}.mean_sq"] = outward(mean_sq, round_bits, up=True)
+        arrays[f"{name}.max"] = outward(stats[name]["max"].astype(np.float32), round_bits, up=True)
+    meta = {"groups": json.dumps({k: groups[k] for k in sorted(groups)}), "tokens": str(tokens)}
+    save_file(arrays, str(directory / FILE), metadata=meta)
+    ratios = [float(s["max"].max() / max(np.median(s["max"]), 1e-12)) for s in stats.values()]
+    return {"activations": len(stats), "projections": sum(len(v) for v in groups.values()), "tokens": tokens,
+            "max_outlier_ratio": round(max(ratios), 1) if ratios else None,
+            "median_outlier_ratio": round(float(np.median(ratios)), 1) if ratios else None}
+
+
+class Imatrix:
+    """A loaded importance matrix: ``mean_sq[x]``, ``max[x]`` per activation, ``groups[x]`` its projections."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        path = Path(directory) / FILE
+        if not path.is_file():
+            raise PipelineError(f"{directory} holds no {FILE}: not an imatrix artifact (pipeline imatrix)")
+        self.mean_sq, self.max = {}, {}
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata()
+            for key in f.keys():
+                name, _, kind = key.rpartition(".")
+                (self.mean_sq if kind == "mean_sq" else self.max)[name] = f.get_tensor(key)
+        self.groups: dict[str, list[str]] = json.loads(meta["groups"])
+        self.tokens = int(meta["tokens"])
+
+    def by_weight(self) -> dict[str, np.ndarray]:
+        """Per projection weight name: the mean x^2 of its input channels."""
+        return {w: self.mean_sq[x] for x, ws in self.groups.items() for w in ws}
+
+
+def load(directory: Path, manifest: dict, parent: dict) -> Imatrix:
+    """The imatrix artifact at ``directory``, checked to be collected on ``parent`` (the consumer's input)."""
+    made_on = (manifest.get("lineage") or [{}])[0]
+    if manifest.get("parent_id") != parent["artifact_id"]:
+        raise PipelineError(f"the imatrix at {directory} was collected on {made_on.get('stage')} "
+                            f"{manifest.get('parent_id')}, not on this input ({parent['stage']} "
+                            f"{parent['artifact_id']}): rebuild it with pipeline imatrix --input <this input>")
+    return Imatrix(directory)

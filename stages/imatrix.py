@@ -1,0 +1,55 @@
+"""Stage `imatrix`: the importance matrix of the parent graph on calibration text (calibration/imatrix.py):
+per projection input channel, mean x^2 and max |x|. Read by int4 (``algorithm: imatrix | awq``) and
+int8-dynamic (``smoothing``); built once, versioned and cached like any artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from calibration import imatrix
+from calibration.reader import calibration_windows
+from calibration.smoothquant import smoothing_groups
+from pipeline import onnx_io, store
+from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline.schema import Imatrix
+from pipeline.tied import find_tied
+
+
+def build(inputs: Inputs, config: Imatrix, tmp: Path) -> BuildResult:
+    parent_dir = inputs.dir
+    cal = config.calibration
+    model_config = json.loads((parent_dir / "config.json").read_text())
+    eos = model_config.get("eos_token_id")
+    windows = calibration_windows(cal.source, cal.text_column, parent_dir / "tokenizer.json", cal.samples,
+                                  cal.seq_len, eos if isinstance(eos, int) else None)
+    graph = onnx_io.load(parent_dir, load_external_data=False)
+    heads = set(onnx_io.lm_head_nodes(graph))
+    tensors = smoothing_groups(graph, heads)
+    groups = {x: [n.input[1] for n in graph.graph.node if n.op_type == "MatMul" and n.input[0] == x
+                  and n.name not in heads] for x in tensors}
+    tied = find_tied(graph)
+    if tied is not None:  # the lm_head's input weighs the shared table's rounding (pipeline/tied.py)
+        gather, head, table = tied
+        tensors.append(head.input[0])
+        groups[head.input[0]] = [table]
+    with store.scratch_dir(tmp, "imatrix") as scratch:
+        stats = imatrix.channel_statistics(graph, parent_dir.resolve(), tensors, model_config, windows,
+                                           Path(scratch), "imatrix")
+    summary = imatrix.save(tmp, stats, groups, int(windows.size), cal.round_bits)
+    summary.update({"source": cal.source, "windows": len(windows), "seq_len": int(windows.shape[1]),
+                    "round_bits": cal.round_bits})
+    return BuildResult(metrics=summary, extra={"precision": "statistics"})
+
+
+def describe(manifest: dict, measured: dict) -> str:
+    m = manifest["metrics"]
+    return (f"imatrix: {manifest['artifact_id']} {m['activations']} activations feeding {m['projections']} projections, "
+            f"{m['tokens']} tokens from {m['source']}, largest channel {m['max_outlier_ratio']}x the median "
+            f"(median over activations {m['median_outlier_ratio']}x), {measured['wall_seconds']:.1f} s, "
+            f"peak RSS {measured['peak_rss_mb'] / 1024:.2f} GB")
+
+
+STAGE = Stage(name="imatrix", section="imatrix", config=Imatrix, build=build, parents=("export", "fused"),
+              describe=describe, summary="importance matrix: per projection input channel, mean x^2 and max |x| "
+                                         "on calibration text")

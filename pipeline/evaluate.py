@@ -250,7 +250,9 @@ def parity_metrics(manifest: dict) -> dict:
     """The stage's own parity check (vs PyTorch for the export, vs its parent otherwise), flattened."""
     m = manifest.get("metrics", {})
     parity = m.get("parity_vs_parent", m)
-    out = {f"parity_{k}": parity[k] for k in ("max_abs_logit_delta", "greedy_match", "greedy_prefix_match")
+    out = {f"parity_{k}": parity[k] for k in ("max_abs_logit_delta", "greedy_match", "greedy_prefix_match",
+                                              "batch_rows_prefix_match", "decode_positions",
+                                              "decode_max_abs_logit_delta", "decode_kld_mean", "decode_top1_agreement")
            if k in parity}
     if out:
         out["parity_vs"] = "pytorch" if manifest["stage"] == "export" else (manifest.get("lineage") or [{}])[0].get("stage")

@@ -176,6 +176,34 @@ def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache
     return pattern.RewriteRule(_attention_pattern, replacement, check, name="Qwen3GroupQueryAttention")
 
 
+# The name ORT prints when a left-padded batch reaches the guard below: the whole message a user sees.
+LEFT_PADDING_REFUSED = ("left padding is not supported: GroupQueryAttention reads each row's length from "
+                        "attention_mask, so a row whose first mask value is 0 would get another row's tokens. "
+                        "Batch with onnxruntime-genai or `pipeline generate` (they pad on the right), or use "
+                        "the export artifact with optimum")
+
+
+def _left_padding_guard(graph, mask, const) -> list:
+    """Nodes that make a left-padded batch fail with :data:`LEFT_PADDING_REFUSED` instead of silently
+    returning wrong tokens (optimum's batched ``generate`` left-pads, as transformers recommends). The
+    last node's output is a (1,) int32 zero to add to the lengths; when some row's mask starts with 0 its
+    Reshape is asked for a dimension of -2, which ONNX Runtime refuses, naming the node. Right-padded
+    batches (genai, our runtime) and single sequences start every row with 1. Written by hand: ONNX has
+    no assert op, and no rewrite pattern applies (this adds a check, it replaces nothing)."""
+    import onnx_ir as ir
+
+    zero = const("left_padding_zero", np.array(0, dtype=mask.dtype.numpy()))
+    col0 = const("left_padding_col0", np.array(0, dtype=np.int64))
+    first = ir.node("Gather", [mask, col0], attributes={"axis": 1}, name="left_padding/first_column")
+    lowest = ir.node("ReduceMin", [first.outputs[0]], attributes={"keepdims": 0}, name="left_padding/min")
+    padded = ir.node("Equal", [lowest.outputs[0], zero], name="left_padding/starts_with_0")
+    shape = ir.node("Where", [padded.outputs[0], const("left_padding_refuse", np.array([-2], dtype=np.int64)),
+                              const("left_padding_accept", np.array([1], dtype=np.int64))], name="left_padding/shape")
+    check = ir.node("Reshape", [const("left_padding_lengths_zero", np.array([0], dtype=np.int32)), shape.outputs[0]],
+                    name=LEFT_PADDING_REFUSED)
+    return [first, lowest, padded, shape, check]
+
+
 def fuse_attention(model, config: dict, max_positions: int):
     """Fuse every layer's attention of an onnx-ir ``model`` into GroupQueryAttention; returns (the
     model, how many fused). Weights stay lazy (see onnx_io.load_ir).
@@ -206,13 +234,15 @@ def fuse_attention(model, config: dict, max_positions: int):
     flat = const("gqa_flat_shape", np.array([0, 0, -1], dtype=np.int64))  # (B, S, H, D) -> (B, S, H*D)
     summed = ir.node("ReduceSum", [mask, one], attributes={"keepdims": 0}, name="gqa/ReduceSum")
     cast = ir.node("Cast", [summed.outputs[0]], attributes={"to": ir.DataType.INT32}, name="gqa/Cast")
-    seqlens = ir.node("Sub", [cast.outputs[0], one32], name="gqa/seqlens_k")
+    guard = _left_padding_guard(graph, mask, const)
+    guarded = ir.node("Add", [cast.outputs[0], guard[-1].outputs[0]], name="gqa/guarded_lengths")
+    seqlens = ir.node("Sub", [guarded.outputs[0], one32], name="gqa/seqlens_k")
     seqlens.outputs[0].name = GQA_SEQLENS
     shape = ir.node("Shape", [mask], attributes={"start": 1, "end": 2}, name="gqa/Shape")
     total64 = ir.node("Squeeze", [shape.outputs[0]], name="gqa/Squeeze")
     total = ir.node("Cast", [total64.outputs[0]], attributes={"to": ir.DataType.INT32}, name="gqa/total")
     total.outputs[0].name = GQA_TOTAL
-    new_nodes = [summed, cast, seqlens, shape, total64, total]
+    new_nodes = [summed, cast, *guard, guarded, seqlens, shape, total64, total]
     for i, n in enumerate(new_nodes):
         graph.insert_before(graph[0], n) if i == 0 else graph.insert_after(new_nodes[i - 1], n)
 

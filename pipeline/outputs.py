@@ -4,7 +4,10 @@ Parity and scoring compare a candidate with a reference. Instead of running both
 model runs alone and writes what the comparison needs (the way llama.cpp's ``--kl-divergence-base``
 keeps the base model's log-probs):
 
-- on the parity prompts: the prefill logits and a greedy continuation;
+- on the parity prompts: the prefill logits and a greedy continuation; the same prompts as one
+  mixed-length batch (each row must get the tokens it gets alone); and the logits along the decode
+  path (one token a step through the KV cache, as generation runs) over :data:`DECODE_POSITIONS`
+  teacher-forced positions;
 - on the eval windows: the logits of every scored position (the second half of each window), as
   float32, so the figures are exactly those of running both models side by side.
 
@@ -32,6 +35,15 @@ import numpy as np
 from .log import Progress, info
 
 CACHE = ".outputs"
+DECODE_POSITIONS = 256  # teacher-forced decode steps compared with the parent
+DECODE_PREFIX = 8
+
+
+def decode_ids(prompts: list[list[int]]) -> list[int]:
+    """The decode path's token sequence: the parity prompts, concatenated and repeated."""
+    flat = [t for p in prompts for t in p] or [0]
+    need = DECODE_PREFIX + DECODE_POSITIONS - 1
+    return (flat * (need // len(flat) + 1))[:need]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -41,7 +53,8 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def prompts_key(prompts: list[list[int]], greedy_tokens: int) -> str:
-    blob = json.dumps({"prompts": prompts, "greedy_tokens": greedy_tokens}).encode()
+    blob = json.dumps({"prompts": prompts, "greedy_tokens": greedy_tokens, "decode_positions": DECODE_POSITIONS,
+                       "batched": True}).encode()
     return "prompts-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -61,6 +74,10 @@ class Recorded:
 
     def greedy(self, i: int) -> list[int]:
         return self.meta["greedy"][i]
+
+    def decode_logits(self) -> np.ndarray | None:
+        path = self.dir / "decode.npy"
+        return np.load(path) if path.is_file() else None
 
     def window_logprobs(self, i: int) -> np.ndarray:
         return log_softmax(np.load(self.dir / f"window_{i}.npy"))
@@ -93,8 +110,13 @@ def record_prompts(model, prompts: list[list[int]], greedy_tokens: int, dest: Pa
             t0 = time.perf_counter()
             greedy.append([int(t) for t in model.greedy(list(ids), greedy_tokens)])
             greedy_s += time.perf_counter() - t0
-        return {"prompts": prompts, "greedy_tokens": greedy_tokens, "greedy": greedy,
+        meta = {"prompts": prompts, "greedy_tokens": greedy_tokens, "greedy": greedy,
                 "decode_tok_s": round(greedy_tokens * len(prompts) / greedy_s, 1) if greedy_s > 0 else None}
+        np.save(tmp / "decode.npy", model.decode_path_logits(decode_ids(prompts), DECODE_PREFIX))
+        if hasattr(model, "generate_batch"):  # the ONNX runtime (PyTorch's reference runs prompts alone)
+            batched = model.generate_batch([list(p) for p in prompts], greedy_tokens, stop_at_eos=False)
+            meta["batched"] = [[int(t) for t in row] for row in batched]
+        return meta
     return _write(dest, fill)
 
 
@@ -224,9 +246,22 @@ def compare_prompts(candidate: Recorded, ref: Recorded) -> dict:
         matched += next((j for j, (x, y) in enumerate(zip(ga, gb)) if x != y), len(ga))
         total += n
         identical &= ga == gb
-    return {"max_abs_logit_delta": max_delta, "greedy_tokens": n, "greedy_prompts": len(ref.meta["prompts"]),
-            "greedy_match": identical, "greedy_prefix_match": matched / total if total else 1.0,
-            "candidate_decode_tok_s": candidate.meta.get("decode_tok_s")}
+    out = {"max_abs_logit_delta": max_delta, "greedy_tokens": n, "greedy_prompts": len(ref.meta["prompts"]),
+           "greedy_match": identical, "greedy_prefix_match": matched / total if total else 1.0,
+           "candidate_decode_tok_s": candidate.meta.get("decode_tok_s")}
+    if "batched" in candidate.meta:  # the mixed-length batch against the same prompts run alone
+        alone, batched = candidate.meta["greedy"], candidate.meta["batched"]
+        same = sum(next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(alone, batched))
+        out["batch_rows_prefix_match"] = same / sum(len(a) for a in alone) if alone else 1.0
+    mine, theirs = candidate.decode_logits(), ref.decode_logits()
+    if mine is not None and theirs is not None:  # the decode path, position by position
+        lp, lq = log_softmax(theirs), log_softmax(mine)
+        kld = (np.exp(lp) * (lp - lq)).sum(-1)
+        out.update({"decode_positions": int(len(mine)),
+                    "decode_max_abs_logit_delta": float(np.abs(mine.astype(np.float64) - theirs).max()),
+                    "decode_kld_mean": float(kld.mean()), "decode_kld_max": float(kld.max()),
+                    "decode_top1_agreement": float((mine.argmax(-1) == theirs.argmax(-1)).mean())})
+    return out
 
 
 def compare_windows(candidate: Recorded, ref: Recorded | None) -> dict:

@@ -166,10 +166,18 @@ def _enforce(stage: Stage, config: BaseModel, result: dict, parent_stage: str) -
     if stage.require_greedy_match and not result["greedy_match"]:
         raise PipelineError(f"{stage.name} parity failed: greedy tokens differ from {vs} (prefix match "
                             f"{result['greedy_prefix_match']:.0%}, max |dlogit| {result['max_abs_logit_delta']:.2e})")
+    if stage.require_greedy_match and result.get("batch_rows_prefix_match", 1.0) < 1.0:
+        raise PipelineError(f"{stage.name} parity failed: the prompts run as one mixed-length batch get other tokens "
+                            f"than alone (prefix match {result['batch_rows_prefix_match']:.0%})")
+    if stage.require_greedy_match and result.get("decode_top1_agreement", 1.0) < 1.0:
+        raise PipelineError(f"{stage.name} parity failed: along the decode path (one token a step through the KV "
+                            f"cache) the argmax differs from {vs} at {1 - result['decode_top1_agreement']:.1%} of "
+                            f"{result['decode_positions']} positions")
     limit = getattr(config, "max_abs_logit_delta", None)
-    if limit is not None and result["max_abs_logit_delta"] > limit:
-        raise PipelineError(f"{stage.name} parity failed: max |dlogit| {result['max_abs_logit_delta']:.2e} > "
-                            f"{stage.section}.max_abs_logit_delta {limit}")
+    for key, where in (("max_abs_logit_delta", "prefill"), ("decode_max_abs_logit_delta", "decode path")):
+        if limit is not None and result.get(key, 0.0) > limit:
+            raise PipelineError(f"{stage.name} parity failed: max |dlogit| on the {where} {result[key]:.2e} > "
+                                f"{stage.section}.max_abs_logit_delta {limit}")
 
 
 def summary_line(manifest: dict, out: Path, parent_dir: Path, measured: dict) -> str:

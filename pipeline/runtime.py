@@ -268,6 +268,29 @@ class Runtime:
         """Logits for every position of one sequence (no past): the scorer interface of evaluation."""
         return self.forward(np.asarray(ids)[None])[0][0]
 
+    def decode_path_logits(self, ids, prefix: int = 1) -> np.ndarray:
+        """The logits generation computes along ``ids``, teacher-forced: ``prefix`` tokens prefilled, then
+        one token a step through the KV cache (under GroupQueryAttention: the shared KV buffers and IO
+        binding of :meth:`generate_batch`). Row i predicts token ``prefix + i``: (len(ids) - prefix + 1, V)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        n = len(ids)
+        if not 1 <= prefix <= n:
+            raise PipelineError(f"decode path: prefix {prefix} outside 1..{n}")
+        rows = []
+        if self.io.right_padded:
+            cache = SharedKV(self.session, self.io, 1, n, self.device)
+            mask = np.ones((1, n), dtype=np.int64)
+            rows.append(np.array(cache.step(ids[None, :prefix], mask[:, :prefix])[0, -1], dtype=np.float32))
+            for i in range(prefix, n):
+                rows.append(np.array(cache.step(ids[None, i:i + 1], mask[:, :i + 1])[0, -1], dtype=np.float32))
+        else:
+            logits, past = self.forward(ids[None, :prefix])
+            rows.append(logits[0, -1].copy())
+            for i in range(prefix, n):
+                logits, past = self.forward(ids[None, i:i + 1], past)
+                rows.append(logits[0, -1].copy())
+        return np.stack(rows)
+
     # ------------------------------------------------------------------------------------------ tokens
     @property
     def tokenizer(self):

@@ -16,7 +16,9 @@ from .registry import ARTIFACTS
 PosInt = Field(ge=1)
 # The metrics a budget can bound (max_<metric> / min_<metric>), as evaluate and the checkpoint write them.
 BUDGET_METRICS = ("drift_pct", "kld_mean", "kld_p99", "top1_agreement", "size_ratio", "ppl", "ref_ppl",
-                  "ppl_ratio_vs_unigram", "heldout_ppl", "parity_max_abs_logit_delta", "parity_greedy_prefix_match")
+                  "ppl_ratio_vs_unigram", "heldout_ppl", "parity_max_abs_logit_delta", "parity_greedy_prefix_match",
+                  "parity_batch_rows_prefix_match", "parity_decode_max_abs_logit_delta", "parity_decode_kld_mean",
+                  "parity_decode_top1_agreement")
 
 
 class Section(BaseModel):

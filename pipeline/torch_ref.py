@@ -52,3 +52,15 @@ class TorchModel:
                 out = self.model(input_ids=torch.as_tensor([[nxt]]), past_key_values=out.past_key_values,
                                  use_cache=True)
         return tokens
+
+    def decode_path_logits(self, ids, prefix: int = 1) -> np.ndarray:
+        """As the runtime's: ``prefix`` tokens prefilled, then one token a step through the KV cache."""
+        torch = self.torch
+        ids = [int(t) for t in ids]
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.as_tensor([ids[:prefix]]), use_cache=True)
+            rows = [out.logits[0, -1].float().numpy().copy()]
+            for t in ids[prefix:]:
+                out = self.model(input_ids=torch.as_tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
+                rows.append(out.logits[0, -1].float().numpy().copy())
+        return np.stack(rows)

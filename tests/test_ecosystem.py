@@ -82,6 +82,72 @@ def test_onnxruntime_genai_runs_every_artifact_as_shipped(artifact, data_dir, na
     assert new == rt.generate(ids, len(new))
 
 
+def _genai_rows(model, prompts: list[str], longest: int, new: int) -> list[list[int]]:
+    """onnxruntime-genai's batched greedy decode (it pads on the right): each row's new tokens."""
+    import onnxruntime_genai as og
+
+    options = og.GeneratorParams(model)
+    options.set_search_options(max_length=longest + new, do_sample=False, batch_size=len(prompts))
+    gen = og.Generator(model, options)
+    gen.append_tokens(og.Tokenizer(model).encode_batch(prompts))
+    out: list[list[int]] = [[] for _ in prompts]
+    for _ in range(new):
+        if gen.is_done():
+            break
+        gen.generate_next_token()
+        for i, t in enumerate(gen.get_next_tokens()):
+            out[i].append(int(t))
+    return out
+
+
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    return tokens[: next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
+
+
+@pytest.mark.parametrize("name", ARTIFACTS)
+def test_batches_under_optimum_and_genai_give_each_row_its_own_tokens_or_refuse(artifact, data_dir, name):
+    """A mixed-length batch the way each consumer pads it: onnxruntime-genai on the right, optimum's
+    ``generate`` on the left (transformers' advice for decoder-only models). Each row gets the tokens it
+    gets alone; on graphs with GroupQueryAttention (everything but the export) a left-padded batch fails
+    in one error that says why, instead of giving the short row wrong tokens silently."""
+    import onnxruntime_genai as og
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from pipeline.fusions import LEFT_PADDING_REFUSED
+
+
+    d = artifact(name)
+    rt = Runtime(d)
+    text = _prompt(data_dir)
+    prompts = [text, text[:30].rsplit(" ", 1)[0]]
+    rows = [rt.encode(p) for p in prompts]
+    assert len(rows[0]) > len(rows[1]) + 3
+    model = og.Model(str(d))
+    longest = max(map(len, rows))
+    alone = [_genai_rows(model, [p], longest, 12)[0] for p in prompts]
+    batched = _genai_rows(model, prompts, longest, 12)
+    for a, b in zip(alone, batched):
+        assert _until_eos(b, rt.eos_ids) == _until_eos(a, rt.eos_ids)
+    assert rt.generate_batch(rows, 12, stop_at_eos=False) == [rt.generate(r, 12, stop_at_eos=False) for r in rows]
+
+    tok = AutoTokenizer.from_pretrained(str(d))
+    tok.pad_token = tok.pad_token or tok.eos_token
+    tok.padding_side = "left"
+    hf = ORTModelForCausalLM.from_pretrained(str(d))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    solo = [hf.generate(**tok(p, return_tensors="pt"), **kw)[0, len(r):].tolist() for p, r in zip(prompts, rows)]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    if rt.io.right_padded:
+        with pytest.raises(Exception) as err:
+            hf.generate(**batch, **kw)
+        assert LEFT_PADDING_REFUSED in str(err.value)
+    else:
+        out = hf.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:].tolist()
+        for a, b in zip(solo, out):
+            assert _until_eos(b, rt.eos_ids) == _until_eos(a, rt.eos_ids)
+
+
 TEMPLATE_WITH_HELPERS = (
     "{%- if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
     "{%- for m in messages %}{%- if loop.index0 > 5 %}{% break %}{% endif %}"

@@ -69,7 +69,7 @@ def test_listed_file_absent_and_changed_byte(copy):
 def test_edited_manifest_is_caught_by_the_artifact_id(copy):
     d = copy()
     m = json.loads((d / "manifest.json").read_text())
-    m["params"]["block_size"] = 128
+    m["params"]["block_size"] = m["params"]["block_size"] * 2  # a real edit
     (d / "manifest.json").write_text(json.dumps(m))
     assert_clean_failure(run_cli("verify", str(d)), "does not match its content")
 

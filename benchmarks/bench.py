@@ -195,11 +195,27 @@ def _timed(fn, *args) -> float:
 
 
 def weight_bytes(directory: Path) -> int:
-    """Bytes of weights a decode step reads: the graph's external data (the tied table is stored, and
-    read as the lm_head, once), or the checkpoint's safetensors."""
-    files = list(directory.glob("model.onnx_data")) or list(directory.glob("*.onnx.data")) or \
-        list(directory.glob("*.safetensors"))
-    return sum(f.stat().st_size for f in files) or sum(f.stat().st_size for f in directory.glob("*.onnx"))
+    """Bytes of weights a decode step reads: every initializer of the graph except tables read only by
+    ``Gather`` (an embedding lookup reads one row; the builder keeps its FP32 embedding so, beside a
+    separate lm_head), or the checkpoint's safetensors. A tied table shared by GatherBlockQuantized and
+    the lm_head's MatMulNBits is read once, as the lm_head."""
+    model = directory / "model.onnx"
+    if not model.is_file():
+        return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for i in node.input:
+            readers.setdefault(i, set()).add(node.op_type)
+    total = 0
+    for t in graph.initializer:
+        if readers.get(t.name) == {"Gather"}:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        total += int(info["length"]) if "length" in info else len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+    return total
 
 
 def run_worker(python: str, engine: str, path: Path, ids_file: str, args) -> dict | str:

@@ -37,9 +37,12 @@ def commands(a: Path) -> dict[str, list[str]]:
         "export": ["export", "--checkpoint", str(a / "checkpoint"), "--out", str(a / "export"), "--data", str(a / "data")],
         "fused": ["fuse", "--input", str(a / "export"), "--out", str(a / "fused"), *ev],
         "fp16": ["fp16", "--input", str(a / "fused"), "--out", str(a / "fp16"), *ev],
+        "imatrix": ["imatrix", "--input", str(a / "fused"), "--out", str(a / "imatrix"),
+                    "-S", f"imatrix.calibration.source={a / 'data' / 'calibration.txt'}"],
         "int8-dynamic": ["quantize", "--mode", "dynamic", "--input", str(a / "fused"), "--out", str(a / "int8-dynamic"),
-                         *ev],
-        "int4": ["quantize", "--mode", "int4", "--input", str(a / "fused"), "--out", str(a / "int4"), *ev],
+                         *ev, "--imatrix", str(a / "imatrix")],
+        "int4": ["quantize", "--mode", "int4", "--input", str(a / "fused"), "--out", str(a / "int4"), *ev,
+                 "--imatrix", str(a / "imatrix")],
         "int8-static": ["quantize", "--mode", "static", "--input", str(a / "fused"), "--out", str(a / "int8-static"),
                         *ev, "-S", f"int8_static.calibration.source={a / 'data' / 'calibration.txt'}"],
     }
@@ -119,7 +122,8 @@ def main() -> int:
     stages = [s for s in args.stages.split(",") if s]
     a = args.work / "a"
     overrides = ["-S", f"model.source=random:{args.shape}", "-S", f"eval.max_windows={args.windows}",
-                 "-S", f"int8_static.calibration.samples={args.calibration}", "-S", "int8_static.calibration.stride=4"]
+                 "-S", f"int8_static.calibration.samples={args.calibration}", "-S", "int8_static.calibration.stride=4",
+                 "-S", f"imatrix.calibration.samples={args.calibration}"]
     cmds = commands(a)
     if not args.collect:
         for stage in (["data"] if not (a / "data").is_dir() else []) + stages:

@@ -7,7 +7,7 @@ this script re-renders each from FILE (relative to the repository root).
 
 Kinds: ``artifacts`` (FILE: a metrics directory, with its ``build/`` run figures), ``bench`` and
 ``ratios`` (a benchmarks/results*.json), ``stages`` (a benchmarks/real_shapes_*.json),
-``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scoreboard`` (a benchmarks/scoreboard_*.json)."""
+``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scoreboard`` (a benchmarks/scoreboard_*.json), ``sweep`` (benchmarks/outlier_sweep.json), ``llama`` (a benchmarks/llama_cpp_*.json)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ def bench(path: Path) -> str:
     doc = json.loads(path.read_text())
     s = doc["settings"]
     head = (f"{s['new_tokens']} new tokens after a {s['prompt_tokens']}-token prompt, {s['statistic']} of {s['repeats']}; "
-            f"copy bandwidth {doc['copy_bandwidth_gb_s']} GB/s; {doc['machine'].get('cpu')}, {doc['machine'].get('cores')} "
+            + (f"bound: read bandwidth {doc['read_bandwidth_gb_s']} GB/s ({doc['read_bandwidth_threads']} threads, as the "
+               f"engines run) over the bytes a step reads; " if "read_bandwidth_gb_s" in doc else
+               f"copy bandwidth {doc['copy_bandwidth_gb_s']} GB/s; ") + f"{doc['machine'].get('cpu')}, {doc['machine'].get('cores')} "
             f"cores, onnxruntime {doc['machine'].get('onnxruntime')}; commit `{(doc.get('commit') or '?')[:8]}`.\n\n")
     rows = ["| model | weights read / token | bandwidth bound tok/s | **ours** decode tok/s | genai runtime on it | "
             "TTFT ms (ours) | prefill tok/s (ours) | peak RSS (ours) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -163,7 +165,41 @@ def scoreboard(path: Path) -> str:
     return "\n".join(rows)
 
 
-KINDS = {"scoreboard": scoreboard, "artifacts": artifacts, "repro": repro, "scores": scores, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
+def sweep(path: Path) -> str:
+    """benchmarks/outlier_sweep.py: mean KLD of each method as the outliers get harder."""
+    doc = json.loads(path.read_text())
+    methods = list(doc["settings"][0]["methods"])
+    rows = [f"{doc['model']}; {doc['how']}; commit `{doc['commit'][:8]}`.\n",
+            "| outlier channels x scale | largest / median channel | " + " | ".join(methods) + " |",
+            "|---|---:|" + "---:|" * len(methods)]
+    for r in doc["settings"]:
+        what = "none" if not r["channels"] else f"{r['channels']} x{r['scale']:g}"
+        cells = [f"{r['methods'][m]['kld_mean']:.1e}" for m in methods]
+        rows.append(f"| {what} | {r['max_outlier_ratio']:g}x / {r['median_outlier_ratio']:g}x | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def llama(path: Path) -> str:
+    """benchmarks/llama_cpp.py: llama.cpp's quants and ours, decode and KLD, one run."""
+    doc = json.loads(path.read_text())
+    st, m = doc["settings"], doc["machine"]
+    rows = [f"`llama-bench {st['llama_bench']}` and our runtime back to back, {m.get('cpu')}, {m.get('cores')} cores; "
+            f"read bandwidth ({st['threads']} threads) {doc['read_bandwidth_gb_s']} GB/s; KLD: {st['kld']}, "
+            f"{st['chunks']} windows of {st['ctx']}; commit `{doc['commit'][:8]}`.\n",
+            "| engine : model | file MB | decode tok/s | prefill tok/s | bandwidth bound tok/s | of bound | KLD mean | KLD p99 | top-1 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in doc["engines"].items():
+        b = doc["bandwidth_bound_tok_s"].get(name)
+        tok = r.get("decode_tok_s")
+        rows.append(f"| {name} | {r['file_bytes'] / 1e6:,.0f} | {_fmt(tok, '.1f')} | {_fmt(r.get('prefill_tok_s'), '.0f')} | "
+                    f"{_fmt(b, '.1f')} | {_fmt(tok / b if tok and b else None, '.0%')} | {_fmt(r.get('kld_mean'), '.2e')} | "
+                    f"{_fmt(r.get('kld_p99'), '.2e')} | {_fmt(r.get('top1_agreement'), '.1%')} |")
+    rows.append("")
+    rows += [f"- {k}: {_fmt(v, '.2f')}×" for k, v in doc["ratios"].items()]
+    return "\n".join(rows)
+
+
+KINDS = {"scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "scores": scores, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
 
 
 def render(text: str) -> str:

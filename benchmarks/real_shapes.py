@@ -24,9 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pipeline.registry import ARTIFACTS  # noqa: E402
+from pipeline.registry import STAGES as ALL  # noqa: E402
 
-STAGES = ARTIFACTS  # every stage after the text split (pipeline/registry.py)
+STAGES = tuple(n for n in ALL if n != "data")  # every stage after the text split, in DAG order (pipeline/registry.py)
 
 
 def commands(a: Path) -> dict[str, list[str]]:
@@ -143,7 +143,10 @@ def main() -> int:
               "eval_windows": args.windows, "calibration_samples": args.calibration,
               "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform(),
                           "python": sys.version.split()[0]},
-              "date": time.strftime("%Y-%m-%d"), "stages": rows}
+              "date": time.strftime("%Y-%m-%d"), "stages": rows,
+              "dag_wall_s": round(sum(r["wall_s"] or 0 for r in rows)),  # the stages' own wall times, summed
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                       text=True).stdout.strip() or None}
     out = args.out or REPO / "benchmarks" / f"real_shapes_{args.shape.replace('?', '_').replace('=', '')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.shape}: {fp32 / 1e9:.2f} GB FP32 weights; target peak RSS <= {(2 * fp32 + 1e9) / 1e9:.1f} GB\n")

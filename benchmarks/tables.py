@@ -130,16 +130,6 @@ def repro(path: Path) -> str:
     return "\n".join(rows)
 
 
-def scores(path: Path) -> str:
-    doc = json.loads(path.read_text())
-    rows = [f"{doc['model']}; {doc['how']}.\n", "| artifact | PPL | drift vs reference | KLD mean | KLD p99 | top-1 | vs reference size |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, m in doc["artifacts"].items():
-        rows.append(f"| {name} | {m['ppl']:.3f} | {m['drift_pct']:+.3f} % | {m['kld_mean']:.1e} | {m['kld_p99']:.1e} | "
-                    f"{m['top1_agreement']:.2%} | {_fmt(m.get('size_ratio'), '.3f')} |")
-    return "\n".join(rows)
-
-
 def scoreboard(path: Path) -> str:
     """llama.cpp-style scoreboard (benchmarks/scoreboard.py): every precision and INT4 method, then the peer."""
     doc = json.loads(path.read_text())
@@ -199,7 +189,7 @@ def llama(path: Path) -> str:
     return "\n".join(rows)
 
 
-KINDS = {"scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "scores": scores, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
+KINDS = {"scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
 
 
 def render(text: str) -> str:

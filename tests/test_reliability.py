@@ -39,6 +39,11 @@ def _leftovers(directory: Path) -> list[str]:
     ("budgets.int4.max_drfit_pct=1", ("budgets.int4.max_drfit_pct", "did you mean 'max_drift_pct'")),
     ("data.fractions.train=0.5", ("data.fractions", "sum to 1")),
     ("evl.ctx=64", ("unknown key evl", "did you mean eval")),
+    ("model.outliers.scale=3", ("model.outliers.scale", "power of two")),
+    ("int4.algorithm=gptq", ("int4.algorithm", "'rtn', 'k_quant', 'imatrix' or 'awq'")),
+    ("int4.symmetric=false", ("int4.algorithm awq quantizes symmetrically",)),
+    ("int4.int8_fraction=1.5", ("int4.int8_fraction", "less than or equal to 1")),
+    ("int8_dynamic.format=qoperator", ("smoothing applies to format matmulnbits only",)),
 ])
 def test_bad_params_are_refused_before_any_work(override, needles):
     assert_clean_failure(run_cli("check-params", "-S", override), *needles)

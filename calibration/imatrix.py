@@ -72,7 +72,10 @@ def save(directory: Path, stats: dict, groups: dict[str, list[str]], tokens: int
         mean_sq = (stats[name]["sumsq"] / tokens).astype(np.float32)
         arrays[f"{name}.mean_sq"] = outward(mean_sq, round_bits, up=True)
         arrays[f"{name}.max"] = outward(stats[name]["max"].astype(np.float32), round_bits, up=True)
-    meta = {"groups": json.dumps({k: groups[k] for k in sorted(groups)}), "tokens": str(tokens)}
+    # one metadata entry: safetensors writes its metadata map in hash order, so two keys can swap places
+    # from one run to the next (measured: another file, another artifact id, one run in two)
+    meta = {"imatrix": json.dumps({"groups": {k: groups[k] for k in sorted(groups)}, "tokens": tokens},
+                                  sort_keys=True)}
     save_file(arrays, str(directory / FILE), metadata=meta)
     ratios = [float(s["max"].max() / max(np.median(s["max"]), 1e-12)) for s in stats.values()]
     return {"activations": len(stats), "projections": sum(len(v) for v in groups.values()), "tokens": tokens,
@@ -95,7 +98,8 @@ class Imatrix:
             for key in f.keys():
                 name, _, kind = key.rpartition(".")
                 (self.mean_sq if kind == "mean_sq" else self.max)[name] = f.get_tensor(key)
-        self.groups: dict[str, list[str]] = json.loads(meta["groups"])
+        meta = json.loads(meta["imatrix"])
+        self.groups: dict[str, list[str]] = meta["groups"]
         self.tokens = int(meta["tokens"])
 
     def by_weight(self) -> dict[str, np.ndarray]:

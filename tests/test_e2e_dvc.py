@@ -77,6 +77,18 @@ def _tree(directory):
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def _manifest_diff(before: dict, after: dict) -> dict:
+    """The manifest fields that differ (what a failure names)."""
+    def flat(d, p=""):
+        if isinstance(d, dict):
+            return {k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{p}.{k}").items()}
+        if isinstance(d, list):
+            return {k2: v2 for i, v in enumerate(d) for k2, v2 in flat(v, f"{p}[{i}]").items()}
+        return {p: d}
+    a, b = (flat(json.loads(x["manifest.json"])) for x in (before, after))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
 def test_a_forced_rebuild_gives_the_same_bytes_and_the_same_lock(publisher):
     """Per-run figures live in metrics/build/, outside the artifacts and dvc.lock: `dvc repro -f` again
     rebuilds every artifact byte for byte."""
@@ -86,7 +98,8 @@ def test_a_forced_rebuild_gives_the_same_bytes_and_the_same_lock(publisher):
     for name, files in before.items():
         after = _tree(publisher / "artifacts" / name)
         assert after.keys() == files.keys(), name
-        assert [f for f in files if files[f] != after[f]] == [], name
+        changed = [f for f in files if files[f] != after[f]]
+        assert changed == [], (name, _manifest_diff(files, after) if "manifest.json" in changed else changed)
     assert (publisher / "dvc.lock").read_text() == lock
 
 

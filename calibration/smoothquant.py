@@ -19,7 +19,7 @@ from .imatrix import channel_statistics
 NORM_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "Mul")
 
 
-def _groups(model, exclude: set[str]) -> dict[str, list]:
+def projection_groups(model, exclude: set[str]) -> dict[str, list]:
     init = {t.name for t in model.graph.initializer}
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
     groups: dict[str, list] = {}
@@ -38,7 +38,7 @@ def activation_channel_max(graph, weights_dir: Path, tensors: list[str], config:
 
 def smoothing_groups(graph, exclude: set[str]) -> list[str]:
     """The activations SmoothQuant scales: inputs shared by projection MatMuls (weights not needed)."""
-    return list(_groups(graph, exclude))
+    return list(projection_groups(graph, exclude))
 
 
 class Weights:
@@ -87,13 +87,12 @@ class Weights:
                                               dtype=value.const_value.dtype, shape=value.const_value.shape, name=name)
 
 
-def smoothquant_factors(model, weights: Weights, maxima: dict, alpha: float, exclude: set[str],
-                        only: set[str] | None = None) -> dict:
+def smoothquant_factors(model, weights: Weights, maxima: dict, alpha: float, exclude: set[str]) -> dict:
     """SmoothQuant's ``s_j = max|X_j|^alpha / max|W_j,:|^(1-alpha)`` per group's input channel (the
-    groups whose activation is in ``only``, default all)."""
+    groups whose activation has maxima)."""
     factors = {}
-    for x, members in _groups(model, exclude).items():
-        if only is not None and x not in only:
+    for x, members in projection_groups(model, exclude).items():
+        if x not in maxima:
             continue
         act = maxima[x].astype(np.float64)
         wmax = np.max([np.abs(weights.current(m.input[1])).max(axis=1) for m in members], axis=0).astype(np.float64)
@@ -121,7 +120,7 @@ def scale_inputs(model, weights: Weights, factors: dict[str, np.ndarray], exclud
     scalings recorded in ``weights``; ``scaled`` in the summary lists the activations scaled. Shared by SmoothQuant and AWQ-style scaling (pipeline/nbits.py)."""
     from onnx import helper, numpy_helper
 
-    groups = _groups(model, exclude)
+    groups = projection_groups(model, exclude)
     init = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     readers: dict[str, list] = {}

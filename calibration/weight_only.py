@@ -17,7 +17,7 @@ from pipeline.log import Progress, info
 from pipeline.tied import find_tied, share_quantized_table
 
 from .imatrix import Imatrix
-from .smoothquant import Weights, _groups, scale_inputs, smoothquant_factors
+from .smoothquant import Weights, projection_groups, scale_inputs, smoothquant_factors
 
 
 def awq_factors(im: Imatrix, groups: dict, alpha: float) -> dict[str, np.ndarray]:
@@ -34,7 +34,7 @@ def awq_factors(im: Imatrix, groups: dict, alpha: float) -> dict[str, np.ndarray
 
 
 def quantize(parent_dir: Path, tmp: Path, *, bits: int, block_size: int, accuracy_level: int | None,
-             exclude: set[str], im: Imatrix | None = None, smooth_alpha: float | None = None,
+             exclude: set[str], im: Imatrix, smooth_alpha: float | None = None,
              awq_alpha: float | None = None, weighted: bool = False, int8_fraction: float = 0.0,
              tied: tuple[int, int] | None = None) -> tuple[dict, object]:
     """Write the quantized artifact's model into ``tmp``; returns (policy summary, the graph for op counts).
@@ -45,28 +45,25 @@ def quantize(parent_dir: Path, tmp: Path, *, bits: int, block_size: int, accurac
     if tied:
         exclude = exclude | set(onnx_io.lm_head_nodes(graph))
     weights = Weights(graph, parent_dir)
-    groups = _groups(graph, exclude)
+    groups = projection_groups(graph, exclude)
     summary: dict = {}
     factors: dict[str, np.ndarray] = {}
     if smooth_alpha is not None or awq_alpha is not None:
-        known = {x: m for x, m in groups.items() if x in im.max}
         if smooth_alpha is not None:
             kind, alpha = "smoothquant", smooth_alpha
-            factors = smoothquant_factors(graph, weights, {x: im.max[x] for x in known}, alpha, exclude - set(),
-                                          only=set(known))
+            factors = smoothquant_factors(graph, weights, im.max, alpha, exclude)
         else:
             kind, alpha = "awq", awq_alpha
-            factors = awq_factors(im, known, alpha)
+            factors = awq_factors(im, groups, alpha)
         done = scale_inputs(graph, weights, factors, exclude, fold_only=True)
         factors = {x: factors[x] for x in done.pop("scaled")}  # groups with no exact fold stay unscaled
         summary[kind] = {"alpha": alpha, **done}
-    applied = factors
     importance = None
-    if weighted and im is not None:
+    if weighted:  # each channel's energy after the scaling: mean((x / s)^2)
         importance = {}
         for x, members in groups.items():
             if x in im.mean_sq:
-                imp = im.mean_sq[x].astype(np.float64) / (applied[x] ** 2 if x in applied else 1.0)
+                imp = im.mean_sq[x].astype(np.float64) / (factors[x] ** 2 if x in factors else 1.0)
                 for m in members:
                     importance[m.input[1]] = imp.astype(np.float32)
     names = [m.input[1] for members in groups.values() for m in members]
@@ -80,7 +77,7 @@ def quantize(parent_dir: Path, tmp: Path, *, bits: int, block_size: int, accurac
     summary["matmulnbits"] = {str(b): c for b, c in sorted(counts.items())}
     if tied:
         graph_head = find_tied(graph)[1]
-        imp = im.mean_sq.get(graph_head.input[0]) if (weighted and im is not None) else None
+        imp = im.mean_sq.get(graph_head.input[0]) if weighted else None
         with onnx_io.weights_from(parent_dir):
             summary["tied_embedding"] = share_quantized_table(graph, tied[0], tied[1], accuracy_level, imp)
     model = onnx_io.to_ir(graph, parent_dir)

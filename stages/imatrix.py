@@ -9,7 +9,7 @@ from pathlib import Path
 
 from calibration import imatrix
 from calibration.reader import calibration_windows
-from calibration.smoothquant import smoothing_groups
+from calibration.smoothquant import projection_groups
 from pipeline import onnx_io, store
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import Imatrix
@@ -25,9 +25,8 @@ def build(inputs: Inputs, config: Imatrix, tmp: Path) -> BuildResult:
                                   cal.seq_len, eos if isinstance(eos, int) else None)
     graph = onnx_io.load(parent_dir, load_external_data=False)
     heads = set(onnx_io.lm_head_nodes(graph))
-    tensors = smoothing_groups(graph, heads)
-    groups = {x: [n.input[1] for n in graph.graph.node if n.op_type == "MatMul" and n.input[0] == x
-                  and n.name not in heads] for x in tensors}
+    groups = {x: [m.input[1] for m in members] for x, members in projection_groups(graph, heads).items()}
+    tensors = list(groups)
     tied = find_tied(graph)
     if tied is not None:  # the lm_head's input weighs the shared table's rounding (pipeline/tied.py)
         gather, head, table = tied

@@ -367,6 +367,66 @@ def report(params_file, overrides, metrics_dir, bench, out):
     info(f"report: {out}/summary.md, summary.json, size_vs_drift.png ({len(rows)} artifacts; {bench_label})")
 
 
+@cli.command()
+@PARAMS_OPT
+@SET_OPT
+@click.option("--artifact", type=click.Choice(["int4", "int8-dynamic", "int8-static"]), default=None,
+              help="the artifact whose recipe is searched [default: tune.artifact]")
+@click.option("--budget", default=None, metavar="METRIC=X,...",
+              help="e.g. kld_mean=0.005,drift_pct=1,top1=0.95 (over budgets.<artifact> and tune.budget)")
+@click.option("--objective", type=click.Choice(["size", "decode", "both"]), default=None,
+              help="smallest artifact, fastest decode here, or both [default: tune.objective]")
+@click.option("--strategy", type=click.Choice(["greedy", "grid", "random"]), default=None,
+              help="[default: tune.strategy]")
+@click.option("--workers", type=click.IntRange(1), default=None, help="DVC queue workers [default: tune.workers]")
+@click.option("--max-candidates", type=click.IntRange(1), default=None, help="[default: tune.max_candidates]")
+@click.option("--slice", "slice_", default="1/1", metavar="K/N", show_default=True,
+              help="run every N-th candidate of each round from the K-th (one machine of N)")
+@click.option("--remote", default=None, metavar="GIT_REMOTE",
+              help="share candidates: `dvc exp pull` before each round, `dvc exp push` after (artifacts to the "
+                   "default DVC remote)")
+@click.option("--collect", is_flag=True, help="queue nothing: pull (with --remote) and report what has run")
+@click.option("--apply", "apply_", is_flag=True, help="write the recipe into params.yaml (then `dvc repro`)")
+@click.option("--recipe", default="reports/tune/recipe.yaml", show_default=True, type=click.Path(dir_okay=False),
+              help="the recipe --apply reads")
+def tune(params_file, overrides, artifact, budget, objective, strategy, workers, max_candidates, slice_, remote,
+         collect, apply_, recipe):
+    """Search the smallest (or fastest) recipe inside a budget; each candidate is a DVC experiment."""
+    from . import tune as t
+
+    params_path = Path(params_file or "params.yaml")
+    if apply_:
+        values = t.apply(Path(recipe), params_path)
+        info(f"tune --apply: {params_path} now sets {', '.join(f'{k}={t.fmt(v)}' for k, v in values.items())}; "
+             f"`dvc repro` builds it (from DVC's run-cache when tune ran it) and `pipeline gate` checks it")
+        return
+    foreign = [o for o in overrides if not o.startswith("tune.")]
+    if foreign:
+        raise PipelineError(f"tune -S sets tune.* only ({foreign[0]!r}): every candidate is HEAD plus its own "
+                            f"overrides, so commit other changes to params.yaml first")
+    params = load_params(params_file, overrides)
+    cfg = params.tune
+    artifact = artifact or cfg.artifact
+    try:
+        k, n = (int(x) for x in slice_.split("/"))
+        assert 1 <= k <= n
+    except (ValueError, AssertionError):
+        raise PipelineError(f"--slice {slice_!r}: expected K/N with 1 <= K <= N, e.g. 1/2") from None
+    merged = {key: v for key, v in (params.budgets.get(artifact) or {}).items() if key != "report_only"}
+    merged.update(cfg.budget)
+    merged.update(t.parse_budget(budget))
+    if not merged:
+        raise PipelineError(f"tune: no budget for {artifact}: give --budget kld_mean=... or set budgets.{artifact}")
+    space = cfg.space.get(artifact) or {}
+    if not space:
+        raise PipelineError(f"tune: tune.space.{artifact} is empty: nothing to search")
+    opts = t.Options(artifact=artifact, objective=objective or cfg.objective, strategy=strategy or cfg.strategy,
+                     budget=merged, space=space, promote=cfg.promote.get(artifact) or {},
+                     max_candidates=max_candidates or cfg.max_candidates, workers=workers or cfg.workers,
+                     seed=cfg.seed, decode_tokens=cfg.decode_tokens, slice=(k, n), remote=remote, collect=collect)
+    t.tune(Path.cwd(), params_path, params, opts)
+
+
 @cli.command("check-params")
 @PARAMS_OPT
 @SET_OPT

@@ -136,7 +136,11 @@ def record_windows(model, windows: np.ndarray, dest: Path, label: str) -> Record
 
 
 def cache_dir(artifact_dir: str | Path) -> Path:
-    return Path(artifact_dir).resolve().parent / CACHE
+    """``.outputs`` beside the artifact, or ``$PIPELINE_OUTPUTS_DIR``: `pipeline tune` points every DVC
+    experiment's workspace at the project's own, so the reference is recorded once for all candidates
+    (entries are keyed by artifact id, so a shared one can only hold the same model's outputs)."""
+    shared = os.environ.get("PIPELINE_OUTPUTS_DIR")
+    return Path(shared) if shared else Path(artifact_dir).resolve().parent / CACHE
 
 
 def _artifact_id(artifact_dir: Path) -> str:

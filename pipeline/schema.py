@@ -246,6 +246,52 @@ class Gate(Section):
     max_size_regression_pct: float = Field(2.0, ge=0)
 
 
+# The artifacts `pipeline tune` searches recipes for: the quantized ones.
+TUNABLE = ("int8-dynamic", "int8-static", "int4")
+# The figures a tune budget can bound: the scored ones plus the decode rate tune measures itself.
+TUNE_METRICS = ("drift_pct", "kld_mean", "kld_p99", "top1_agreement", "size_ratio", "decode_tok_s")
+Knobs = dict[str, list[str | int | float | bool]]
+
+
+class Tune(Section):
+    """`pipeline tune` (pipeline/tune.py): the smallest or fastest recipe for one artifact inside a budget,
+    each candidate a DVC experiment. ``space`` and ``promote`` are per artifact: knob (a key of that
+    artifact's params section, dotted below it) -> the values to try."""
+    artifact: Literal["int8-dynamic", "int8-static", "int4"] = "int4"
+    objective: Literal["size", "decode", "both"] = "size"
+    strategy: Literal["greedy", "grid", "random"] = "greedy"
+    budget: dict[str, float] = {}
+    space: dict[str, Knobs] = {}
+    promote: dict[str, Knobs] = {}
+    max_candidates: int = Field(40, ge=1)
+    workers: int = Field(2, ge=1)
+    seed: int = Field(0, ge=0)
+    decode_tokens: int = Field(64, ge=8)
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, budget):
+        for key in budget:
+            bound, _, metric = key.partition("_")
+            if bound not in ("max", "min") or metric not in TUNE_METRICS:
+                valid = [f"{b}_{m}" for b in ("max", "min") for m in TUNE_METRICS]
+                raise ValueError(_unknown(f"tune.budget.{key}", key, valid, "budget key"))
+        return budget
+
+    @field_validator("space", "promote")
+    @classmethod
+    def _per_artifact(cls, knobs, info):
+        for name, table in knobs.items():
+            if name not in TUNABLE:
+                raise ValueError(_unknown(f"tune.{info.field_name}.{name}", name, TUNABLE, "tunable artifact"))
+            for knob, values in table.items():
+                if not values:
+                    raise ValueError(f"tune.{info.field_name}.{name}.{knob} has no values")
+                if len(set(map(repr, values))) != len(values):
+                    raise ValueError(f"tune.{info.field_name}.{name}.{knob} lists a value twice")
+        return knobs
+
+
 class CheckpointConfig(Section):
     """The checkpoint stage reads four sections: where the model comes from, the built-in model's
     tokenizer and training, and the held-out scoring."""
@@ -286,6 +332,7 @@ class Params(ConsumerParams):
     int4: Int4
     int8_static: Int8Static
     gate: Gate
+    tune: Tune = Tune()
 
 
 def _check_budgets(budgets: Budgets) -> Budgets:

@@ -4,16 +4,19 @@ exported once; derived artifacts built on demand."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.params import load_params  # noqa: E402
+from pipeline.params import load_params, set_dotted  # noqa: E402
 
 # Same stages, same architecture; a training budget that fits a test run.
 SMALL = ("train.steps=40", "train.warmup=5", "eval.max_windows=12", "int8_static.calibration.samples=8",
@@ -133,3 +136,44 @@ def derived(params, fused_dir, export_dir, data_dir, work):
         return built[name]
 
     return make
+
+
+def sh(*args, cwd, check=True, timeout=1200):
+    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def git(*args, cwd):
+    return sh("git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", *args, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def publisher(tmp_path_factory):
+    """This project, copied with the small training budget, committed and built by `dvc repro` (once per
+    session: the end-to-end DVC tests and `pipeline tune`'s start from it)."""
+    root = tmp_path_factory.mktemp("e2e") / "publisher"
+    files = sh("git", "ls-files", cwd=REPO).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, root / f)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for override in SMALL:
+        if _known(override):
+            set_dotted(params, override)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stale in ("dvc.lock", "metrics", "reports"):
+        p = root / stale
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    git("init", "-q", "-b", "main", cwd=root)
+    sh("git", "config", "user.email", "ci@example.com", cwd=root)  # gto tags need an identity
+    sh("git", "config", "user.name", "ci", cwd=root)
+    git("add", "-A", cwd=root)
+    git("commit", "-qm", "project", cwd=root)
+    t0 = time.perf_counter()
+    proc = sh("dvc", "repro", cwd=root)
+    root.joinpath(".repro_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
+    assert "Running stage 'report'" in proc.stdout
+    return root

@@ -3,57 +3,13 @@ no-op second run, a param change that re-runs only what it touches, then publish
 and consuming from a second repo with `dvc import`, `dvc get` and `dvc artifacts get`."""
 
 import json
-import shutil
-import subprocess
-import time
 
 import pytest
-import yaml
 
-from pipeline.params import set_dotted
 from pipeline.registry import ONNX as NAMES
-from tests.conftest import REPO, SMALL, _known, assert_clean_failure, run_cli
+from tests.conftest import assert_clean_failure, git, run_cli, sh
 
 pytestmark = pytest.mark.slow
-
-
-def sh(*args, cwd, check=True, timeout=1200):
-    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def git(*args, cwd):
-    return sh("git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", *args, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def publisher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e") / "publisher"
-    files = sh("git", "ls-files", cwd=REPO).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (root / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, root / f)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for override in SMALL:
-        if _known(override):
-            set_dotted(params, override)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for stale in ("dvc.lock", "metrics", "reports"):
-        p = root / stale
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    git("init", "-q", "-b", "main", cwd=root)
-    sh("git", "config", "user.email", "ci@example.com", cwd=root)  # gto tags need an identity
-    sh("git", "config", "user.name", "ci", cwd=root)
-    git("add", "-A", cwd=root)
-    git("commit", "-qm", "project", cwd=root)
-    t0 = time.perf_counter()
-    proc = sh("dvc", "repro", cwd=root)
-    root.joinpath(".repro_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
-    assert "Running stage 'report'" in proc.stdout
-    return root
 
 
 def test_repro_builds_every_artifact_and_the_second_run_is_a_noop(publisher):

@@ -1,0 +1,133 @@
+"""`pipeline tune` measured: a fresh project (this repo's tracked files, with ``--set`` overrides such as the
+outlier model or a real shape) built by `dvc repro` for the tuned artifact, then the same search with 1 and
+with 2 DVC queue workers, each from nothing (no experiments, an empty run-cache, no recorded outputs).
+
+    python benchmarks/tune.py --work /tmp/tune-builtin --label builtin --budget kld_mean=0.005
+    python benchmarks/tune.py --work /tmp/tune-outliers --label outliers --budget kld_mean=0.005 \\
+        --set model.outliers.channels=4 --set model.outliers.scale=64
+    python benchmarks/tune.py --work /tmp/tune-06 --label qwen3-0.6b --budget kld_mean=0.01 \\
+        --set model.source=random:qwen3-0.6b --set eval.max_windows=8 --space "{block_size: [64, 128], tied_bits: [4, 8]}"
+
+Writes ``benchmarks/tune_<label>.json``: candidates, wall time per worker count, the winner against the
+start recipe (size, KLD), the budget, the space and the machine. `python benchmarks/tables.py` renders the
+docs table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def git(*args: str, cwd: Path) -> None:
+    sh("git", "-c", "user.email=bench@example.com", "-c", "user.name=bench", *args, cwd=cwd)
+
+
+def project(work: Path, sets: list[str], target: str) -> float:
+    """This repo's tracked files with ``sets`` applied, committed and built up to ``target``; seconds."""
+    from pipeline.params import set_dotted
+
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    for f in sh("git", "ls-files", cwd=REPO).stdout.split():
+        if (REPO / f).is_file() and not f.startswith(("metrics/", "reports/")) and f != "dvc.lock":
+            (work / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, work / f)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    for item in sets:
+        set_dotted(params, item)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git("init", "-q", "-b", "main", cwd=work)
+    git("add", "-A", cwd=work)
+    git("commit", "-qm", "project", cwd=work)
+    t0 = time.perf_counter()
+    sh("dvc", "repro", target, cwd=work)
+    seconds = time.perf_counter() - t0
+    git("add", "-A", cwd=work)
+    git("commit", "-qm", "built", cwd=work)
+    return seconds
+
+
+def fresh(work: Path) -> None:
+    """No experiment, no run-cache entry, no recorded outputs: the search starts from nothing."""
+    subprocess.run(["dvc", "queue", "remove", "--all"], cwd=work, capture_output=True)
+    subprocess.run(["dvc", "exp", "remove", "-A"], cwd=work, capture_output=True)
+    shutil.rmtree(work / ".dvc" / "cache" / "runs", ignore_errors=True)
+    shutil.rmtree(work / "artifacts" / ".outputs", ignore_errors=True)
+    shutil.rmtree(work / "reports" / "tune", ignore_errors=True)
+    time.sleep(65)  # DVC's idle queue workers leave after 60 s: each run starts its own
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--label", required=True)
+    ap.add_argument("--artifact", default="int4")
+    ap.add_argument("--budget", required=True)
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="params override of the project")
+    ap.add_argument("--space", default=None, help="tune.space.<artifact> as YAML (default: params.yaml's)")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    out = args.out or REPO / "benchmarks" / f"tune_{args.label}.json"
+    from pipeline.manifest import machine
+
+    work = args.work.resolve()
+    repro_s = project(work, args.sets, f"evaluate@{args.artifact}")
+    print(f"project built in {repro_s:.0f} s", flush=True)
+    tune_sets = ["-S", f"tune.space.{args.artifact}={args.space}"] if args.space else []
+    runs = []
+    for workers in (int(w) for w in args.workers.split(",")):
+        fresh(work)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--artifact", args.artifact, "--budget",
+                               args.budget, "--workers", str(workers), *tune_sets], cwd=work, capture_output=True,
+                              text=True)
+        wall = time.perf_counter() - t0
+        sys.stderr.write(proc.stderr[-4000:])
+        if proc.returncode != 0:
+            raise SystemExit(f"pipeline tune failed ({proc.returncode})")
+        result = json.loads((work / "reports/tune/result.json").read_text())
+        rows = json.loads((work / "reports/tune/candidates.json").read_text())
+        runs.append({"workers": workers, "wall_s": round(wall, 1), "candidates": result["candidates"],
+                     "queued": result["queued_this_run"], "winner": result["winner"]})
+        print(f"workers {workers}: {result['candidates']} candidates in {wall:.0f} s, winner {result['winner']}",
+              flush=True)
+    by_name = {r["name"]: r for r in rows}
+    win, start = by_name[result["winner"]], by_name[result["start"]]
+    keep = ("recipe", "round", "status", "error", "size_ratio", "size_bytes", "kld_mean", "kld_p99", "drift_pct",
+            "top1_agreement", "in_budget", "front_size", "winner", "start")
+    record = {"label": args.label, "artifact": args.artifact, "project_overrides": args.sets,
+              "budget": result["budget"], "space": yaml.safe_load(args.space) if args.space else
+              yaml.safe_load((work / "params.yaml").read_text())["tune"]["space"][args.artifact],
+              "strategy": result["strategy"], "objective": result["objective"], "repro_seconds": round(repro_s, 1),
+              "runs": runs, "start": {k: start[k] for k in keep if k in start},
+              "winner": {k: win[k] for k in keep if k in win},
+              "size_vs_start": round(win["size_bytes"] / start["size_bytes"], 4),
+              "candidates": [{k: r[k] for k in keep if k in r} for r in rows],
+              "machine": machine(), "cores": __import__("os").cpu_count(),
+              "commit": sh("git", "rev-parse", "--short", "HEAD", cwd=REPO).stdout.strip()}
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}: winner {win['recipe']} size {win['size_ratio']:.3f}x (start {start['size_ratio']:.3f}x), "
+          f"KLD {win['kld_mean']:.3g} (start {start['kld_mean']:.3g})")
+
+
+if __name__ == "__main__":
+    main()

@@ -196,22 +196,27 @@ def tune(path: Path) -> str:
     walls = ", ".join(f"{r['workers']} worker{'s' if r['workers'] > 1 else ''} {r['wall_s']:.0f} s" for r in doc["runs"])
     budget = ", ".join(f"{k} {v:g}" for k, v in doc["budget"].items())
     win, start = doc["winner"], doc["start"]
+    decode = any(r.get("decode_tok_s") for r in doc["candidates"])
     rows = [f"{doc['label']} ({', '.join(doc['project_overrides']) or 'params.yaml'}), `{doc['artifact']}`, strategy "
             f"{doc['strategy']}, objective {doc['objective']}; budget {budget}; {doc['runs'][0]['candidates']} candidates: "
-            f"{walls} ({m.get('cpu')}, {doc['cores']} cores; project built in {doc['repro_seconds']:.0f} s); commit "
+            f"{walls} ({m.get('cpu')}, {doc['cores']} cores; " + ("project built earlier" if doc.get("project_reused") else
+            f"project built in {doc['repro_seconds']:.0f} s") + "); commit "
             f"`{doc['commit'][:8]}`. Winner: **{win['recipe']}**, {win['size_ratio']:.3f}× the export "
             f"({doc['size_vs_start']:.2f}× the start recipe's size), mean KLD {win['kld_mean']:.2e} "
             f"(start {start['kld_mean']:.2e}).\n",
-            "| recipe | round | size ratio | mean KLD | KLD p99 | drift | top-1 | budget | front |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+            "| recipe | round | size ratio | mean KLD | KLD p99 | drift | top-1 |" + (" decode tok/s |" if decode else "")
+            + " budget | front |",
+            "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if decode else "") + "---|---|"]
     for r in doc["candidates"]:
         if r["status"] != "success":
-            rows.append(f"| {r['recipe']} | {r['round']} | | | | | | {r['status']}: {r.get('error')} | |")
+            rows.append(f"| {r['recipe']} | {r['round']} | | | | | |{' |' if decode else ''} {r['status']}: {r.get('error')} | |")
             continue
-        name = f"**{r['recipe']}**" if r["winner"] else r["recipe"] + (" (start)" if r["start"] else "")
+        name = f"**{r['recipe']}**" if r["winner"] else r["recipe"]
+        front = "+".join(w for w, k in (("size", "front_size"), ("decode", "front_decode")) if r.get(k))
         rows.append(f"| {name} | {r['round']} | {r['size_ratio']:.3f} | {r['kld_mean']:.2e} | {r['kld_p99']:.2e} | "
-                    f"{r['drift_pct']:+.3f} % | {r['top1_agreement']:.2%} | {'inside' if r['in_budget'] else 'over'} | "
-                    f"{'yes' if r['front_size'] else ''} |")
+                    f"{r['drift_pct']:+.3f} % | {r['top1_agreement']:.2%} |"
+                    + (f" {_fmt(r.get('decode_tok_s'), '.1f')} |" if decode else "")
+                    + f" {'inside' if r['in_budget'] else 'over'} | {front} |")
     return "\n".join(rows)
 
 

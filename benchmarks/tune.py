@@ -39,10 +39,22 @@ def git(*args: str, cwd: Path) -> None:
     sh("git", "-c", "user.email=bench@example.com", "-c", "user.name=bench", *args, cwd=cwd)
 
 
-def project(work: Path, sets: list[str], target: str) -> float:
-    """This repo's tracked files with ``sets`` applied, committed and built up to ``target``; seconds."""
+def project(work: Path, sets: list[str], target: str, reuse: bool = False) -> float:
+    """This repo's tracked files with ``sets`` applied, committed and built up to ``target``; seconds.
+    ``reuse``: a project made here before (a failed build, say) gets ``sets`` applied and is built again,
+    DVC re-running only what they change."""
     from pipeline.params import set_dotted
 
+    if reuse and (work / ".git").is_dir():
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        for item in sets:
+            set_dotted(params, item)
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        t0 = time.perf_counter()
+        sh("dvc", "repro", target, cwd=work)
+        git("add", "-A", cwd=work)
+        git("commit", "-qm", "built", cwd=work)
+        return time.perf_counter() - t0
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -83,14 +95,16 @@ def main() -> None:
     ap.add_argument("--budget", required=True)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="params override of the project")
     ap.add_argument("--space", default=None, help="tune.space.<artifact> as YAML (default: params.yaml's)")
+    ap.add_argument("--objective", default="size", choices=["size", "decode", "both"])
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--reuse", action="store_true", help="build on a project --work already holds")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     out = args.out or REPO / "benchmarks" / f"tune_{args.label}.json"
     from pipeline.manifest import machine
 
     work = args.work.resolve()
-    repro_s = project(work, args.sets, f"evaluate@{args.artifact}")
+    repro_s = project(work, args.sets, f"evaluate@{args.artifact}", args.reuse)
     print(f"project built in {repro_s:.0f} s", flush=True)
     tune_sets = ["-S", f"tune.space.{args.artifact}={args.space}"] if args.space else []
     runs = []
@@ -98,8 +112,8 @@ def main() -> None:
         fresh(work)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--artifact", args.artifact, "--budget",
-                               args.budget, "--workers", str(workers), *tune_sets], cwd=work, capture_output=True,
-                              text=True)
+                               args.budget, "--objective", args.objective, "--workers", str(workers), *tune_sets],
+                              cwd=work, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         sys.stderr.write(proc.stderr[-4000:])
         if proc.returncode != 0:
@@ -110,23 +124,24 @@ def main() -> None:
                      "queued": result["queued_this_run"], "winner": result["winner"]})
         print(f"workers {workers}: {result['candidates']} candidates in {wall:.0f} s, winner {result['winner']}",
               flush=True)
-    by_name = {r["name"]: r for r in rows}
-    win, start = by_name[result["winner"]], by_name[result["start"]]
-    keep = ("recipe", "round", "status", "error", "size_ratio", "size_bytes", "kld_mean", "kld_p99", "drift_pct",
-            "top1_agreement", "in_budget", "front_size", "winner", "start")
-    record = {"label": args.label, "artifact": args.artifact, "project_overrides": args.sets,
-              "budget": result["budget"], "space": yaml.safe_load(args.space) if args.space else
-              yaml.safe_load((work / "params.yaml").read_text())["tune"]["space"][args.artifact],
-              "strategy": result["strategy"], "objective": result["objective"], "repro_seconds": round(repro_s, 1),
-              "runs": runs, "start": {k: start[k] for k in keep if k in start},
-              "winner": {k: win[k] for k in keep if k in win},
-              "size_vs_start": round(win["size_bytes"] / start["size_bytes"], 4),
-              "candidates": [{k: r[k] for k in keep if k in r} for r in rows],
-              "machine": machine(), "cores": __import__("os").cpu_count(),
-              "commit": sh("git", "rev-parse", "--short", "HEAD", cwd=REPO).stdout.strip()}
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}: winner {win['recipe']} size {win['size_ratio']:.3f}x (start {start['size_ratio']:.3f}x), "
-          f"KLD {win['kld_mean']:.3g} (start {start['kld_mean']:.3g})")
+        # written after every run: a later one that fails or is stopped leaves the earlier figures
+        by_name = {r["name"]: r for r in rows}
+        win, start = by_name[result["winner"]], by_name[result["start"]]
+        keep = ("recipe", "round", "status", "error", "size_ratio", "size_bytes", "kld_mean", "kld_p99", "drift_pct",
+                "top1_agreement", "decode_tok_s", "in_budget", "front_size", "front_decode", "winner", "start")
+        record = {"label": args.label, "artifact": args.artifact, "project_overrides": args.sets,
+                  "budget": result["budget"], "space": yaml.safe_load(args.space) if args.space else
+                  yaml.safe_load((work / "params.yaml").read_text())["tune"]["space"][args.artifact],
+                  "strategy": result["strategy"], "objective": result["objective"], "repro_seconds": round(repro_s, 1), "project_reused": args.reuse,
+                  "runs": runs, "start": {k: start[k] for k in keep if k in start},
+                  "winner": {k: win[k] for k in keep if k in win},
+                  "size_vs_start": round(win["size_bytes"] / start["size_bytes"], 4),
+                  "candidates": [{k: r[k] for k in keep if k in r} for r in rows],
+                  "machine": machine(), "cores": __import__("os").cpu_count(),
+                  "commit": sh("git", "rev-parse", "--short", "HEAD", cwd=REPO).stdout.strip()}
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {out}: winner {win['recipe']} size {win['size_ratio']:.3f}x (start {start['size_ratio']:.3f}x), "
+              f"KLD {win['kld_mean']:.3g} (start {start['kld_mean']:.3g})")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,12 @@ class Int8Dynamic(Section):
 
     _block = field_validator("tied_block_size", "block_size")(_power_of_two)
 
+    def inert(self) -> set[str]:
+        """Keys (dotted) that change nothing given the others: `pipeline tune` drops them from a recipe."""
+        return ({"smoothing.alpha"} if not self.smoothing.enabled else set()) | (
+            {"tied_block_size"} if not self.quantize_tied else set()) | (
+            {"block_size", "accuracy_level"} if self.format != "matmulnbits" else {"per_channel"})
+
     @model_validator(mode="after")
     def _smoothing_needs_nbits(self):
         if self.smoothing.enabled and self.format != "matmulnbits":
@@ -181,6 +187,10 @@ class Int4(Section):
     greedy_tokens: int = PosInt
 
     _block = field_validator("block_size")(_power_of_two)
+
+    def inert(self) -> set[str]:
+        """Keys that change nothing given the others (see Int8Dynamic.inert)."""
+        return ({"awq_alpha"} if self.algorithm != "awq" else set()) | ({"tied_bits"} if not self.quantize_tied else set())
 
     @model_validator(mode="after")
     def _ours_symmetric(self):
@@ -237,6 +247,12 @@ class Int8Static(Section):
     greedy_tokens: int = PosInt
 
     _block = field_validator("tied_block_size")(_power_of_two)
+
+    def inert(self) -> set[str]:
+        """Keys that change nothing given the others (see Int8Dynamic.inert)."""
+        return ({"percentile"} if self.method != "Percentile" else set()) | (
+            {"smoothquant.alpha"} if not self.smoothquant.enabled else set()) | (
+            {"tied_block_size", "tied_accuracy_level"} if not self.quantize_tied else set())
 
 
 class Gate(Section):

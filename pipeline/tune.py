@@ -144,15 +144,16 @@ class Result:
         return {**self.figures, **({"decode_tok_s": self.decode_tok_s} if self.decode_tok_s else {})}
 
 
-def validate(artifact: str, knobs: dict[str, Any], params_file: Path) -> str | None:
-    """Why these overrides are not a valid recipe (the schema's one line), or None."""
+def check(artifact: str, knobs: dict[str, Any], params_file: Path) -> tuple[set[str], str | None]:
+    """(the knobs that change nothing given the others, e.g. awq_alpha without awq; why these overrides
+    are not a valid recipe: the schema's one line, or None)."""
     from .params import load_params
 
     try:
-        load_params(params_file, [f"{section_of(artifact)}.{k}={fmt(v)}" for k, v in knobs.items()])
+        params = load_params(params_file, [f"{section_of(artifact)}.{k}={fmt(v)}" for k, v in knobs.items()])
     except PipelineError as exc:
-        return str(exc).split(" with -S ", 1)[-1]
-    return None
+        return set(), str(exc).split(" with -S ", 1)[-1]
+    return getattr(params, section_of(artifact)).inert(), None
 
 
 def start_values(params, artifact: str, knobs) -> dict[str, Any]:
@@ -217,8 +218,8 @@ class Search:
 
     def candidate(self, knobs: dict) -> Candidate | None:
         knobs = {k: v for k, v in knobs.items() if self.start.get(k, object()) != v}
-        why = validate(self.artifact, knobs, self.params_file)
-        cand = Candidate.of(self.artifact, knobs)
+        inert, why = check(self.artifact, knobs, self.params_file)
+        cand = Candidate.of(self.artifact, {k: v for k, v in knobs.items() if k not in inert})
         if why:
             self.skipped.append(f"{cand.label()}: {why}")
             return None
@@ -316,7 +317,13 @@ def check_workspace(root: Path, artifact: str) -> str:
 
 def experiments(root: Path, head: str, artifact: str) -> dict[str, dict]:
     """This commit's experiments from `dvc exp show --json`: name -> {state, rev, figures, log}."""
-    shown = json.loads(dvc("exp", "show", "--json", cwd=root).stdout or "[]")
+    for attempt in range(5):
+        # a worker removing its finished workspace while `exp show` walks them fails the read: read again
+        proc = dvc("exp", "show", "--json", cwd=root, check=attempt == 4)
+        if proc.returncode == 0:
+            break
+        time.sleep(1 + attempt)
+    shown = json.loads(proc.stdout or "[]")
     out = {}
     for base in shown:
         if base.get("rev") != head:
@@ -368,6 +375,33 @@ def queue_workers(root: Path) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ run
+
+def available_bytes() -> int | None:
+    try:
+        for ln in Path("/proc/meminfo").read_text().splitlines():
+            if ln.startswith("MemAvailable:"):
+                return int(ln.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def fit_workers(root: Path, artifact: str, wanted: int) -> int:
+    """As many workers as asked, and as the memory allows: each holds one candidate's build, which peaks at
+    what the committed build of this artifact measured (metrics/build/<artifact>.json), plus DVC's own."""
+    try:
+        peak = json.loads((root / "metrics" / "build" / f"{artifact}.json").read_text())["peak_rss_mb"] * 2**20
+    except (OSError, KeyError, ValueError):
+        return wanted
+    free = available_bytes()
+    per = peak + 0.3e9
+    if free is None or wanted * per <= 0.8 * free:
+        return wanted
+    fit = max(1, int(0.8 * free // per))
+    info(f"tune: {wanted} workers would need {wanted * per / 1e9:.1f} GB ({artifact}'s build peaked at "
+         f"{peak / 1e9:.1f} GB, metrics/build/{artifact}.json); {free / 1e9:.1f} GB is available: running {fit}")
+    return fit
+
 
 def measure_decode(root: Path, result: Result, tokens: int) -> float:
     """Decode tok/s of a candidate's artifact on this machine: fetched with `dvc get` at its experiment's
@@ -426,7 +460,7 @@ def tune(root: Path, params_file: Path, params, opts: Options) -> dict:
                     opts.max_candidates, opts.seed, params_file)
     env = {**os.environ, OUTPUTS_DIR: str((root / "artifacts" / ".outputs").resolve())}
     needs_decode = opts.objective != "size" or any(key.endswith("decode_tok_s") for key in opts.budget)
-    workers = 1 if needs_decode else opts.workers
+    workers = fit_workers(root, opts.artifact, opts.workers)
     decode_cache: dict[str, float] = {}
     queued = reused = 0
     k, n = opts.slice
@@ -451,14 +485,14 @@ def tune(root: Path, params_file: Path, params, opts: Options) -> dict:
             dvc("exp", "run", "--queue", "-n", cand.name, *[a for s in cand.sets() for a in ("-S", s)],
                 f"evaluate@{opts.artifact}", cwd=root)
         queued += len(todo)
-        if todo:
-            # the workers it spawns keep the fds they were given until they leave: not our pipes
-            if subprocess.run(["dvc", "queue", "start", "-j", str(workers)], cwd=root, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode:
-                raise PipelineError("dvc queue start failed (run it by hand to see why)")
-        _wait(root, head, opts.artifact, todo, batch, search, number, opts.budget, len(batch))
+        # what this run queued, and what an interrupted run left queued or running
+        unfinished = todo + [c for c in batch if shown.get(c.name, {}).get("state") in ("queued", "running")]
+        if unfinished:
+            start_workers(root, workers, env)
+            _wait(root, head, opts.artifact, unfinished, number, opts.budget, lambda: start_workers(root, workers, env))
         if opts.remote and todo:
-            done = [c.name for c in todo if experiments(root, head, opts.artifact).get(c.name, {}).get("state") == "success"]
+            states = experiments(root, head, opts.artifact)
+            done = [c.name for c in todo if states.get(c.name, {}).get("state") == "success"]
             if done:
                 dvc("exp", "push", opts.remote, *done, cwd=root)
         if opts.remote:
@@ -481,13 +515,24 @@ def tune(root: Path, params_file: Path, params, opts: Options) -> dict:
     return summary
 
 
-def _wait(root, head, artifact, todo, batch, search, number, budget, total) -> None:
-    """Poll `dvc exp show` until every queued candidate has finished; a line for each as it does."""
-    if not todo:
-        return
+def start_workers(root: Path, workers: int, env: dict) -> None:
+    # the workers it spawns keep the fds they were given until they leave: not our pipes
+    if subprocess.run(["dvc", "queue", "start", "-j", str(workers)], cwd=root, env=env,
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode:
+        raise PipelineError("dvc queue start failed (run it by hand to see why)")
+
+
+RESTARTS = 3
+
+
+def _wait(root: Path, head: str, artifact: str, todo: list[Candidate], number: int, budget: dict,
+          restart) -> None:
+    """Poll `dvc exp show` until every queued candidate has finished; a line for each as it does.
+    DVC's worker leaves when its idle check (a 1 s ping, every 60 s) goes unanswered, which a busy CPU
+    can cause with tasks still queued: then the workers are started again, up to RESTARTS times."""
     pending = {c.name: c for c in todo}
     started = time.perf_counter()
-    idle_polls = 0
+    idle_polls = restarts = 0
     while pending:
         time.sleep(POLL_S)
         shown = experiments(root, head, artifact)
@@ -501,7 +546,12 @@ def _wait(root, head, artifact, todo, batch, search, number, budget, total) -> N
             states = {shown.get(n, {}).get("state") for n in pending}
             active, _ = queue_workers(root) if "running" not in states else (1, 0)
             idle_polls = idle_polls + 1 if not active and "running" not in states else 0
-            if idle_polls * POLL_S >= 60:
+            if idle_polls >= 2 and restarts < RESTARTS:
+                restarts += 1
+                info(f"tune: DVC's queue workers left with {len(pending)} candidates queued; starting them again")
+                restart()
+                idle_polls = 0
+            elif idle_polls * POLL_S >= 60:
                 raise PipelineError(f"tune: DVC's queue stopped with {len(pending)} candidates not run "
                                     f"(`dvc queue status`, `dvc queue logs NAME`); run tune again to resume")
 

@@ -53,7 +53,7 @@ def project(work: Path, sets: list[str], target: str, reuse: bool = False) -> fl
         t0 = time.perf_counter()
         sh("dvc", "repro", target, cwd=work)
         git("add", "-A", cwd=work)
-        git("commit", "-qm", "built", cwd=work)
+        git("commit", "-q", "--allow-empty", "-m", "built", cwd=work)
         return time.perf_counter() - t0
     if work.exists():
         shutil.rmtree(work)

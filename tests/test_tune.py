@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from tests.conftest import assert_clean_failure, git, run_cli, sh
 
@@ -104,10 +105,15 @@ def test_two_clones_each_run_half_and_collect_sees_all(origin, tmp_path):
             check=True)
     result = json.loads((a / "reports/tune/result.json").read_text())
     rows = json.loads((a / "reports/tune/candidates.json").read_text())
+    # 2 block sizes x 2 table precisions, and the start recipe if it is not one of them (the end-to-end
+    # tests may have left the project at another block size)
+    start = yaml.safe_load((a / "params.yaml").read_text())["int4"]
+    n = 4 + (not (start["block_size"] in (128, 256) and start["tied_bits"] in (4, 8)))
     assert result["complete"] and result["queued_this_run"] == 0
-    assert len(rows) == 4 and all(r["status"] == "success" for r in rows)  # 2 block sizes x 2 table precisions
+    assert len(rows) == n and all(r["status"] == "success" for r in rows)
     names = {r["name"] for r in rows}
-    assert len(mine_a & names) == 2 and names <= mine_b | mine_a  # a ran half itself, the rest came from b
+    # a ran its slice (every other candidate from the first) itself; the rest came from b
+    assert len(mine_a & names) == (n + 1) // 2 and names <= mine_b | mine_a
     assert result["winner"] in names
     # decode speed is measured here, one artifact at a time, on the pulled candidates too (dvc get)
     run_cli("tune", "--collect", "--strategy", "grid", "--objective", "decode", "--budget", budget, *GRID, cwd=a,

@@ -364,14 +364,14 @@ def result_of(cand: Candidate, shown: dict) -> Result:
     return res
 
 
-def queue_workers(root: Path) -> tuple[int, int]:
-    """(active, idle) workers, from `dvc queue status`."""
+def queue_workers(root: Path) -> int:
+    """Active workers, from `dvc queue status` ("Worker status: N active, M idle")."""
     text = dvc("queue", "status", cwd=root, check=False).stdout
     for line in text.splitlines():
         if line.startswith("Worker status:"):
             nums = [int(t) for t in line.replace(",", " ").split() if t.isdigit()]
-            return (nums + [0, 0])[0], (nums + [0, 0])[1]
-    return 0, 0
+            return nums[0] if nums else 0
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -461,7 +461,6 @@ def tune(root: Path, params_file: Path, params, opts: Options) -> dict:
     env = {**os.environ, OUTPUTS_DIR: str((root / "artifacts" / ".outputs").resolve())}
     needs_decode = opts.objective != "size" or any(key.endswith("decode_tok_s") for key in opts.budget)
     workers = fit_workers(root, opts.artifact, opts.workers)
-    decode_cache: dict[str, float] = {}
     queued = reused = 0
     k, n = opts.slice
     waiting = None
@@ -508,8 +507,8 @@ def tune(root: Path, params_file: Path, params, opts: Options) -> dict:
             break
         if needs_decode:
             for res in search.results.values():
-                if res.ok and res.decode_tok_s is None:
-                    res.decode_tok_s = decode_cache.setdefault(res.rev, measure_decode(root, res, opts.decode_tokens))
+                if res.ok and res.decode_tok_s is None:  # each candidate once: results persist across rounds
+                    res.decode_tok_s = measure_decode(root, res, opts.decode_tokens)
                     info(f"  decode {res.candidate.name}: {res.decode_tok_s} tok/s")
     summary = report(root, head, opts, search, time.perf_counter() - t0, queued, reused, waiting, workers)
     return summary
@@ -543,9 +542,8 @@ def _wait(root: Path, head: str, artifact: str, todo: list[Candidate], number: i
                 done = len(todo) - len(pending)
                 info(f"  [{number}.{done}/{len(todo)}] {line(res, budget)} ({time.perf_counter() - started:.0f} s)")
         if pending:
-            states = {shown.get(n, {}).get("state") for n in pending}
-            active, _ = queue_workers(root) if "running" not in states else (1, 0)
-            idle_polls = idle_polls + 1 if not active and "running" not in states else 0
+            running = "running" in {shown.get(n, {}).get("state") for n in pending}
+            idle_polls = 0 if running or queue_workers(root) else idle_polls + 1
             if idle_polls >= 2 and restarts < RESTARTS:
                 restarts += 1
                 info(f"tune: DVC's queue workers left with {len(pending)} candidates queued; starting them again")

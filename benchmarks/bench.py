@@ -125,6 +125,16 @@ def _torch(path: str):
 ENGINES = {"ours": _ours, "genai": _genai, "builder": _genai, "optimum": _optimum, "torch": _torch}
 
 
+def long_worker(engine: str, path: str, ids_file: str, new_tokens: int) -> dict:
+    """One long prompt, once: time to first token (the whole prefill), decode tok/s at that depth, peak RSS."""
+    ids = json.loads(Path(ids_file).read_text())
+    prefill, decode = ENGINES[engine](path)
+    decode(ids[:16], 2)  # warm-up
+    ttft, total = decode(ids, new_tokens)
+    return {"prompt_tokens": len(ids), "ttft_s": round(ttft, 2), "prefill_tok_s": round(len(ids) / ttft, 1),
+            "decode_tok_s_at_depth": round((new_tokens - 1) / (total - ttft), 2), "peak_rss_mb": peak_rss_mb()}
+
+
 def worker(engine: str, path: str, ids_file: str, new_tokens: int, repeats: int) -> dict:
     ids = json.loads(Path(ids_file).read_text())
     t0 = time.perf_counter()
@@ -288,11 +298,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated engine kinds to run (default: all)")
     ap.add_argument("--out", default="benchmarks/results.json")
+    ap.add_argument("--long", default="", help="long-context mode: comma-separated prompt lengths (1024,4096,...)")
+    ap.add_argument("--long-artifacts", default="int4,int8-dynamic", help="long mode: our artifacts to run")
+    ap.add_argument("--long-peers", default="genai:int4,builder:int4,torch,llama.cpp:Q4_0",
+                    help="long mode: peers (genai:<our artifact>, builder:<precision>, torch, llama.cpp:<quant>)")
+    ap.add_argument("--llama-bin", default="/tmp/llama/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin")
+    ap.add_argument("--gguf-dir", default="/tmp/llama-cpp-work", help="<checkpoint id>-<quant>.gguf (benchmarks/llama_cpp.py)")
+    ap.add_argument("--timeout", type=int, default=1500, help="long mode: seconds one engine may take per length")
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--long-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.ids, args.new_tokens, args.repeats)))
+        run = long_worker(*args.worker, args.ids, args.new_tokens) if args.long_worker else worker(
+            *args.worker, args.ids, args.new_tokens, args.repeats)
+        print(json.dumps(run))
+        return
+    if args.long:
+        long_context(args)
         return
 
     sys.path.insert(0, str(REPO))
@@ -354,6 +377,121 @@ def main() -> None:
     doc["ratios"] = ratios(doc)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(table(doc))
+
+
+# ------------------------------------------------------------------------------------------ long context
+def kv_bytes(config: dict, positions: int, itemsize: int) -> int:
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    return 2 * int(config["num_hidden_layers"]) * kv * head_dim * positions * itemsize
+
+
+def llama_long(bins: Path, gguf: Path, threads: int, prompt: int, new: int, timeout: int) -> dict | str:
+    """llama-bench ``-p prompt -n 0`` (prefill) and ``-p 0 -n new -d prompt`` (decode at that depth), one
+    repeat each, its peak RSS read from the kernel (``ru_maxrss`` of the finished child)."""
+    out = {}
+    for flags, key in ((["-p", str(prompt), "-n", "0"], "prefill_tok_s"),
+                       (["-p", "0", "-n", str(new), "-d", str(prompt)], "decode_tok_s_at_depth")):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        cmd = [str(bins / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", *flags]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return f"stopped after {timeout} s"
+        if proc.returncode != 0:
+            return f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+        out[key] = round(json.loads(proc.stdout)[0]["avg_ts"], 2)
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if rss > before:  # the high-water mark over children: grows only with a larger child
+            out["peak_rss_mb"] = round(rss / 1024, 1)
+    out["ttft_s"] = round(prompt / out["prefill_tok_s"], 2)
+    out["prompt_tokens"] = prompt
+    return out
+
+
+def long_context(args) -> None:
+    """TTFT, prefill tok/s, decode tok/s at depth and peak RSS at each prompt length, every engine in its
+    own process, one length at a time; the memory target (model + KV at its dtype + 1.5 GB) and the
+    decode bandwidth bound (weights + KV read per token / the read bandwidth of the same threads)."""
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+
+    from pipeline.manifest import machine
+
+    art = Path(args.artifacts)
+    lengths = [int(x) for x in args.long.split(",")]
+    threads = os.cpu_count() or 1
+    config = json.loads((art / "checkpoint" / "config.json").read_text())
+    ckpt_id = json.loads((art / "checkpoint" / "manifest.json").read_text())["artifact_id"]
+    bandwidth = read_bandwidth_gb_s(threads)
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.is_file() else {}
+    doc.update({"machine": {**machine(), "provider": "CPUExecutionProvider"}, "checkpoint_id": ckpt_id,
+                "read_bandwidth_gb_s": bandwidth, "read_bandwidth_threads": threads,
+                "settings": {"artifacts": str(art), "new_tokens": args.new_tokens, "repeats": 1,
+                             "threads": f"{threads} for every engine (ORT intra-op default = cores, torch.set_num_threads, "
+                                        f"llama-bench -t {threads})",
+                             "prompt": "random token ids (seed 0) below the vocab size: random weights"}})
+    runs = doc.setdefault("runs", {})
+    jobs = [("ours", a, art / a) for a in filter(None, args.long_artifacts.split(","))]
+    peer = Path(args.peer_python)
+    for spec in filter(None, args.long_peers.split(",")):
+        kind, _, which = spec.partition(":")
+        if kind == "genai":
+            jobs.append(("genai", which, art / which))
+        elif kind == "builder":
+            jobs.append(("builder", which, build_peer(str(peer), art / "checkpoint", which, Path(args.peer_cache))
+                         if peer.is_file() else f"left out: no peer venv at {peer}"))
+        elif kind == "torch":
+            jobs.append(("torch", "checkpoint", art / "checkpoint"))
+        elif kind == "llama.cpp":
+            jobs.append(("llama.cpp", which, Path(args.gguf_dir) / f"{ckpt_id}-{which}.gguf"))
+    rng = np.random.default_rng(0)
+    for length in lengths:
+        ids = [int(i) for i in rng.integers(0, min(int(config["vocab_size"]), 4096), size=length)]
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(ids, f)
+        try:
+            for kind, name, path in jobs:
+                label = f"{kind}:{name}@{length}"
+                if isinstance(path, str) or not Path(path).exists():
+                    runs[label] = path if isinstance(path, str) else f"missing: {path}"
+                elif kind == "llama.cpp":
+                    runs[label] = llama_long(Path(args.llama_bin), Path(path), threads, length, args.new_tokens,
+                                             args.timeout)
+                else:
+                    python = str(peer) if kind == "builder" else sys.executable
+                    cmd = [python, str(Path(__file__).resolve()), "--worker", kind, str(path), "--ids", f.name,
+                           "--new-tokens", str(args.new_tokens), "--long-worker"]
+                    env = {**os.environ, "PYTHONPATH": ""} if python != sys.executable else None
+                    try:
+                        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+                        runs[label] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
+                                       f"failed ({proc.returncode}): "
+                                       f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+                    except subprocess.TimeoutExpired:
+                        runs[label] = f"stopped after {args.timeout} s"
+                r = runs[label]
+                if isinstance(r, dict) and kind in ("ours", "genai"):
+                    import onnx
+
+                    g = onnx.load(str(Path(path) / "model.onnx"), load_external_data=False).graph
+                    kv_type = next(i.type.tensor_type.elem_type for i in g.input if i.name.startswith("past_key_values"))
+                    itemsize = 2 if kv_type == onnx.TensorProto.FLOAT16 else 4
+                    kv = kv_bytes(config, length + args.new_tokens, itemsize)
+                    model = sum(p.stat().st_size for p in Path(path).glob("model.onnx*"))
+                    r.update({"kv_cache_mb": round(kv / 2**20, 1), "model_mb": round(model / 2**20, 1),
+                              "rss_target_mb": round((model + kv) / 2**20 + 1536, 1),
+                              "decode_bound_tok_s": round(bandwidth * 1e9 / (weight_bytes(Path(path)) + kv), 2)})
+                    r["within_rss_target"] = r["peak_rss_mb"] <= r["rss_target_mb"]
+                    r["decode_vs_bound"] = round(r["decode_tok_s_at_depth"] / r["decode_bound_tok_s"], 2)
+                print(f"  {label}: {r}", file=sys.stderr, flush=True)
+                commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+                doc["commit"] = commit
+                out.write_text(json.dumps(doc, indent=2) + "\n")  # after every run: a long bench may be cut short
+        finally:
+            os.unlink(f.name)
 
 
 def table(doc: dict) -> str:

@@ -7,7 +7,8 @@ this script re-renders each from FILE (relative to the repository root).
 
 Kinds: ``artifacts`` (FILE: a metrics directory, with its ``build/`` run figures), ``bench`` and
 ``ratios`` (a benchmarks/results*.json), ``stages`` (a benchmarks/real_shapes_*.json),
-``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scoreboard`` (a benchmarks/scoreboard_*.json), ``sweep`` (benchmarks/outlier_sweep.json), ``llama`` (a benchmarks/llama_cpp_*.json)."""
+``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scoreboard`` (a benchmarks/scoreboard_*.json), ``sweep`` (benchmarks/outlier_sweep.json), ``llama`` (a benchmarks/llama_cpp_*.json), ``long`` (a benchmarks/long_context_*.json), ``kvmemory``
+(FILE: stages/checkpoint.py, whose shapes it tabulates with pipeline/runtime.py's memory formula)."""
 
 from __future__ import annotations
 
@@ -220,7 +221,62 @@ def tune(path: Path) -> str:
     return "\n".join(rows)
 
 
-KINDS = {"tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
+def long(path: Path) -> str:
+    """benchmarks/bench.py --long: per prompt length, every engine."""
+    doc = json.loads((REPO / path).read_text()) if not Path(path).is_absolute() else json.loads(Path(path).read_text())
+    runs = doc["runs"]
+    rows = ["| prompt tokens | engine : model | TTFT | prefill tok/s | decode tok/s at depth | peak RSS | "
+            "RSS target (model + KV + 1.5 GiB) | decode vs bound |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lengths = sorted({int(k.rsplit("@", 1)[1]) for k in runs})
+    for n in lengths:
+        for key, r in runs.items():
+            label, _, at = key.rpartition("@")
+            if int(at) != n:
+                continue
+            if not isinstance(r, dict):
+                rows.append(f"| {n:,} | {label} | {r} | | | | | |")
+                continue
+            target = r.get("rss_target_mb")
+            rows.append(f"| {n:,} | {label} | {r['ttft_s']:.1f} s | {r['prefill_tok_s']:.1f} | "
+                        f"{_fmt(r.get('decode_tok_s_at_depth'), '.2f')} | {_fmt(r.get('peak_rss_mb'), ',.0f')} MB | "
+                        f"{_fmt(target, ',.0f')}{' MB' if target else ''}"
+                        f"{' ✓' if r.get('within_rss_target') else (' ✗' if target else '')} | "
+                        f"{_fmt(r.get('decode_vs_bound'), '.0%')} |")
+    m = doc["machine"]
+    rows.append("")
+    rows.append(f"Machine: {m.get('cpu', '?')}, {doc['settings']['threads']}; read bandwidth "
+                f"{doc['read_bandwidth_gb_s']} GB/s ({doc['read_bandwidth_threads']} threads); "
+                f"{doc['settings']['new_tokens']} new tokens; commit {str(doc.get('commit'))[:7]}.")
+    return "\n".join(rows)
+
+
+def kvmemory(path: Path) -> str:
+    """The memory formula (pipeline/runtime.py request_memory) at the published shapes (FILE: the module
+    that declares them), one sequence, default prefill chunk, per KV dtype."""
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+
+    from pipeline.runtime import ATTENTION_WORKSPACE_BYTES, DEFAULT_PREFILL_CHUNK, attention_shape, request_memory
+    from stages.checkpoint import QWEN3_SHAPES, QWEN3_VOCAB
+
+    rows = ["| shape | context | KV float32 | KV float16 | KV int8 | attention workspace (chunk) | logits: last position "
+            "/ every position |", "|---|---:|---:|---:|---:|---:|---:|"]
+    gib = 2**30
+    for name in ("qwen3-0.6b", "qwen3-4b"):
+        cfg = {"head_dim": 128, "vocab_size": QWEN3_VOCAB, **QWEN3_SHAPES[name]}
+        heads = attention_shape(cfg)[0]
+        for ctx in (8192, 32768, 131072, 262144):
+            chunk = max(1, min(DEFAULT_PREFILL_CHUNK, ATTENTION_WORKSPACE_BYTES // (4 * heads * ctx)))
+            kv = {d: request_memory(cfg, d, 1, ctx, chunk)["kv_cache"] / gib for d in (np.float32, np.float16, np.int8)}
+            m = request_memory(cfg, np.float32, 1, ctx, chunk)
+            every = ctx * cfg["vocab_size"] * 4 / gib
+            rows.append(f"| {name} | {ctx // 1024}k | {kv[np.float32]:.2f} GiB | {kv[np.float16]:.2f} GiB | "
+                        f"{kv[np.int8]:.2f} GiB | {m['workspace'] / gib:.2f} GiB ({chunk}) | "
+                        f"{m['logits'] / 2**20:.1f} MiB / {every:,.1f} GiB |")
+    return "\n".join(rows)
+
+
+KINDS = {"long": long, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
 
 
 def render(text: str) -> str:

@@ -89,15 +89,15 @@ def make_windows(ids: list[int] | np.ndarray, ctx: int, max_windows: int = 0) ->
     return ids[: n * ctx].reshape(n, ctx)
 
 
-def score(candidate, windows: np.ndarray, reference=None, label: str = "eval") -> dict:
+def score(candidate, windows: np.ndarray, reference=None, label: str = "eval", scored: int = 0) -> dict:
     """Perplexity of ``candidate`` (a scorer, already loaded); with ``reference`` also its PPL,
     KL(ref || cand) and top-1 agreement. Both record their outputs and are compared as in every stage
     (pipeline/outputs.py)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="score-") as tmp:
-        cand = outputs.record_windows(candidate, windows, Path(tmp) / "candidate", label)
-        ref = outputs.record_windows(reference, windows, Path(tmp) / "reference", f"{label} reference") \
+        cand = outputs.record_windows(candidate, windows, Path(tmp) / "candidate", label, scored)
+        ref = outputs.record_windows(reference, windows, Path(tmp) / "reference", f"{label} reference", scored) \
             if reference is not None else None
         return outputs.compare_windows(cand, ref)
 
@@ -121,13 +121,15 @@ def check(candidate_dir: Path, label: str, parent_dir: Path, greedy_tokens: int,
     encode = encoder(candidate_dir)
     prompts = [encode(p) for p in parity.PROMPTS]
     windows = ref_dir = None
+    scored = scoring.eval.scored if scoring else 0
     if scoring:
         ref_dir = Path(scoring.reference)
         windows = make_windows(encode(scoring.text), scoring.eval.ctx, scoring.eval.max_windows)
     same = ref_dir is not None and ref_dir.resolve() == parent_dir.resolve()
     parent_out = outputs.reference(parent_dir, open_model(parent_dir), prompts=prompts, greedy_tokens=greedy_tokens,
-                                   windows=windows if same else None, label=f"{label}: parent {parent_dir.name}")
-    ref_out = parent_out if same else (outputs.reference(ref_dir, open_model(ref_dir), windows=windows,
+                                   windows=windows if same else None, scored=scored,
+                                   label=f"{label}: parent {parent_dir.name}")
+    ref_out = parent_out if same else (outputs.reference(ref_dir, open_model(ref_dir), windows=windows, scored=scored,
                                                          label=f"{label}: reference {ref_dir.name}")
                                        if ref_dir is not None else None)
     info(f"{label}: running the new artifact on {len(prompts)} prompts"
@@ -136,8 +138,8 @@ def check(candidate_dir: Path, label: str, parent_dir: Path, greedy_tokens: int,
     mine = {"prompts": outputs.record_prompts(model, prompts, greedy_tokens, scratch / outputs.prompts_key(
         prompts, greedy_tokens))}
     if windows is not None:
-        mine["windows"] = outputs.record_windows(model, windows, scratch / outputs.windows_key(windows),
-                                                 label=f"{label} eval")
+        mine["windows"] = outputs.record_windows(model, windows, scratch / outputs.windows_key(windows, scored),
+                                                 label=f"{label} eval", scored=scored)
     del model
     result = outputs.compare_prompts(mine["prompts"], parent_out["prompts"])
     timings = {"decode_tok_s": result.pop("candidate_decode_tok_s")}
@@ -148,6 +150,7 @@ def check(candidate_dir: Path, label: str, parent_dir: Path, greedy_tokens: int,
         timings["eval_seconds"] = figures.pop("eval_seconds")
         scored = {"reference": ref_manifest["stage"], "reference_id": ref_manifest["artifact_id"],
                   "text_sha256": text_sha256(scoring.text), "max_windows": scoring.eval.max_windows,
+                  **({"score_last": scoring.eval.score_last} if scoring.eval.score_last else {}),
                   "scorer": scorer_fingerprint(), **rounded(figures)}
         if ref_manifest["stage"] != "checkpoint":
             scored["size_ratio"] = round(model_bytes(candidate_dir) / model_bytes(ref_dir), SIGNIFICANT)
@@ -161,7 +164,8 @@ def _recorded(manifest: dict, ref_manifest: dict | None, text: str, ev: Eval) ->
     if not rec or ref_manifest is None:
         return None
     same = (rec.get("reference_id") == ref_manifest["artifact_id"] and rec.get("text_sha256") == text_sha256(text)
-            and (rec.get("ctx"), rec.get("max_windows")) == (ev.ctx, ev.max_windows)
+            and (rec.get("ctx"), rec.get("max_windows"), rec.get("score_last", 0)) == (ev.ctx, ev.max_windows,
+                                                                                    ev.score_last)
             and rec.get("scorer") == scorer_fingerprint())
     return rec if same else None
 
@@ -190,15 +194,15 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params, reference: s
         import tempfile
 
         windows = make_windows(encoder(artifact)(eval_text), ep.ctx, ep.max_windows)
-        ref = (outputs.reference(reference, open_model(Path(reference)), windows=windows,
+        ref = (outputs.reference(reference, open_model(Path(reference)), windows=windows, scored=ep.scored,
                                  label=f"evaluate {name}: reference")["windows"] if ref_manifest else None)
         with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
             if rescore or provider != "cpu":  # measured now, on this provider, not taken from the cache
                 model = Runtime(artifact, provider=provider)
-                cand = outputs.record_windows(model, windows, Path(tmp) / "w", label=f"evaluate {name}")
+                cand = outputs.record_windows(model, windows, Path(tmp) / "w", label=f"evaluate {name}", scored=ep.scored)
                 del model
             else:
-                cand = outputs.reference(artifact, open_model(artifact), windows=windows,
+                cand = outputs.reference(artifact, open_model(artifact), windows=windows, scored=ep.scored,
                                          label=f"evaluate {name}")["windows"]
             metrics = outputs.compare_windows(cand, ref)
             metrics.pop("eval_seconds")

@@ -24,20 +24,78 @@ from __future__ import annotations
 
 import numpy as np
 
-from .runtime import attention_shape
+from .errors import PipelineError
+from .runtime import LOGITS_TO_KEEP, attention_shape
 
 GQA_SEQLENS = "gqa_seqlens_k"
 GQA_TOTAL = "gqa_total_sequence_length"
 COS_CACHE, SIN_CACHE = "gqa_cos_cache", "gqa_sin_cache"
 
 
+def _yarn_inv_freq(pos_freqs: np.ndarray, dim: int, base: float, scaling: dict, context: int) -> tuple[np.ndarray, float]:
+    """YaRN (arXiv 2309.00071) as transformers computes it for Qwen3's ``rope_scaling: {rope_type: yarn,
+    factor, original_max_position_embeddings}``: low frequencies interpolated by ``factor``, high ones
+    kept, a linear ramp between the correction dims of ``beta_fast``/``beta_slow`` rotations; cos/sin
+    scaled by the attention factor 0.1 ln(factor) + 1 (or the config's ``attention_factor``)."""
+    import math
+
+    factor = float(scaling["factor"])
+    original = int(scaling.get("original_max_position_embeddings") or context)
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    keep = (1 - ramp).astype(np.float32)  # 1 = extrapolate (the original frequency)
+    extrapolated = (1.0 / pos_freqs).astype(np.float32)
+    interpolated = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
+    return (interpolated * (1 - keep) + extrapolated * keep).astype(np.float32), float(attention)
+
+
+ROPE_TYPES = ("default", "linear", "yarn")
+
+
 def rotary_caches(config: dict, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin (positions, head_dim/2) for the default (unscaled) RoPE of a Qwen3 config."""
+    """cos/sin (positions, head_dim/2) of a Qwen3 config's RoPE, computed as transformers does (float32
+    inverse frequencies, float32 angles, so the caches agree with the export's own rotary subgraph at
+    every position): the default RoPE, ``linear`` position interpolation, or YaRN with its attention
+    factor folded into cos and sin (as transformers scales them). Other ``rope_scaling`` types
+    (dynamic NTK changes with the sequence length, longrope/llama3 are not Qwen3's) raise
+    one line naming the type."""
     head_dim = attention_shape(config)[2]
+    dim = int(head_dim * float(config.get("partial_rotary_factor", 1.0)))
     theta = float(config.get("rope_theta", 10000.0))
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    freqs = np.outer(np.arange(positions, dtype=np.float64), inv_freq)
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+    pos_freqs = (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
+    inv_freq = (1.0 / pos_freqs).astype(np.float32)
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    attention = 1.0
+    if kind == "linear":
+        inv_freq = (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    elif kind == "yarn":
+        inv_freq, attention = _yarn_inv_freq(pos_freqs, dim, theta, scaling,
+                                             int(config.get("max_position_embeddings") or positions))
+    elif kind != "default":
+        raise PipelineError(f"rope_scaling type {kind!r} is not supported by the attention fusion (it supports "
+                              f"{', '.join(ROPE_TYPES)}): set fused.attention: none")
+    freqs = np.outer(np.arange(positions, dtype=np.float32), inv_freq).astype(np.float32)
+    cos, sin = np.cos(freqs.astype(np.float64)), np.sin(freqs.astype(np.float64))
+    return (cos * attention).astype(np.float32), (sin * attention).astype(np.float32)
 
 
 def _rope(op, x, cos, sin):
@@ -254,3 +312,56 @@ def fuse_attention(model, config: dict, max_positions: int):
     if not any(d == "com.microsoft" for d in model.opset_imports):
         model.opset_imports["com.microsoft"] = 1
     return model, fused
+
+
+# ------------------------------------------------------------------------------- logits where used
+def _lm_head_pattern(op, hidden, weight):
+    return op.MatMul(hidden, weight)
+
+
+def select_logits(model) -> int:
+    """Give the graph an input ``logits_to_keep`` (int64 scalar, HF's name and meaning: the lm_head runs
+    on the last N positions only; 0 = every position) and slice the lm_head's input by it. The input
+    is also an initializer holding 0, so it is optional: ONNX Runtime, optimum and onnxruntime-genai
+    see the graph they saw before (every position's logits) unless they feed it. Generation feeds 1
+    (a 32k-token prompt would otherwise make 32k x vocab float32 logits: 20 GB at Qwen3's vocab);
+    evaluation feeds the scored positions' count. Returns 1 if the lm_head was found, else 0.
+
+    A rewrite rule rooted at the MatMul whose output is the graph's ``logits``; the parity check of
+    the stage proves the default path unchanged."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import pattern, rewrite
+
+    graph = model.graph
+    if any(v.name == LOGITS_TO_KEEP for v in graph.inputs):
+        return 0
+    logits = next((v for v in graph.outputs if v.name == "logits"), None)
+    if logits is None or logits.producer() is None or logits.producer().op_type != "MatMul":
+        return 0
+    keep = ir.Value(name=LOGITS_TO_KEEP, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64),
+                    const_value=ir.tensor(np.array(0, dtype=np.int64), name=LOGITS_TO_KEEP))
+    graph.register_initializer(keep)
+    graph.inputs.append(keep)
+    found = []
+
+    def check(context, hidden, weight, **_):
+        if context.root.outputs[0] is not logits:
+            return pattern.MatchResult().fail("not the MatMul that makes the logits", [hidden])
+        return True
+
+    def replacement(op, hidden, weight, **_):
+        found.append(1)
+        # Slice(hidden, -keep, INT64_MAX, axis 1): the last `keep` positions; -0 = 0 = all of them
+        start = op.Reshape(op.Neg(keep), op.Constant(value=ir.tensor(np.array([1], dtype=np.int64))))
+        end = op.Constant(value=ir.tensor(np.array([np.iinfo(np.int64).max], dtype=np.int64)))
+        axis = op.Constant(value=ir.tensor(np.array([1], dtype=np.int64)))
+        return op.MatMul(op.Slice(hidden, start, end, axis), weight)
+
+    rule = pattern.RewriteRule(_lm_head_pattern, replacement, check, name="LogitsToKeep")
+    rewritten = rewrite(model, pattern_rewrite_rules=[rule])
+    if rewritten is not model:
+        model.graph = rewritten.graph  # pragma: no cover - rewrite works in place on an ir.Model
+    if not found:
+        graph.inputs.remove(keep)
+        graph.initializers.pop(LOGITS_TO_KEEP)
+    return len(found)

@@ -58,8 +58,12 @@ def prompts_key(prompts: list[list[int]], greedy_tokens: int) -> str:
     return "prompts-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
-def windows_key(windows: np.ndarray) -> str:
-    return "windows-" + hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes()).hexdigest()[:16]
+def windows_key(windows: np.ndarray, scored: int = 0) -> str:
+    """``scored``: tokens scored per window, when not the second half (keys of the default unchanged)."""
+    half = windows.shape[1] - windows.shape[1] // 2
+    blob = np.ascontiguousarray(windows, dtype=np.int64).tobytes() + (f"scored={scored}".encode()
+                                                                      if scored and scored != half else b"")
+    return "windows-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
 class Recorded:
@@ -120,18 +124,22 @@ def record_prompts(model, prompts: list[list[int]], greedy_tokens: int, dest: Pa
     return _write(dest, fill)
 
 
-def record_windows(model, windows: np.ndarray, dest: Path, label: str) -> Recorded:
-    """Logits of the scored half of every window (float32, as the model returns them)."""
+def record_windows(model, windows: np.ndarray, dest: Path, label: str, scored: int = 0) -> Recorded:
+    """Logits of the scored positions of every window (float32, as the model returns them): the second
+    half, or the last ``scored`` tokens. The model computes the lm_head there only, in chunks
+    (``logits(ids, last=...)``), so a 32k window costs the scored rows, not 32k x vocab."""
     ctx = windows.shape[1]
-    first = ctx // 2
+    first = ctx - scored if scored else ctx // 2
 
     def fill(tmp: Path) -> dict:
         progress = Progress(label, len(windows))
         for i, win in enumerate(windows):
-            np.save(tmp / f"window_{i}.npy", np.asarray(model.logits(win)[first - 1: ctx - 1], dtype=np.float32))
+            rows = model.logits(win, last=ctx - first + 1)[:-1]  # predicting tokens first .. ctx-1
+            np.save(tmp / f"window_{i}.npy", np.asarray(rows, dtype=np.float32))
             progress.update(i + 1)
         np.save(tmp / "windows.npy", windows)
-        return {"windows": int(len(windows)), "ctx": int(ctx), "seconds": round(progress.elapsed, 2)}
+        return {"windows": int(len(windows)), "ctx": int(ctx), "scored": int(ctx - first),
+                "seconds": round(progress.elapsed, 2)}
     return _write(dest, fill)
 
 
@@ -148,7 +156,8 @@ def _artifact_id(artifact_dir: Path) -> str:
 
 
 def reference(artifact_dir: str | Path, open_model: Callable[[], object], *, prompts: list[list[int]] | None = None,
-              greedy_tokens: int = 0, windows: np.ndarray | None = None, label: str = "reference") -> dict:
+              greedy_tokens: int = 0, windows: np.ndarray | None = None, scored: int = 0,
+              label: str = "reference") -> dict:
     """The recorded outputs of the published artifact at ``artifact_dir``: read from its cache, or
     recorded now by the model ``open_model()`` returns, which is freed before this returns.
     Returns {"prompts": Recorded | None, "windows": Recorded | None}."""
@@ -157,7 +166,7 @@ def reference(artifact_dir: str | Path, open_model: Callable[[], object], *, pro
 
     def wanted_in(entry: Path) -> dict:
         return ({"prompts": entry / prompts_key(prompts, greedy_tokens)} if prompts is not None else {}) | (
-            {"windows": entry / windows_key(windows)} if windows is not None else {})
+            {"windows": entry / windows_key(windows, scored)} if windows is not None else {})
 
     wanted = wanted_in(entry)
     missing = [k for k, p in wanted.items() if not (p / "meta.json").is_file()]
@@ -173,7 +182,7 @@ def reference(artifact_dir: str | Path, open_model: Callable[[], object], *, pro
             if "prompts" in missing:
                 record_prompts(model, prompts, greedy_tokens, wanted["prompts"])
             if "windows" in missing:
-                record_windows(model, windows, wanted["windows"], label=f"{label} outputs")
+                record_windows(model, windows, wanted["windows"], label=f"{label} outputs", scored=scored)
         finally:
             del model
             gc.collect()
@@ -276,7 +285,8 @@ def compare_windows(candidate: Recorded, ref: Recorded | None) -> dict:
     """Perplexity of the candidate; with ``ref`` also its PPL, KL(ref || cand) and top-1 agreement.
     The scored token ids are the second half of the windows the candidate recorded."""
     windows = np.load(candidate.dir / "windows.npy")
-    targets = windows[:, windows.shape[1] // 2:]
+    ctx = windows.shape[1]
+    targets = windows[:, ctx - candidate.meta.get("scored", ctx - ctx // 2):]
     nll, ref_nll, kld, agree = [], [], [], []
     for i, tgt in enumerate(targets):
         lp = candidate.window_logprobs(i)

@@ -25,6 +25,13 @@ ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tens
                "tensor(int32)": np.int32, "tensor(bfloat16)": None}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PAST_NAME = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+LOGITS_TO_KEEP = "logits_to_keep"  # the fused graph's optional input (pipeline/fusions.py): lm_head on the last N
+# Prompt tokens per prefill step: activations and the attention workspace are bounded by the chunk, not
+# the prompt. 512: measured at the 0.6B shape (docs/long-context.md), as fast as one pass at 1k-4k.
+DEFAULT_PREFILL_CHUNK = 512
+# Cap on ORT's CPU GroupQueryAttention workspace (float32 scores of chunk x KV-buffer length per head):
+# the chunk shrinks at long contexts so that it stays under this.
+ATTENTION_WORKSPACE_BYTES = 512 << 20
 
 
 def model_path(artifact_dir: str | Path) -> Path:
@@ -103,8 +110,11 @@ class GraphIO:
     Built from a live session or from the ONNX file alone (no weights loaded), so calibration can
     build feeds for a model it has not opened in onnxruntime. :meth:`feeds` is the one feed builder."""
 
-    def __init__(self, inputs: list[IOInfo], outputs: list[str], config: dict, where: str, right_padded: bool = False):
+    def __init__(self, inputs: list[IOInfo], outputs: list[str], config: dict, where: str, right_padded: bool = False,
+                 optional: tuple[str, ...] = ()):
         self.where = where
+        # the fused stage's optional input: the lm_head runs on the last N positions only (pipeline/fusions.py)
+        self.selects_logits = LOGITS_TO_KEEP in optional
         self.right_padded = right_padded  # GroupQueryAttention: lengths from the mask, padding on the right
         self.config = config
         byname = {i.name: i for i in inputs}
@@ -127,7 +137,8 @@ class GraphIO:
     @classmethod
     def from_session(cls, session, config: dict, where: str, right_padded: bool = False) -> "GraphIO":
         return cls([IOInfo(i.name, i.type, list(i.shape)) for i in session.get_inputs()],
-                   [o.name for o in session.get_outputs()], config, where, right_padded)
+                   [o.name for o in session.get_outputs()], config, where, right_padded,
+                   tuple(i.name for i in session.get_overridable_initializers()))
 
     @classmethod
     def from_onnx(cls, path: str | Path, config: dict) -> "GraphIO":
@@ -144,7 +155,8 @@ class GraphIO:
             return IOInfo(v.name, dtype, dims)
 
         return cls([info(v) for v in model.graph.input if v.name not in init],
-                   [o.name for o in model.graph.output], config, str(path), uses_gqa(model))
+                   [o.name for o in model.graph.output], config, str(path), uses_gqa(model),
+                   tuple(v.name for v in model.graph.input if v.name in init))
 
     def _kv_spec(self, first: IOInfo) -> KVSpec:
         dtype = ONNX_DTYPES.get(first.type)
@@ -161,13 +173,15 @@ class GraphIO:
         return [np.zeros((batch, kv.kv_heads, 0, kv.head_dim), dtype=kv.dtype) for _ in self.past_names]
 
     def feeds(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
-              attention_mask: np.ndarray | None = None, with_past: bool = True) -> dict[str, np.ndarray]:
+              attention_mask: np.ndarray | None = None, with_past: bool = True,
+              keep: int = 0) -> dict[str, np.ndarray]:
         """Inputs for one step: ``input_ids`` (batch, T) after ``past`` (None = empty past of length 0).
 
         ``attention_mask`` (batch, past + T), 0 on padding, is given for a padded batch; position ids
         then count only the real tokens, so each row sees the positions it would see alone.
         ``with_past=False`` leaves the KV inputs out (the caller binds shared KV buffers itself; the
-        mask then says how long each row is)."""
+        mask then says how long each row is). ``keep`` N > 0: logits of the last N positions only, where
+        the graph takes ``logits_to_keep`` (graphs without it return every position's)."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
@@ -192,6 +206,8 @@ class GraphIO:
             raise PipelineError(f"{self.where} has no attention_mask input: it cannot run a padded batch")
         if "position_ids" in self.input_names:
             feeds["position_ids"] = positions
+        if self.selects_logits:
+            feeds[LOGITS_TO_KEEP] = np.array(keep, dtype=np.int64)
         if self.past_names and with_past:
             for name, value in zip(self.past_names, past or self.empty_past(batch), strict=True):
                 feeds[name] = value
@@ -222,6 +238,7 @@ class SharedKV:
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
         self.session, self.io, self.max_len = session, io, max_len
+        self._optional = {}  # OrtValues bound to optional inputs: alive until the next step
         out = next(o for o in session.get_outputs() if o.name == "logits")
         vocab = out.shape[2] if isinstance(out.shape[2], int) else None
         self._decode_logits = (np.empty((batch, 1, vocab), dtype=ONNX_DTYPES.get(out.type, np.float32))
@@ -229,12 +246,22 @@ class SharedKV:
         self._decode_out = (ort.OrtValue.ortvalue_from_numpy(self._decode_logits)
                             if self._decode_logits is not None else None)
 
-    def step(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, mask: np.ndarray, keep: int = 0) -> np.ndarray:
+        """One step of ``input_ids`` (batch, T) after what the buffers hold; the mask says how long each row
+        is. Returns the logits of every position, or of the last ``keep`` (graphs with ``logits_to_keep``).
+        One-position logits land in a buffer reused by the next step: read them before it."""
         if mask.shape[1] > self.max_len:
             raise PipelineError(f"the KV buffers hold {self.max_len} positions; step asks for {mask.shape[1]}")
-        for name, value in self.io.feeds(input_ids, None, mask, with_past=False).items():
-            self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        if input_ids.shape[1] == 1 and self._decode_out is not None:
+        import onnxruntime as ort
+
+        for name, value in self.io.feeds(input_ids, None, mask, with_past=False, keep=keep).items():
+            if name in self.io.input_names:
+                self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:  # an overridable initializer (logits_to_keep): bind_cpu_input looks only at required inputs
+                self._optional[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                self.binding.bind_ortvalue_input(name, self._optional[name])
+        one = input_ids.shape[1] == 1 or (keep == 1 and self.io.selects_logits)
+        if one and self._decode_out is not None:
             self.binding.bind_ortvalue_output("logits", self._decode_out)
             self.session.run_with_iobinding(self.binding)
             return self._decode_logits
@@ -242,13 +269,30 @@ class SharedKV:
         self.session.run_with_iobinding(self.binding)
         return self.binding.get_outputs()[0].numpy()
 
+    def copy_row(self, row: int, other: "SharedKV", length: int) -> None:
+        """Row ``row`` of these buffers := the first ``length`` positions of ``other``'s row 0 (a prompt
+        prefilled alone, see :meth:`Runtime.prefill`)."""
+        for j, value in enumerate(self.buffers):
+            if self._host:
+                self._host[j][row, :, :length] = other._host[j][0, :, :length]
+            else:  # device buffers: through the host, once per prompt
+                host = value.numpy()
+                host[row, :, :length] = other.buffers[j].numpy()[0, :, :length]
+                value.update_inplace(host)
+
 
 class Runtime:
     """ONNX Runtime session over a merged decoder with ``past_key_values.*`` inputs."""
 
-    def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
+                 prefill_chunk: int | None = None):
+        """``prefill_chunk``: prompt tokens per prefill step (default :data:`DEFAULT_PREFILL_CHUNK`; it
+        shrinks at long contexts to keep ORT's attention workspace under :data:`ATTENTION_WORKSPACE_BYTES`)."""
         import onnx
 
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise PipelineError(f"prefill_chunk must be at least 1 (got {prefill_chunk})")
+        self.prefill_chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
         self.dir = Path(artifact_dir)
         self.session = make_session(model_path(self.dir), provider, threads)
         self.device = "cuda" if provider == "cuda" else "cpu"
@@ -259,14 +303,69 @@ class Runtime:
         self._tokenizer = None
 
     def forward(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
-                attention_mask: np.ndarray | None = None):
-        """One step: returns (logits float32 (batch, T, V), present KV list)."""
-        outs = self.session.run(["logits"] + self.io.present_names, self.io.feeds(input_ids, past, attention_mask))
+                attention_mask: np.ndarray | None = None, keep: int = 0):
+        """One step: returns (logits float32 (batch, T or keep, V), present KV list)."""
+        outs = self.session.run(["logits"] + self.io.present_names,
+                                self.io.feeds(input_ids, past, attention_mask, keep=keep))
         return outs[0].astype(np.float32, copy=False), outs[1:]
 
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        """Logits for every position of one sequence (no past): the scorer interface of evaluation."""
-        return self.forward(np.asarray(ids)[None])[0][0]
+    def chunk_for(self, kv_len: int) -> int:
+        """Prompt tokens per prefill step for KV buffers of ``kv_len`` positions: ``prefill_chunk``, less
+        where ORT's CPU attention workspace (float32 scores, chunk x kv_len per head) would pass
+        :data:`ATTENTION_WORKSPACE_BYTES`."""
+        heads = attention_shape(self.config)[0]
+        return max(1, min(self.prefill_chunk, ATTENTION_WORKSPACE_BYTES // (4 * heads * max(kv_len, 1))))
+
+    def _chunks(self, length: int, kv_len: int):
+        step = self.chunk_for(kv_len)
+        return [(s, min(length, s + step)) for s in range(0, length, step)]
+
+    def logits(self, ids: np.ndarray, last: int = 0) -> np.ndarray:
+        """Logits of one sequence (no past) at every position, or at the last ``last`` only: the scorer
+        interface of evaluation. Fed in prefill chunks, so memory is bounded by the chunk and the
+        positions asked for, never the square of the sequence."""
+        ids = np.asarray(ids, dtype=np.int64)
+        n = len(ids)
+        first = n - last if 0 < last < n else 0  # the first position whose logits are returned
+        rows, past = [], None
+        cache = SharedKV(self.session, self.io, 1, n, self.device) if self.io.right_padded else None
+        mask = np.ones((1, n), dtype=np.int64)
+        for s, e in self._chunks(n, n):
+            keep = max(e - max(s, first), 1) if self.io.selects_logits else 0
+            if cache is not None:
+                out = cache.step(ids[None, s:e], mask[:, :e], keep=keep)
+            else:
+                out, past = self.forward(ids[None, s:e], past, keep=keep)
+            if e > first:
+                rows.append(np.array(out[0, -(e - max(s, first)):], dtype=np.float32))
+        return np.concatenate(rows)
+
+    def prefill(self, cache: "SharedKV | None", ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray):
+        """Feed the (padded) prompts ``ids`` in chunks; returns (each row's last-position logits (rows, V),
+        the concatenated past, or None with shared buffers). Rows of one length go through together;
+        a ragged batch under GroupQueryAttention is prefilled a row at a time into a one-row buffer
+        and copied into the batch's (GQA reads each row's past length from the mask, so a chunk after
+        the first cannot carry padding)."""
+        rows, width = ids.shape
+        keep = 1 if self.io.selects_logits else 0
+        if cache is None or (lengths == width).all():
+            past, out = None, None
+            for s, e in self._chunks(width, cache.max_len if cache else width):
+                if cache is not None:
+                    out = cache.step(ids[:, s:e], mask[:, :e], keep=keep)
+                else:
+                    out, past = self.forward(ids[:, s:e], past, mask[:, :e], keep=keep)
+            # right-padded rows are all full here; left-padded ones end at the last column
+            return np.array(out[:, -1], dtype=np.float32), past
+        last = []
+        single = SharedKV(self.session, self.io, 1, int(lengths.max()), self.device)
+        for i, n in enumerate(lengths):
+            ones = np.ones((1, int(n)), dtype=np.int64)
+            for s, e in self._chunks(int(n), cache.max_len):
+                out = single.step(ids[i:i + 1, s:e], ones[:, :e], keep=keep)
+            last.append(np.array(out[0, -1], dtype=np.float32))
+            cache.copy_row(i, single, int(n))
+        return np.stack(last), None
 
     def decode_path_logits(self, ids, prefix: int = 1) -> np.ndarray:
         """The logits generation computes along ``ids``, teacher-forced: ``prefix`` tokens prefilled, then
@@ -276,17 +375,14 @@ class Runtime:
         n = len(ids)
         if not 1 <= prefix <= n:
             raise PipelineError(f"decode path: prefix {prefix} outside 1..{n}")
-        rows = []
-        if self.io.right_padded:
-            cache = SharedKV(self.session, self.io, 1, n, self.device)
-            mask = np.ones((1, n), dtype=np.int64)
-            rows.append(np.array(cache.step(ids[None, :prefix], mask[:, :prefix])[0, -1], dtype=np.float32))
-            for i in range(prefix, n):
+        cache = SharedKV(self.session, self.io, 1, n, self.device) if self.io.right_padded else None
+        mask = np.ones((1, n), dtype=np.int64)
+        first, past = self.prefill(cache, ids[None, :prefix], mask[:, :prefix], np.array([prefix]))
+        rows = [first[0]]
+        for i in range(prefix, n):
+            if cache is not None:
                 rows.append(np.array(cache.step(ids[None, i:i + 1], mask[:, :i + 1])[0, -1], dtype=np.float32))
-        else:
-            logits, past = self.forward(ids[None, :prefix])
-            rows.append(logits[0, -1].copy())
-            for i in range(prefix, n):
+            else:
                 logits, past = self.forward(ids[None, i:i + 1], past)
                 rows.append(logits[0, -1].copy())
         return np.stack(rows)
@@ -323,10 +419,18 @@ class Runtime:
         limit = self.config.get("max_position_embeddings")
         return int(limit) if limit else None
 
+    def memory_needed(self, rows: int, positions: int, prompt: int) -> dict:
+        """What a request of ``rows`` sequences, ``positions`` long in all (prompt + new tokens), of which
+        ``prompt`` are prefilled, adds to this loaded model (:func:`request_memory`)."""
+        kv = self.io.kv
+        return request_memory(self.config, np.dtype(kv.dtype) if kv else None, rows, positions,
+                              min(self.chunk_for(positions), prompt), shared_kv=self.io.right_padded,
+                              selects_logits=self.io.selects_logits)
+
     def check_request(self, prompts: list[list[int]], max_new_tokens: int) -> int:
         """Refuse what cannot run, in one line; return the new-token budget that fits the context
         (generation stops at the context's end: the documented behaviour for a long prompt plus a long
-        ``max_new_tokens``)."""
+        ``max_new_tokens``) and the memory this machine has free (:func:`available_memory`)."""
         if max_new_tokens < 1:
             raise PipelineError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -336,7 +440,17 @@ class Runtime:
         if self.context and longest >= self.context:
             raise PipelineError(f"the prompt has {longest} tokens; the model's context is {self.context} "
                                 f"(max_position_embeddings), leaving no room to generate: shorten the prompt")
-        return min(max_new_tokens, self.context - longest) if self.context else max_new_tokens
+        budget = min(max_new_tokens, self.context - longest) if self.context else max_new_tokens
+        need = self.memory_needed(len(prompts), longest + budget, longest)
+        free = available_memory()
+        if free is not None and need["total"] > free:
+            raise PipelineError(
+                f"{len(prompts)} x {longest + budget:,} positions ({longest:,} prompt + {budget:,} new) need "
+                f"{need['total'] / 2**30:.2f} GiB beyond the loaded model (KV cache {need['kv_cache'] / 2**30:.2f} GiB "
+                f"{need['kv_dtype']}, attention workspace {need['workspace'] / 2**30:.2f} GiB, logits "
+                f"{need['logits'] / 2**30:.2f} GiB); {free / 2**30:.2f} GiB is available: fewer or shorter requests, "
+                f"fewer --max-new-tokens, or an artifact with a float16 KV cache (docs/long-context.md)")
+        return budget
 
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int = 64, *, temperature: float = 0.0,
                        top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
@@ -362,12 +476,7 @@ class Runtime:
             ids[i, start:start + len(p)] = p
             mask[i, start:start + len(p)] = 1
         cache = SharedKV(self.session, self.io, rows, width + max_new_tokens, self.device) if right else None
-        if cache is not None:
-            logits = cache.step(ids, mask[:, :width])
-            last = logits[np.arange(rows), lengths - 1]
-        else:
-            logits, past = self.forward(ids, None, mask[:, :width])
-            last = logits[:, -1]
+        last, past = self.prefill(cache, ids, mask[:, :width], lengths)
         out: list[list[int]] = [[] for _ in prompts]
         done = np.zeros(rows, dtype=bool)
         for step in range(max_new_tokens):
@@ -387,6 +496,61 @@ class Runtime:
                 logits, past = self.forward(nxt[:, None], past, mask[:, :width + step + 1])
                 last = logits[:, -1]
         return out
+
+
+def request_memory(config: dict, kv_dtype, rows: int, positions: int, chunk: int, *, shared_kv: bool = True,
+                   selects_logits: bool = True) -> dict:
+    """Bytes a generation request needs beyond the weights (the formula of docs/long-context.md):
+
+    - KV cache: rows x positions x 2 (key, value) x layers x kv_heads x head_dim x dtype bytes; shared
+      buffers under GroupQueryAttention, two copies at the last step where the cache is concatenated;
+    - attention workspace of one prefill chunk: chunk x positions x heads x 4 (ORT's CPU GQA keeps
+      float32 scores over the whole KV buffer), plus the chunk's activations (hidden and MLP widths),
+      for every row (ragged GQA batches prefill a row at a time: an upper bound there);
+    - logits: rows x vocab x 4 with ``logits_to_keep`` (the last position), else x chunk."""
+    heads, kv_heads, head_dim = attention_shape(config)
+    vocab = int(config.get("vocab_size") or 0)
+    hidden = int(config.get("hidden_size") or 0)
+    inter = int(config.get("intermediate_size") or 4 * hidden)
+    layers = int(config.get("num_hidden_layers") or 0)
+    itemsize = np.dtype(kv_dtype).itemsize if kv_dtype is not None else 0
+    kv_bytes = rows * positions * 2 * layers * kv_heads * head_dim * itemsize * (1 if shared_kv else 2)
+    workspace = rows * chunk * (4 * heads * positions + 4 * (4 * hidden + 2 * inter))
+    logits = rows * vocab * 4 * (1 if selects_logits else chunk)
+    return {"kv_cache": kv_bytes, "workspace": workspace, "logits": logits, "total": kv_bytes + workspace + logits,
+            "kv_dtype": np.dtype(kv_dtype).name if kv_dtype is not None else None}
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, or less where a cgroup (v2 memory.max, v1
+    memory.limit_in_bytes) caps it; None where neither can be read."""
+    free = []
+    try:
+        for ln in Path("/proc/meminfo").read_text().splitlines():
+            if ln.startswith("MemAvailable:"):
+                free.append(int(ln.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        for ln in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = ln.split(":", 2)
+            if controllers == "":  # v2
+                limit, usage = Path("/sys/fs/cgroup", path.lstrip("/"), "memory.max"), Path(
+                    "/sys/fs/cgroup", path.lstrip("/"), "memory.current")
+            elif "memory" in controllers.split(","):
+                base = Path("/sys/fs/cgroup/memory", path.lstrip("/"))
+                limit, usage = base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"
+            else:
+                continue
+            if limit.is_file() and usage.is_file():
+                text = limit.read_text().strip()
+                if text != "max" and int(text) < 1 << 60:
+                    stat = dict(ln.split() for ln in (limit.parent / "memory.stat").read_text().splitlines())
+                    cache = int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))  # reclaimable
+                    free.append(max(int(text) - int(usage.read_text()) + cache, 0))
+    except (OSError, ValueError):
+        pass
+    return min(free) if free else None
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0, top_k: int = 0,

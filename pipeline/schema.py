@@ -113,6 +113,18 @@ class Train(Section):
 class Eval(Section):
     ctx: int = Field(128, ge=4)  # window length; the second half of each window is scored
     max_windows: int = Field(0, ge=0)  # 0 = every window
+    score_last: int = Field(0, ge=0)  # > 0: only the last N tokens of each window are scored (long contexts)
+
+    @model_validator(mode="after")
+    def _scored_inside(self):
+        if self.score_last >= self.ctx:
+            raise ValueError(f"score_last ({self.score_last}) must be less than ctx ({self.ctx})")
+        return self
+
+    @property
+    def scored(self) -> int:
+        """Tokens scored per window: the second half, or the last ``score_last``."""
+        return self.score_last or self.ctx - self.ctx // 2
 
 
 class Export(Section):

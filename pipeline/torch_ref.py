@@ -35,9 +35,10 @@ class TorchModel:
         self.model.eval()
         self.eos_token_id = self.model.config.eos_token_id
 
-    def logits(self, ids: np.ndarray) -> np.ndarray:
+    def logits(self, ids: np.ndarray, last: int = 0) -> np.ndarray:
+        """Every position's logits, or the last ``last`` positions' only (transformers' ``logits_to_keep``)."""
         with self.torch.inference_mode():
-            out = self.model(input_ids=self.torch.as_tensor(np.asarray(ids, dtype=np.int64)[None]))
+            out = self.model(input_ids=self.torch.as_tensor(np.asarray(ids, dtype=np.int64)[None]), logits_to_keep=last)
         return out.logits[0].float().numpy()
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:

@@ -47,6 +47,7 @@ import yaml
 from .errors import PipelineError
 from .evaluate import check_budget
 from .log import info
+from .runtime import available_memory
 from .schema import TUNE_METRICS
 
 OUT = Path("reports/tune")
@@ -376,16 +377,6 @@ def queue_workers(root: Path) -> int:
 
 # ------------------------------------------------------------------------------------------------ run
 
-def available_bytes() -> int | None:
-    try:
-        for ln in Path("/proc/meminfo").read_text().splitlines():
-            if ln.startswith("MemAvailable:"):
-                return int(ln.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def fit_workers(root: Path, artifact: str, wanted: int) -> int:
     """As many workers as asked, and as the memory allows: each holds one candidate's build, which peaks at
     what the committed build of this artifact measured (metrics/build/<artifact>.json), plus DVC's own."""
@@ -393,7 +384,7 @@ def fit_workers(root: Path, artifact: str, wanted: int) -> int:
         peak = json.loads((root / "metrics" / "build" / f"{artifact}.json").read_text())["peak_rss_mb"] * 2**20
     except (OSError, KeyError, ValueError):
         return wanted
-    free = available_bytes()
+    free = available_memory()
     per = peak + 0.3e9
     if free is None or wanted * per <= 0.8 * free:
         return wanted

@@ -68,9 +68,9 @@ def encode_text(tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
 
-def unigram_ppl(train_ids: np.ndarray, windows: np.ndarray, vocab: int) -> float:
+def unigram_ppl(train_ids: np.ndarray, windows: np.ndarray, vocab: int, scored: int = 0) -> float:
     """Add-one unigram model from the train split, scored on the same tokens as the LM."""
-    targets = windows[:, windows.shape[1] // 2:].reshape(-1)
+    targets = windows[:, windows.shape[1] - (scored or windows.shape[1] - windows.shape[1] // 2):].reshape(-1)
     vocab = max(vocab, int(targets.max()) + 1)
     counts = np.bincount(train_ids, minlength=vocab).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
@@ -176,8 +176,8 @@ def score_checkpoint(directory: Path, data_dir: Path, ev: Eval, trust_remote_cod
     except Exception as exc:  # transformers raises many types for unloadable checkpoints
         raise PipelineError(f"{directory} cannot be loaded with transformers ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200]})") from None
-    held_out = score(model, windows, label="held-out ppl")
-    uni = unigram_ppl(encode(read_split(data_dir, "train")), windows, tok.get_vocab_size())
+    held_out = score(model, windows, label="held-out ppl", scored=ev.scored)
+    uni = unigram_ppl(encode(read_split(data_dir, "train")), windows, tok.get_vocab_size(), ev.scored)
     return rounded({"heldout_ppl": held_out["ppl"], "unigram_ppl": uni, "ppl_ratio_vs_unigram": held_out["ppl"] / uni,
                     "eval_tokens_scored": held_out["tokens_scored"]})
 
@@ -200,22 +200,37 @@ QWEN3_SHAPES = {
     "qwen3-4b": {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
                  "num_key_value_heads": 8, "max_position_embeddings": 262144, "rope_theta": 5_000_000.0},
 }
+# Not a published shape: a 2-layer Qwen3 small enough to test long contexts (8k+) in the test suite,
+# with the built-in tokenizer's vocab.
+QWEN3_SHAPES["qwen3-micro"] = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+                               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+                               "max_position_embeddings": 32768, "rope_theta": 1_000_000.0, "vocab_size": None}
 QWEN3_VOCAB = 151936
 RANDOM_PREFIX = "random:"
+RANDOM_QUERY = "?layers=N, &context=N (max_position_embeddings), &yarn=F (rope_scaling YaRN by F over context / F)"
 
 
 def parse_random(source: str) -> tuple[str, dict]:
-    """``random:qwen3-4b?layers=9`` -> ("qwen3-4b", {"num_hidden_layers": 9})."""
+    """``random:qwen3-4b?layers=9`` -> ("qwen3-4b", {"num_hidden_layers": 9}); ``context=N`` sets
+    max_position_embeddings, ``yarn=F`` a YaRN rope_scaling of factor F whose original window is
+    context / F (as Qwen documents YaRN for Qwen3)."""
     name, _, query = source[len(RANDOM_PREFIX):].partition("?")
     if name not in QWEN3_SHAPES:
         raise PipelineError(f"unknown shape {name!r} in model.source {source!r}; use one of "
-                            f"{', '.join(RANDOM_PREFIX + k for k in QWEN3_SHAPES)} (optionally ?layers=N)")
-    overrides = {}
+                            f"{', '.join(RANDOM_PREFIX + k for k in QWEN3_SHAPES)} (optionally {RANDOM_QUERY})")
+    overrides, yarn = {}, None
     for item in filter(None, query.split("&")):
         key, _, value = item.partition("=")
-        if key != "layers" or not value.isdigit() or int(value) < 1:
-            raise PipelineError(f"model.source {source!r}: only ?layers=N (N >= 1) may follow the shape name")
-        overrides["num_hidden_layers"] = int(value)
+        if key in ("layers", "context") and value.isdigit() and int(value) >= 1:
+            overrides["num_hidden_layers" if key == "layers" else "max_position_embeddings"] = int(value)
+        elif key == "yarn" and value.replace(".", "", 1).isdigit() and float(value) > 1:
+            yarn = float(value)
+        else:
+            raise PipelineError(f"model.source {source!r}: {item!r} is not one of {RANDOM_QUERY} (N >= 1, F > 1)")
+    if yarn is not None:
+        context = overrides.get("max_position_embeddings", QWEN3_SHAPES[name]["max_position_embeddings"])
+        overrides["rope_scaling"] = {"rope_type": "yarn", "factor": yarn,
+                                     "original_max_position_embeddings": int(context / yarn)}
     return name, overrides
 
 
@@ -230,8 +245,9 @@ def random_qwen3(source: str, cfg: CheckpointConfig, data_dir: Path, tmp: Path) 
 
     name, overrides = parse_random(source)
     tokenizer = train_tokenizer(read_split(data_dir, "train"), cfg.tokenizer.vocab_size, tmp)
-    shape = {**QWEN3_SHAPES[name], **overrides}
-    config = Qwen3Config(vocab_size=QWEN3_VOCAB, head_dim=128, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    shape = {"head_dim": 128, "vocab_size": QWEN3_VOCAB, **QWEN3_SHAPES[name], **overrides}
+    shape["vocab_size"] = shape["vocab_size"] or len(tokenizer)
+    config = Qwen3Config(rms_norm_eps=1e-6, tie_word_embeddings=True,
                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.eos_token_id, use_cache=True, torch_dtype="float32", **shape)
     torch.manual_seed(cfg.train.seed)

@@ -19,7 +19,7 @@ from pipeline import compat, onnx_io, store
 from pipeline.errors import PipelineError
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import Fused
-from pipeline.fusions import fuse_attention
+from pipeline.fusions import fuse_attention, rotary_caches, select_logits
 from pipeline.tied import retie_embedding
 
 FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
@@ -55,6 +55,8 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
     if config.attention == "gqa" and model_config.get("use_sliding_window"):
         raise PipelineError("the checkpoint uses sliding-window attention, which the GQA fusion does not carry "
                             "over: set fused.attention: none")
+    if config.attention == "gqa":
+        rotary_caches(model_config, 1)  # an unsupported rope_scaling is refused before any work
     with store.scratch_dir(tmp, "ort") as scratch:
         scratch = Path(scratch).resolve()
         # ORT's graph optimizations (constant folding, which its fusions need) run in an ORT session
@@ -80,6 +82,10 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
             raise PipelineError(f"fused {gqa} of {layers} attention blocks into GroupQueryAttention: the export's "
                                 f"attention is not the pattern pipeline/fusions.py knows (set fused.attention: none)")
         trimmed = trim_rotary_caches(model, int(model_config["max_position_embeddings"]))
+        selected = select_logits(model)
+        if not selected:
+            raise PipelineError("the lm_head (the MatMul making `logits`) was not found: the export is not the "
+                                "causal-LM graph pipeline/fusions.py knows")
         retied = retie_embedding(model)
         onnx_io.save_ir(model, tmp)
         del model
@@ -87,11 +93,12 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
     counts = onnx_io.op_counts(graph)
     fused = {op: counts.get(op, 0) for op in FUSED_OPS}
     return BuildResult(metrics={"fused_ops": fused, "op_counts": counts, "rotary_caches_trimmed_to": trimmed,
-                                "retied_initializers": retied},
+                                "retied_initializers": retied,
+                                "logits_to_keep_input": bool(selected)},
                        extra={"precision": "fp32", "kv_dtype": "float32", "attention": config.attention})
 
 
 STAGE = Stage(name="fused", section="fused", config=Fused, build=build, parents=("export",),
               require_greedy_match=True, keep_outputs=True,
               precision="fp32", summary="FP32, fused: RMSNorm / SkipRMSNorm and one GroupQueryAttention per layer (rotary inside, "
-                      "shareable KV buffer)")
+                      "shareable KV buffer), lm_head on the positions asked for (`logits_to_keep`)")

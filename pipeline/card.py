@@ -137,6 +137,37 @@ def _run(manifest: dict, has_genai: bool, config: dict) -> list[str]:
     return out
 
 
+def _long_prompts(directory: Path, config: dict) -> list[str]:
+    """What a long prompt costs with this artifact, and the optional input that keeps the logits small."""
+    import onnx
+
+    path = directory / "model.onnx"
+    if not path.is_file():
+        return []
+    graph = onnx.load(str(path), load_external_data=False).graph
+    init = {t.name for t in graph.initializer}
+    past = next((i for i in graph.input if i.name.startswith("past_key_values")), None)
+    if past is None:
+        return []
+    itemsize = {onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.FLOAT: 4}.get(past.type.tensor_type.elem_type, 4)
+    heads = int(config.get("num_attention_heads") or 1)
+    per_token = (2 * int(config.get("num_hidden_layers", 0)) * int(config.get("num_key_value_heads") or heads)
+                 * int(config.get("head_dim") or int(config.get("hidden_size", 0)) // heads) * itemsize)
+    out = ["## Long prompts", "",
+           f"KV cache: {per_token / 1024:,.0f} KiB per token ({'float16' if itemsize == 2 else 'float32'}), "
+           f"{per_token * 32768 / 2**30:.2f} GiB at 32k tokens; context {config.get('max_position_embeddings', '?'):,} "
+           f"(`max_position_embeddings`).", ""]
+    if "logits_to_keep" in init and any(i.name == "logits_to_keep" for i in graph.input):
+        out += ["The graph takes an optional input `logits_to_keep` (int64 scalar; default 0 = logits at every "
+                "position, as a plain decoder returns them). Feed 1 while prefilling a prompt and the lm_head runs "
+                "on the last position only: without it a 32k-token prompt makes 32k × vocab float32 logits "
+                f"({32768 * int(config.get('vocab_size', 0)) * 4 / 2**30:.1f} GiB here). Our runtime prefills in "
+                "chunks of 512 tokens and feeds it. onnxruntime logs one warning when a session opens "
+                "(\"Initializer logits_to_keep appears in graph inputs ...\"): that is what makes the input optional.",
+                ""]
+    return out
+
+
 def render(manifest: dict, directory: Path, summary: str = "", precision: str = "") -> str:
     """The card for ``manifest`` (its ``files`` not yet holding the card) of the artifact in ``directory``."""
     stage = manifest["stage"]
@@ -153,7 +184,7 @@ def render(manifest: dict, directory: Path, summary: str = "", precision: str = 
     if ratio is not None:
         size += f", {ratio:.3f}× the {m['eval']['reference']}"
     lines += [size + (f"; built from `{parent}`" if parent else "") + ".", "", *_speed(),
-              "## Precision", "", *_policy(manifest),
+              "## Precision", "", *_policy(manifest), *_long_prompts(directory, _config(directory)),
               "## Lineage", "", *_lineage(manifest),
               "## How to run it", "", *_run(manifest, (directory / "genai_config.json").is_file(),
                                             _config(directory)),

@@ -3,6 +3,11 @@ SkipSimplifiedLayerNorm); then our rewrite pattern (pipeline/fusions.py) turns e
 QK-norm'd, into one GroupQueryAttention with the rotary embedding inside (caches of
 ``max_position_embeddings`` rows) and a KV cache that past and present can share.
 
+The rotary caches follow the config's ``rope_scaling`` (YaRN, linear; another type is refused in one
+line before any work). The lm_head gets an optional ``logits_to_keep`` input (pipeline/fusions.py
+``select_logits``), so every artifact built on this one can compute logits for the last position of a
+prompt only.
+
 Heads and hidden size come from the checkpoint config. If ORT's optimizer fuses a RotaryEmbedding
 (other exports), its 131072-row caches are cut to ``max_position_embeddings`` too."""
 

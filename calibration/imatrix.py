@@ -25,6 +25,7 @@ from pipeline.log import Progress
 from pipeline.runtime import GraphIO, make_session
 
 FILE = "imatrix.safetensors"
+KV_PREFIX = "present."  # the KV cache's outputs: their maxima give an int8 KV cache its scales
 
 
 def channel_statistics(graph, weights_dir: Path, tensors: list[str], config: dict, windows: np.ndarray,
@@ -77,8 +78,9 @@ def save(directory: Path, stats: dict, groups: dict[str, list[str]], tokens: int
     meta = {"imatrix": json.dumps({"groups": {k: groups[k] for k in sorted(groups)}, "tokens": tokens},
                                   sort_keys=True)}
     save_file(arrays, str(directory / FILE), metadata=meta)
-    ratios = [float(s["max"].max() / max(np.median(s["max"]), 1e-12)) for s in stats.values()]
-    return {"activations": len(stats), "projections": sum(len(v) for v in groups.values()), "tokens": tokens,
+    ratios = [float(s["max"].max() / max(np.median(s["max"]), 1e-12)) for n, s in stats.items()
+              if not n.startswith(KV_PREFIX)]
+    return {"activations": len(ratios), "projections": sum(len(v) for v in groups.values()), "tokens": tokens,
             "max_outlier_ratio": round(max(ratios), 1) if ratios else None,
             "median_outlier_ratio": round(float(np.median(ratios)), 1) if ratios else None}
 
@@ -102,6 +104,10 @@ class Imatrix:
         self.groups: dict[str, list[str]] = meta["groups"]
         self.tokens = int(meta["tokens"])
 
+    def kv_amax(self) -> dict[str, float]:
+        """``present.<layer>.key|value`` -> max |x| over the calibration text (empty for an older imatrix)."""
+        return {n: float(m.max()) for n, m in self.max.items() if n.startswith(KV_PREFIX)}
+
     def by_weight(self) -> dict[str, np.ndarray]:
         """Per projection weight name: the mean x^2 of its input channels."""
         return {w: self.mean_sq[x] for x, ws in self.groups.items() for w in ws}
@@ -115,3 +121,25 @@ def load(directory: Path, manifest: dict, parent: dict) -> Imatrix:
                             f"{manifest.get('parent_id')}, not on this input ({parent['stage']} "
                             f"{parent['artifact_id']}): rebuild it with pipeline imatrix --input <this input>")
     return Imatrix(directory)
+
+
+def with_kv_cache(inputs, kv_cache: str, tmp: Path, made, section: str):
+    """``<section>.kv_cache: int8``: the built graph's KV cache made int8 (pipeline/fusions.py
+    ``int8_kv_artifact``), with the imatrix's KV maxima as scales; ``made`` (the stage's BuildResult)
+    gets the KV dtype and policy. ``float32`` returns ``made`` as it is."""
+    if kv_cache != "int8":
+        return made
+    from pipeline.fusions import int8_kv_artifact
+
+    im_dir, im_manifest = inputs.use("imatrix", f"{section}.kv_cache int8")
+    amax = load(im_dir, im_manifest, inputs.manifest).kv_amax()
+    if not amax:
+        raise PipelineError(f"the imatrix at {im_dir} holds no KV-cache maxima (made by an older pipeline): rebuild it")
+    policy = int8_kv_artifact(tmp, amax)
+    if not policy["attention_nodes"]:
+        raise PipelineError(f"{section}.kv_cache int8 needs GroupQueryAttention (ORT's quantized KV cache): "
+                            f"build it on the fused artifact ({section}.parent: fused)")
+    made.extra["kv_dtype"] = "int8"
+    made.extra.setdefault("quant_policy", {})["kv_cache"] = f"int8, {policy['scales']}"
+    made.extra.setdefault("uses", {})["imatrix"] = im_manifest["artifact_id"]
+    return made

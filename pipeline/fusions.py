@@ -22,6 +22,8 @@ right-pads for such graphs; see ``Runtime.generate_batch``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .errors import PipelineError
@@ -365,3 +367,65 @@ def select_logits(model) -> int:
         graph.inputs.remove(keep)
         graph.initializers.pop(LOGITS_TO_KEEP)
     return len(found)
+
+
+# ------------------------------------------------------------------------------------------ int8 KV cache
+def int8_kv_cache(model, amax: dict[str, float]) -> int:
+    """Store every GroupQueryAttention's KV cache as int8 (``kv_cache_bit_width`` 8, ``PER_TENSOR``
+    scales, ORT >= 1.23's CPU and CUDA kernels quantize on write and dequantize on read): a quarter of
+    the float32 cache's bytes. ``amax``: ``present.<layer>.key|value`` -> max |x| measured on
+    calibration text (the imatrix stage records them); scale = amax / 127. ``model``: a ModelProto,
+    graph only (the weights stay in their external file). Returns how many attention nodes changed.
+
+    Written on the ModelProto rather than as a rewrite pattern: it changes attributes, the graph's I/O
+    types and two inputs of a node that is already the fusion's output, which is nothing to match."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or len(node.input) < 5:
+            continue
+        layer = _past_layer(node.input[3])
+        if layer is None:
+            continue
+        scales = []
+        for kind in ("key", "value"):
+            peak = amax.get(f"present.{layer}.{kind}")
+            if peak is None:
+                from .errors import PipelineError
+
+                raise PipelineError(f"no calibration maximum for present.{layer}.{kind}: rebuild the imatrix "
+                                    f"(it records the KV cache's range)")
+            name = f"kv_int8_{kind}_scale_{layer}"
+            graph.initializer.append(numpy_helper.from_array(np.array([max(peak, 1e-8) / 127.0], np.float32), name))
+            scales.append(name)
+        inputs = list(node.input) + [""] * max(0, 12 - len(node.input))
+        del node.input[:]
+        node.input.extend(inputs[:12] + scales)  # k_scale, v_scale follow position_ids, attention_bias, head_sink
+        node.attribute.extend([helper.make_attribute("k_quant_type", "PER_TENSOR"),
+                               helper.make_attribute("v_quant_type", "PER_TENSOR"),
+                               helper.make_attribute("kv_cache_bit_width", 8)])
+        changed += 1
+    for value in list(graph.input) + list(graph.output):
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = TensorProto.INT8
+    return changed
+
+
+def int8_kv_artifact(directory, amax: dict[str, float]) -> dict:
+    """:func:`int8_kv_cache` on the graph of the artifact being built in ``directory`` (its weights file
+    untouched); returns the policy the manifest records."""
+    import onnx
+
+    path = Path(directory) / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    n = int8_kv_cache(model, amax)
+    onnx.save(model, str(path))
+    return {"kv_cache": "int8", "scales": "per tensor, max |x| / 127 on calibration text (imatrix)",
+            "attention_nodes": n}
+
+
+def _past_layer(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) == 3 and parts[0] == "past_key_values" and parts[1].isdigit() else None

@@ -22,7 +22,7 @@ import numpy as np
 from .errors import PipelineError
 
 ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-               "tensor(int32)": np.int32, "tensor(bfloat16)": None}
+               "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(bfloat16)": None}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PAST_NAME = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 LOGITS_TO_KEEP = "logits_to_keep"  # the fused graph's optional input (pipeline/fusions.py): lm_head on the last N
@@ -149,7 +149,7 @@ class GraphIO:
 
         def info(v):
             tt = v.type.tensor_type
-            dtype = "tensor(" + {1: "float", 10: "float16", 7: "int64", 6: "int32", 16: "bfloat16"}.get(
+            dtype = "tensor(" + {1: "float", 10: "float16", 7: "int64", 6: "int32", 3: "int8", 16: "bfloat16"}.get(
                 tt.elem_type, str(tt.elem_type)) + ")"
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
             return IOInfo(v.name, dtype, dims)

@@ -162,6 +162,7 @@ class Int8Dynamic(Section):
     quantize_tied: bool
     tied_block_size: int
     nodes_to_exclude: list[str]
+    kv_cache: Literal["float32", "int8"] = "float32"  # int8: ORT's quantized GQA cache, scales from the imatrix
     greedy_tokens: int = PosInt
 
     _block = field_validator("tied_block_size", "block_size")(_power_of_two)
@@ -196,6 +197,7 @@ class Int4(Section):
     quantize_tied: bool
     tied_bits: Literal[4, 8] = 4
     nodes_to_exclude: list[str]
+    kv_cache: Literal["float32", "int8"] = "float32"  # int8: ORT's quantized GQA cache, scales from the imatrix
     greedy_tokens: int = PosInt
 
     _block = field_validator("block_size")(_power_of_two)

@@ -1,5 +1,5 @@
 """Stage `imatrix`: the importance matrix of the parent graph on calibration text (calibration/imatrix.py):
-per projection input channel, mean x^2 and max |x|. Read by int4 (``algorithm: imatrix | awq``) and
+per projection input channel, mean x^2 and max |x|, and the KV cache's max |x| per layer. Read by int4 (``algorithm: imatrix | awq``) and
 int8-dynamic (``smoothing``); built once, versioned and cached like any artifact."""
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def build(inputs: Inputs, config: Imatrix, tmp: Path) -> BuildResult:
         gather, head, table = tied
         tensors.append(head.input[0])
         groups[head.input[0]] = [table]
+    # the KV cache's range too, per layer: an int8 KV cache takes its scales from it (int4.kv_cache)
+    tensors += [o.name for o in graph.graph.output if o.name.startswith(imatrix.KV_PREFIX)]
     with store.scratch_dir(tmp, "imatrix") as scratch:
         stats = imatrix.channel_statistics(graph, parent_dir.resolve(), tensors, model_config, windows,
                                            Path(scratch), "imatrix")

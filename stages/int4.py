@@ -29,7 +29,7 @@ def _algo_config(config: Int4):
                                             accuracy_level=config.accuracy_level, **common)
 
 
-def build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
+def _build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
     if config.algorithm in CALIBRATED_INT4:
         return _calibrated(inputs, config, tmp)
     parent_dir = inputs.dir
@@ -82,6 +82,13 @@ def _calibrated(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
     return BuildResult(metrics={"op_counts": onnx_io.op_counts(q)},
                        extra={"precision": "int4", "kv_dtype": "float32", "quant_policy": policy,
                               "uses": {"imatrix": im_manifest["artifact_id"]}})
+
+
+
+def build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
+    from calibration import imatrix
+
+    return imatrix.with_kv_cache(inputs, config.kv_cache, tmp, _build(inputs, config, tmp), "int4")
 
 
 STAGE = Stage(name="int4", section="int4", config=Int4, build=build, parents=("export", "fused"), uses=("imatrix",),

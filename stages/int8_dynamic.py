@@ -51,7 +51,7 @@ def _qoperator(parent_dir: Path, config: Int8Dynamic, exclude: list[str], tmp: P
         return onnx_io.load(scratch)
 
 
-def build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
+def _build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
     parent_dir = inputs.dir
     model = onnx_io.load(parent_dir, load_external_data=False)
     tied = config.quantize_tied and find_tied(model) is not None
@@ -103,6 +103,13 @@ def _smoothed(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
     return BuildResult(metrics={"op_counts": onnx_io.op_counts(q)},
                        extra={"precision": "int8-dynamic", "kv_dtype": "float32", "quant_policy": policy,
                               "uses": {"imatrix": im_manifest["artifact_id"]}})
+
+
+
+def build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
+    from calibration import imatrix
+
+    return imatrix.with_kv_cache(inputs, config.kv_cache, tmp, _build(inputs, config, tmp), "int8_dynamic")
 
 
 STAGE = Stage(name="int8-dynamic", section="int8_dynamic", config=Int8Dynamic, build=build, parents=("export", "fused"),

@@ -137,3 +137,33 @@ def test_a_request_that_cannot_fit_is_refused_before_it_runs(micro):
     proc = run_cli("generate", "--artifact", str(micro / "fused"), "--max-new-tokens", "16000", *prompts, cwd=micro)
     line = assert_clean_failure(proc, f"{rows} x", "KV cache", "float32", "available")
     assert "GiB" in line and proc.stdout == ""
+
+
+def test_int8_kv_cache_runs_on_cpu_chunked_and_stays_close_at_long_context(micro, data_dir):
+    """int4.kv_cache int8: ORT's quantized GroupQueryAttention cache (CPU kernels of this ORT), scales
+    from the imatrix; against the same int4 with a float32 cache over 6k positions."""
+    import onnx
+
+    from pipeline.outputs import log_softmax
+    from pipeline.runtime import Runtime
+
+    common = ("--input", str(micro / "fused"), "--imatrix", str(micro / "imatrix"), "--reference", str(micro / "export"),
+              "--data", str(data_dir))
+    run_cli("imatrix", *PARAMS, "--input", str(micro / "fused"), "--out", str(micro / "imatrix"),
+            "-S", f"imatrix.calibration.source={data_dir / 'calibration.txt'}", cwd=micro, check=True)
+    run_cli("quantize", *PARAMS, "--mode", "int4", *common, "--out", str(micro / "int4"), cwd=micro, check=True)
+    run_cli("quantize", *PARAMS, "--mode", "int4", *common, "--out", str(micro / "int4-kv8"), "-S", "int4.kv_cache=int8",
+            cwd=micro, check=True)
+    graph = onnx.load(str(micro / "int4-kv8" / "model.onnx"), load_external_data=False).graph
+    past = [i for i in graph.input if i.name.startswith("past_key_values")]
+    assert past and all(i.type.tensor_type.elem_type == onnx.TensorProto.INT8 for i in past)
+    manifest = json.loads((micro / "int4-kv8" / "manifest.json").read_text())
+    assert manifest["kv_dtype"] == "int8" and "int8" in manifest["quant_policy"]["kv_cache"]
+    ids = ids_of(6000)
+    f32, i8 = Runtime(micro / "int4"), Runtime(micro / "int4-kv8", prefill_chunk=700)
+    assert i8.io.kv.dtype == np.int8
+    a, b = log_softmax(f32.logits(ids, last=512)), log_softmax(i8.logits(ids, last=512))
+    kld = float((np.exp(a) * (a - b)).sum(-1).mean())
+    assert 0 < kld < 1e-3, kld  # not identical (the cache is int8), and close
+    assert i8.generate_batch([list(ids[:1500]), list(ids[:40])], 8, stop_at_eos=False) == [
+        i8.generate(list(ids[:1500]), 8, stop_at_eos=False), i8.generate(list(ids[:40]), 8, stop_at_eos=False)]

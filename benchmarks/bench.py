@@ -305,6 +305,8 @@ def main() -> None:
     ap.add_argument("--llama-bin", default="/tmp/llama/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin")
     ap.add_argument("--gguf-dir", default="/tmp/llama-cpp-work", help="<checkpoint id>-<quant>.gguf (benchmarks/llama_cpp.py)")
     ap.add_argument("--timeout", type=int, default=1500, help="long mode: seconds one engine may take per length")
+    ap.add_argument("--llama-depth-max", type=int, default=4096,
+                    help="long mode: llama.cpp decode at depth up to this length (each costs a second prefill)")
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--long-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
@@ -387,12 +389,16 @@ def kv_bytes(config: dict, positions: int, itemsize: int) -> int:
     return 2 * int(config["num_hidden_layers"]) * kv * head_dim * positions * itemsize
 
 
-def llama_long(bins: Path, gguf: Path, threads: int, prompt: int, new: int, timeout: int) -> dict | str:
-    """llama-bench ``-p prompt -n 0`` (prefill) and ``-p 0 -n new -d prompt`` (decode at that depth), one
-    repeat each, its peak RSS read from the kernel (``ru_maxrss`` of the finished child)."""
+def llama_long(bins: Path, gguf: Path, threads: int, prompt: int, new: int, timeout: int,
+               depth_max: int) -> dict | str:
+    """llama-bench ``-p prompt -n 0`` (prefill) and, up to ``depth_max`` tokens, ``-p 0 -n new -d prompt``
+    (decode at that depth: llama-bench fills the context first, a second prefill's time), one repeat each,
+    its peak RSS read from the kernel (``ru_maxrss`` of the finished child)."""
     out = {}
-    for flags, key in ((["-p", str(prompt), "-n", "0"], "prefill_tok_s"),
-                       (["-p", "0", "-n", str(new), "-d", str(prompt)], "decode_tok_s_at_depth")):
+    runs = [(["-p", str(prompt), "-n", "0"], "prefill_tok_s")]
+    if prompt <= depth_max:
+        runs.append((["-p", "0", "-n", str(new), "-d", str(prompt)], "decode_tok_s_at_depth"))
+    for flags, key in runs:
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         cmd = [str(bins / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", *flags]
         try:
@@ -459,7 +465,7 @@ def long_context(args) -> None:
                     runs[label] = path if isinstance(path, str) else f"missing: {path}"
                 elif kind == "llama.cpp":
                     runs[label] = llama_long(Path(args.llama_bin), Path(path), threads, length, args.new_tokens,
-                                             args.timeout)
+                                             args.timeout, args.llama_depth_max)
                 else:
                     python = str(peer) if kind == "builder" else sys.executable
                     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, str(path), "--ids", f.name,

@@ -270,7 +270,9 @@ def quantize(mode, params_file, overrides, input_dir, out, eval_after, eval_refe
 @click.option("--provider", default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True)
 @click.option("--chat", is_flag=True, help="each PROMPT is a user message: apply the chat template the artifact ships")
 @click.option("--system", default=None, help="with --chat: a system message before PROMPT")
-def generate(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, provider, chat, system):
+@click.option("--prefill-chunk", default=None, type=click.IntRange(min=1),
+              help="prompt tokens per prefill step (default 512; smaller at long contexts, docs/long-context.md)")
+def generate(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed, provider, chat, system, prefill_chunk):
     """Stream a continuation of PROMPT from an artifact (verified first); with --chat, the assistant's reply.
 
     Several PROMPTs run as one padded batch and print when all are done."""
@@ -286,7 +288,7 @@ def generate(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed,
 
         head = [{"role": "system", "content": system}] if system is not None else []
         texts = [render(artifact, head + [{"role": "user", "content": p}]) for p in prompts]
-    rt = Runtime(artifact, provider=provider)
+    rt = Runtime(artifact, provider=provider, prefill_chunk=prefill_chunk)
     ids = [rt.encode(t) for t in texts]
     rt.check_request(ids, max_new_tokens)  # refuse before printing anything
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}

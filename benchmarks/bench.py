@@ -309,12 +309,16 @@ def main() -> None:
                     help="long mode: llama.cpp decode at depth up to this length (each costs a second prefill)")
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--long-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rederive", action="store_true", help="long mode: recompute the derived figures of --out")
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         run = long_worker(*args.worker, args.ids, args.new_tokens) if args.long_worker else worker(
             *args.worker, args.ids, args.new_tokens, args.repeats)
         print(json.dumps(run))
+        return
+    if args.rederive:
+        rederive_long(args)
         return
     if args.long:
         long_context(args)
@@ -398,9 +402,14 @@ def llama_long(bins: Path, gguf: Path, threads: int, prompt: int, new: int, time
     runs = [(["-p", str(prompt), "-n", "0"], "prefill_tok_s")]
     if prompt <= depth_max:
         runs.append((["-p", "0", "-n", str(new), "-d", str(prompt)], "decode_tok_s_at_depth"))
+    # a fresh interpreter runs llama-bench and reports its child's ru_maxrss: ours would be the maximum
+    # over every child this process has had
+    wrap = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(p.returncode)")
     for flags, key in runs:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        cmd = [str(bins / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", *flags]
+        # past 4k tokens no warm-up: llama-bench's is a whole run of the same length (at 16k, two 9-minute prefills)
+        cmd = [sys.executable, "-c", wrap, str(bins / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "1",
+               "-o", "json", *flags, *(["--no-warmup"] if prompt > 4096 else [])]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -408,12 +417,43 @@ def llama_long(bins: Path, gguf: Path, threads: int, prompt: int, new: int, time
         if proc.returncode != 0:
             return f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
         out[key] = round(json.loads(proc.stdout)[0]["avg_ts"], 2)
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if rss > before:  # the high-water mark over children: grows only with a larger child
-            out["peak_rss_mb"] = round(rss / 1024, 1)
+        rss = int(proc.stderr.strip().splitlines()[-1])
+        out["peak_rss_mb"] = max(out.get("peak_rss_mb", 0), round(rss / 1024, 1))
     out["ttft_s"] = round(prompt / out["prefill_tok_s"], 2)
     out["prompt_tokens"] = prompt
     return out
+
+
+def derive_long(r: dict, path: Path, config: dict, length: int, new_tokens: int, bandwidth: float) -> None:
+    """The figures a run is judged by, from the artifact: its KV cache at its dtype, the RSS target
+    (model + KV + 1.5 GiB) and the decode bound (weights + KV read per token / read bandwidth)."""
+    import onnx
+
+    g = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+    kv_type = next(i.type.tensor_type.elem_type for i in g.input if i.name.startswith("past_key_values"))
+    itemsize = {onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT8: 1}.get(kv_type, 4)
+    kv = kv_bytes(config, length + new_tokens, itemsize)
+    model = sum(p.stat().st_size for p in path.glob("model.onnx*"))
+    r.update({"kv_dtype": {2: "float16", 1: "int8"}.get(itemsize, "float32"), "kv_cache_mb": round(kv / 2**20, 1),
+              "model_mb": round(model / 2**20, 1), "rss_target_mb": round((model + kv) / 2**20 + 1536, 1),
+              "decode_bound_tok_s": round(bandwidth * 1e9 / (weight_bytes(path) + kv), 2)})
+    r["within_rss_target"] = r["peak_rss_mb"] <= r["rss_target_mb"]
+    r["decode_vs_bound"] = round(r["decode_tok_s_at_depth"] / r["decode_bound_tok_s"], 2)
+
+
+def rederive_long(args) -> None:
+    """Recompute :func:`derive_long` for every run of ``--out`` (after a fix to it), with the bandwidth
+    that run measured."""
+    doc = json.loads(Path(args.out).read_text())
+    art = Path(doc["settings"]["artifacts"])
+    config = json.loads((art / "checkpoint" / "config.json").read_text())
+    for label, r in doc["runs"].items():
+        kind, _, rest = label.partition(":")
+        name, _, length = rest.rpartition("@")
+        if isinstance(r, dict) and kind in ("ours", "genai"):
+            derive_long(r, art / name, config, int(length), doc["settings"]["new_tokens"],
+                        r.get("read_bandwidth_gb_s", doc["read_bandwidth_gb_s"]))
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def long_context(args) -> None:
@@ -480,18 +520,8 @@ def long_context(args) -> None:
                         runs[label] = f"stopped after {args.timeout} s"
                 r = runs[label]
                 if isinstance(r, dict) and kind in ("ours", "genai"):
-                    import onnx
-
-                    g = onnx.load(str(Path(path) / "model.onnx"), load_external_data=False).graph
-                    kv_type = next(i.type.tensor_type.elem_type for i in g.input if i.name.startswith("past_key_values"))
-                    itemsize = 2 if kv_type == onnx.TensorProto.FLOAT16 else 4
-                    kv = kv_bytes(config, length + args.new_tokens, itemsize)
-                    model = sum(p.stat().st_size for p in Path(path).glob("model.onnx*"))
-                    r.update({"kv_cache_mb": round(kv / 2**20, 1), "model_mb": round(model / 2**20, 1),
-                              "rss_target_mb": round((model + kv) / 2**20 + 1536, 1),
-                              "decode_bound_tok_s": round(bandwidth * 1e9 / (weight_bytes(Path(path)) + kv), 2)})
-                    r["within_rss_target"] = r["peak_rss_mb"] <= r["rss_target_mb"]
-                    r["decode_vs_bound"] = round(r["decode_tok_s_at_depth"] / r["decode_bound_tok_s"], 2)
+                    r["read_bandwidth_gb_s"] = bandwidth  # this invocation's: several may fill one file
+                    derive_long(r, Path(path), config, length, args.new_tokens, bandwidth)
                 print(f"  {label}: {r}", file=sys.stderr, flush=True)
                 commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
                 doc["commit"] = commit

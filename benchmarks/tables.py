@@ -238,7 +238,8 @@ def long(path: Path) -> str:
                 continue
             target = r.get("rss_target_mb")
             rows.append(f"| {n:,} | {label} | {r['ttft_s']:.1f} s | {r['prefill_tok_s']:.1f} | "
-                        f"{_fmt(r.get('decode_tok_s_at_depth'), '.2f')} | {_fmt(r.get('peak_rss_mb'), ',.0f')} MB | "
+                        f"{_fmt(r.get('decode_tok_s_at_depth'), '.2f')} | "
+                        f"{_fmt(r.get('peak_rss_mb'), ',.0f')}{' MB' if r.get('peak_rss_mb') else ''} | "
                         f"{_fmt(target, ',.0f')}{' MB' if target else ''}"
                         f"{' ✓' if r.get('within_rss_target') else (' ✗' if target else '')} | "
                         f"{_fmt(r.get('decode_vs_bound'), '.0%')} |")

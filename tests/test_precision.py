@@ -28,7 +28,10 @@ def test_fused_counts_parity_and_no_duplicate_table(fused_dir, export_dir, param
     assert all(counts.get(op, 0) == n for op, n in fused.items())
     # one GroupQueryAttention per layer (rotary inside), and nothing of the unfused attention left
     assert counts["GroupQueryAttention"] == cfg["num_hidden_layers"]
-    assert not {"Softmax", "Neg", "IsNaN", "Expand", "Range"} & set(counts)
+    assert not {"Softmax", "IsNaN", "Expand", "Range"} & set(counts)
+    # the rotary's Neg is gone too: the one Neg left negates logits_to_keep (the lm_head's slice start)
+    graph = onnx_io.load(fused_dir, load_external_data=False).graph
+    assert [list(n.input) for n in graph.node if n.op_type == "Neg"] == [["logits_to_keep"]]
     # Q/K/V packed: one projection MatMul + Split per layer, then o, gate, up, down, and the lm_head
     assert counts["Split"] == cfg["num_hidden_layers"] and counts["MatMul"] == 5 * cfg["num_hidden_layers"] + 1
     parity = m["metrics"]["parity_vs_parent"]

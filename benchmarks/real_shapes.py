@@ -93,18 +93,73 @@ def extrapolate(paths: list[Path], layers: int) -> dict:
             "target_gb": round((2 * fp32 + 1e9) / 1e9, 1), "stages": rows}
 
 
+def shape_config(shape: str, layers: int | None = None) -> dict:
+    """config.json's sizes for ``random:<shape>`` (what stages/checkpoint.py writes: transformers'
+    Qwen3Config defaults head_dim to 128, the vocab is the real one, the table is tied)."""
+    from stages.checkpoint import QWEN3_SHAPES, QWEN3_VOCAB
+
+    name = shape.partition("?")[0]
+    config = {"head_dim": 128, **QWEN3_SHAPES[name], "vocab_size": QWEN3_VOCAB, "tie_word_embeddings": True}
+    if layers:
+        config["num_hidden_layers"] = layers
+    return config
+
+
+def fit(paths: list[Path]) -> dict:
+    """The memory model the stages check themselves against (pipeline/memory.py): per stage, peak RSS =
+    a x layer weights + b x embedding table + c (FP32 bytes), non-negative least squares over the runs
+    given; a stage needs three runs of differing shapes to be modelled."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    from pipeline.memory import weight_bytes
+
+    points: dict[str, list] = {}
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        w = weight_bytes(shape_config(run["shape"], run["layers"]))
+        for row in run["stages"]:
+            if row.get("peak_rss_gb"):
+                points.setdefault(row["stage"], []).append(
+                    (w["total"] - w["table"], w["table"], row["peak_rss_gb"] * 1e9, run["shape"]))
+    stages = {}
+    for stage, pts in points.items():
+        if len({p[3] for p in pts}) < 3:
+            continue
+        x = np.array([[a / 1e9, b / 1e9, 1.0] for a, b, _, _ in pts])
+        y = np.array([p[2] / 1e9 for p in pts])
+        coef, _ = nnls(x, y)
+        worst = float(np.max(np.abs(x @ coef - y) / y))
+        stages[stage] = {"a": round(float(coef[0]), 4), "b": round(float(coef[1]), 4), "c": round(float(coef[2]) * 1e9),
+                         "max_residual": round(worst, 3), "runs": [p[3] for p in pts]}
+    return {"source": "benchmarks/real_shapes.py --fit " + " ".join(str(Path(p)) for p in paths),
+            "model": "peak RSS = a x (FP32 weights - embedding table) + b x embedding table + c bytes",
+            "stages": stages}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--extrapolate", nargs=2, type=Path, metavar="JSON")
+    ap.add_argument("--fit", nargs="+", type=Path, metavar="JSON",
+                    help="fit the stages' memory model (pipeline/memory_model.json) to these runs")
     ap.add_argument("--layers", type=int, default=36, help="with --extrapolate: the depth to extrapolate to")
-    ap.add_argument("--shape", required="--extrapolate" not in sys.argv, help="qwen3-0.6b | qwen3-1.7b | qwen3-4b, optionally ?layers=N")
-    ap.add_argument("--work", required="--extrapolate" not in sys.argv, type=Path)
+    ap.add_argument("--shape", required=not {"--extrapolate", "--fit"} & set(sys.argv), help="qwen3-0.6b | qwen3-1.7b | qwen3-4b, optionally ?layers=N")
+    ap.add_argument("--work", required=not {"--extrapolate", "--fit"} & set(sys.argv), type=Path)
     ap.add_argument("--windows", type=int, default=4, help="eval.max_windows")
     ap.add_argument("--calibration", type=int, default=8, help="int8_static.calibration.samples")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--collect", action="store_true", help="only read the figures of a finished run")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.fit:
+        model = fit(args.fit)
+        out = args.out or REPO / "pipeline" / "memory_model.json"
+        out.write_text(json.dumps(model, indent=2) + "\n")
+        for stage, f in model["stages"].items():
+            print(f"{stage}: {f['a']:.3f} x layers + {f['b']:.3f} x table + {f['c'] / 1e9:.2f} GB "
+                  f"(worst fit {f['max_residual']:.0%} over {len(f['runs'])} runs)")
+        print(f"wrote {out}")
+        return 0
     if args.extrapolate:
         ex = extrapolate(args.extrapolate, args.layers)
         out = args.out or REPO / "benchmarks" / f"real_shapes_extrapolated_{args.layers}_layers.json"

@@ -118,6 +118,26 @@ def extrapolated(path: Path) -> str:
     return "\n".join(rows)
 
 
+def memorymodel(path: Path) -> str:
+    """The stages' measured memory model (pipeline/memory_model.json) and what it says at each
+    published Qwen3 shape."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from real_shapes import shape_config
+
+    from pipeline.memory import estimate, weight_bytes
+
+    shapes = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b")
+    doc = json.loads(path.read_text())
+    rows = [f"`{doc['source']}`\n", "| stage | a (× layer weights) | b (× table) | c | worst fit | "
+            + " | ".join(f"{s[6:].upper()} ({weight_bytes(shape_config(s))['total'] / 1e9:.1f} GB FP32)" for s in shapes)
+            + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(shapes)]
+    for name, f in doc["stages"].items():
+        need = [estimate(name, shape_config(s))["bytes"] / 1e9 for s in shapes]
+        rows.append(f"| {name} | {f['a']:.3f} | {f['b']:.3f} | {f['c'] / 1e9:.2f} GB | {f['max_residual']:.0%} | "
+                    + " | ".join(f"{n:.1f} GB" for n in need) + " |")
+    return "\n".join(rows)
+
+
 def repro(path: Path) -> str:
     doc = json.loads(path.read_text())
     rows = ["| other code path | round_bits | activation scales differing | max relative difference | same artifact |",
@@ -277,7 +297,7 @@ def kvmemory(path: Path) -> str:
     return "\n".join(rows)
 
 
-KINDS = {"long": long, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
+KINDS = {"memorymodel": memorymodel, "long": long, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
 
 
 def render(text: str) -> str:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 
+from . import memory
 from .errors import PipelineError
 
 
@@ -16,7 +18,8 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
-def _child_main(target, args, conn) -> None:
+def _child_main(target, args, conn, parent) -> None:
+    memory.die_with_parent(parent)  # a stage the kernel kills takes its helper with it
     try:
         result = target(*args)
         conn.send(("ok", result, peak_rss_mb()))
@@ -35,11 +38,12 @@ def in_child(target, *args, env: dict[str, str] | None = None):
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
+    oom_before = memory.oom_kills()
     parent_conn, child_conn = ctx.Pipe(duplex=False)
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})  # the spawned child starts with this environment
     try:
-        proc = ctx.Process(target=_child_main, args=(target, args, child_conn), daemon=True)
+        proc = ctx.Process(target=_child_main, args=(target, args, child_conn, os.getpid()), daemon=True)
         proc.start()
     finally:
         for k, v in saved.items():
@@ -48,12 +52,19 @@ def in_child(target, *args, env: dict[str, str] | None = None):
             else:
                 os.environ[k] = v
     child_conn.close()
+    sampler = memory.Sampler(proc.pid, every_s=0.5).start()  # what it had, should the kernel kill it
     try:
         status, payload, peak = parent_conn.recv()
     except EOFError:
         proc.join()
-        raise PipelineError(f"{getattr(target, '__name__', 'child')} process died (exit code {proc.exitcode}): "
-                            f"out of memory or killed") from None
+        sampler.stop()
+        name = getattr(target, "__name__", "child")
+        if proc.exitcode == -signal.SIGKILL:
+            raise PipelineError(memory.killed_line(f"its {name} process", sampler.last, oom_before,
+                                                  memory.last_estimate)) from None
+        raise PipelineError(f"{name} process died (exit code {proc.exitcode})") from None
+    finally:
+        sampler.stop()
     proc.join()
     if status == "error":
         raise PipelineError(payload)

@@ -42,8 +42,11 @@ def cli():
 def _build(name: str, params, input_dir, out, scoring, run_metrics, uses: dict | None = None) -> dict:
     """Every build verb: the stage's declaration run by the one runner, its run figures written apart."""
     from .manifest import machine
+    from .memory import tell_supervisor
     from .runner import run_stage
 
+    if run_metrics:  # the supervisor adds its sampled anonymous / file-backed peaks to it
+        tell_supervisor(run_metrics=str(Path(run_metrics).resolve()))
     built = run_stage(name, params, input_dir, out, scoring, uses)
     if run_metrics:
         _write_json(run_metrics, {"artifact": name, "artifact_id": built.manifest["artifact_id"], **built.run,
@@ -469,6 +472,12 @@ def verify_cmd(directory):
 
 
 def main():
+    from . import supervise
+
+    if supervise.wanted(sys.argv):  # a stage verb: run it in a watched child (pipeline/supervise.py)
+        sys.exit(supervise.run(sys.argv))
+    if os.environ.get(supervise.ENV):
+        supervise.as_child()
     try:
         cli.main(standalone_mode=False)
     except PipelineError as exc:

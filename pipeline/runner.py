@@ -11,6 +11,7 @@ bytes; what a run measures (wall time, peak RSS, decode speed, the machine) come
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from . import card, evaluate, genai, onnx_io, outputs, registry, store
+from . import card, evaluate, genai, memory, onnx_io, outputs, registry, store
 from . import manifest as mf
 from .child import peak_rss_mb
 from .errors import PipelineError
@@ -118,6 +119,9 @@ def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str
         parent = verify(parent_dir, load=False)
         mf.expect_stage(parent, stage.parents, parent_dir)
     used = _verified_uses(stage, uses)
+    memory.tell_supervisor(stage=stage.name, out=str(Path(out).resolve()))
+    if parent_dir is not None and (parent_dir / "config.json").is_file():
+        memory.check(stage.name, json.loads((parent_dir / "config.json").read_text()))
     measured: dict = {}
     with store.staging_dir(out) as tmp, store.scratch_dir(tmp, "outputs") as scratch:
         with heartbeat(stage.name):

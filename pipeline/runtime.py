@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import PipelineError
+from .memory import available_memory
 
 ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(bfloat16)": None}
@@ -519,38 +520,6 @@ def request_memory(config: dict, kv_dtype, rows: int, positions: int, chunk: int
     logits = rows * vocab * 4 * (1 if selects_logits else chunk)
     return {"kv_cache": kv_bytes, "workspace": workspace, "logits": logits, "total": kv_bytes + workspace + logits,
             "kv_dtype": np.dtype(kv_dtype).name if kv_dtype is not None else None}
-
-
-def available_memory() -> int | None:
-    """Bytes this process may still allocate: MemAvailable, or less where a cgroup (v2 memory.max, v1
-    memory.limit_in_bytes) caps it; None where neither can be read."""
-    free = []
-    try:
-        for ln in Path("/proc/meminfo").read_text().splitlines():
-            if ln.startswith("MemAvailable:"):
-                free.append(int(ln.split()[1]) * 1024)
-    except OSError:
-        pass
-    try:
-        for ln in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = ln.split(":", 2)
-            if controllers == "":  # v2
-                limit, usage = Path("/sys/fs/cgroup", path.lstrip("/"), "memory.max"), Path(
-                    "/sys/fs/cgroup", path.lstrip("/"), "memory.current")
-            elif "memory" in controllers.split(","):
-                base = Path("/sys/fs/cgroup/memory", path.lstrip("/"))
-                limit, usage = base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"
-            else:
-                continue
-            if limit.is_file() and usage.is_file():
-                text = limit.read_text().strip()
-                if text != "max" and int(text) < 1 << 60:
-                    stat = dict(ln.split() for ln in (limit.parent / "memory.stat").read_text().splitlines())
-                    cache = int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))  # reclaimable
-                    free.append(max(int(text) - int(usage.read_text()) + cache, 0))
-    except (OSError, ValueError):
-        pass
-    return min(free) if free else None
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0, top_k: int = 0,

@@ -47,7 +47,7 @@ import yaml
 from .errors import PipelineError
 from .evaluate import check_budget
 from .log import info
-from .runtime import available_memory
+from .memory import available_memory
 from .schema import TUNE_METRICS
 
 OUT = Path("reports/tune")

@@ -21,6 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.child import in_child
 from pipeline.evaluate import make_windows, rounded, score
 from pipeline.log import info
+from pipeline.memory import check as check_memory
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import CheckpointConfig, Eval, Model
 
@@ -247,6 +248,7 @@ def random_qwen3(source: str, cfg: CheckpointConfig, data_dir: Path, tmp: Path) 
     tokenizer = train_tokenizer(read_split(data_dir, "train"), cfg.tokenizer.vocab_size, tmp)
     shape = {"head_dim": 128, "vocab_size": QWEN3_VOCAB, **QWEN3_SHAPES[name], **overrides}
     shape["vocab_size"] = shape["vocab_size"] or len(tokenizer)
+    check_memory("checkpoint", {**shape, "tie_word_embeddings": True})
     config = Qwen3Config(rms_norm_eps=1e-6, tie_word_embeddings=True,
                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.eos_token_id, use_cache=True, torch_dtype="float32", **shape)
@@ -275,6 +277,7 @@ def _check_causal_lm(directory: Path, label: str, allow_pickle: bool = False) ->
     if not cfg_path.is_file():
         raise PipelineError(f"{label} has no config.json: not a Hugging Face checkpoint directory")
     config = json.loads(cfg_path.read_text())
+    check_memory("checkpoint", config)
     archs = config.get("architectures") or []
     if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise PipelineError(f"{label} is not a causal LM (architectures: {archs or 'none'}); "

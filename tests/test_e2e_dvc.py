@@ -45,6 +45,29 @@ def _manifest_diff(before: dict, after: dict) -> dict:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def test_each_artifact_is_on_disk_once_and_each_stage_reports_its_memory(publisher):
+    """.dvc/config's cache.type (hardlink first): every output file is the cache's own inode, read-only,
+    so the DAG costs one copy of its artifacts; and DVC's stage commands, run under the supervisor,
+    record anonymous and file-backed peaks in metrics/build/."""
+    cache = {}
+    for f in (publisher / ".dvc" / "cache").rglob("*"):
+        if f.is_file():
+            cache[f.stat().st_ino] = f.stat().st_size
+    artifact_bytes = 0
+    for name in ("data", "checkpoint", *NAMES):
+        for f in (publisher / "artifacts" / name).rglob("*"):
+            if f.is_file():
+                st = f.stat()
+                assert st.st_ino in cache, f"{f} is a copy, not a link into the cache"
+                assert not st.st_mode & 0o222, f"{f} is writable: a write would change the cache"
+                artifact_bytes += st.st_size
+    unique = sum(cache.values())  # the cache holds the older builds too: at least one copy, never two
+    assert artifact_bytes <= unique < 2 * artifact_bytes
+    for stage in ("checkpoint", "export", "int8-static"):
+        sampled = json.loads((publisher / "metrics" / "build" / f"{stage}.json").read_text())["sampled_rss_mb"]
+        assert sampled["anon"] > 0 and sampled["file"] > 0
+
+
 def test_a_forced_rebuild_gives_the_same_bytes_and_the_same_lock(publisher):
     """Per-run figures live in metrics/build/, outside the artifacts and dvc.lock: `dvc repro -f` again
     rebuilds every artifact byte for byte."""
@@ -103,6 +126,7 @@ def test_publish_and_consume_with_real_dvc(publisher, tmp_path):
     onnx_data = consumer / "fp16" / "model.onnx_data"
     data = bytearray(onnx_data.read_bytes())
     data[-1] ^= 1
+    onnx_data.unlink()  # a new file: the old one may be a read-only hard link into DVC's cache
     onnx_data.write_bytes(bytes(data))
     assert_clean_failure(run_cli("generate", "--artifact", str(consumer / "fp16"), "The", cwd=consumer), "sha256")
 

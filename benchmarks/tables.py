@@ -118,6 +118,21 @@ def extrapolated(path: Path) -> str:
     return "\n".join(rows)
 
 
+def longacc(path: Path) -> str:
+    """Long-context accuracy (benchmarks/long_eval.py): each artifact at each window length against its
+    reference, beside its own short-window figures."""
+    doc = json.loads(path.read_text())
+    rows = ["| artifact | KV cache | vs | window (scored) | drift | KLD mean | KLD p99 | top-1 | at 128 (its build): KLD / top-1 |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in doc["runs"]:
+        s = doc["short_window"].get(r["artifact"], {}) if r["reference"] == "export" else {}
+        at128 = f"{s['kld_mean']:.2e} / {s['top1_agreement']:.1%}" if s.get("kld_mean") is not None else "—"
+        rows.append(f"| {r['artifact']} | {r['kv_dtype']} | {r['reference']} | {r['ctx'] // 1024}k "
+                    f"({r['tokens_scored']:,} in {r['windows']}) | {r['drift_pct']:+.3f} % | {r['kld_mean']:.2e} | "
+                    f"{r['kld_p99']:.2e} | {r['top1_agreement']:.1%} | {at128} |")
+    return "\n".join(rows)
+
+
 def memorymodel(path: Path) -> str:
     """The stages' measured memory model (pipeline/memory_model.json) and what it says at each
     published Qwen3 shape."""
@@ -297,7 +312,7 @@ def kvmemory(path: Path) -> str:
     return "\n".join(rows)
 
 
-KINDS = {"memorymodel": memorymodel, "long": long, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
+KINDS = {"longacc": longacc, "memorymodel": memorymodel, "long": long, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
 
 
 def render(text: str) -> str:

@@ -20,9 +20,46 @@ def trusted(checkpoint_dir: str | Path) -> bool:
     return bool(json.loads(path.read_text()).get("params", {}).get("model", {}).get("trust_remote_code", False))
 
 
+HALF = ("bfloat16", "float16")
+
+
+def stored_dtype(checkpoint_dir: str | Path) -> str:
+    """The dtype a checkpoint's config.json says its weights are stored in (float32 when it says none)."""
+    import json
+
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def compute_in_float32(model) -> None:
+    """Run a half-precision (bf16 / fp16) model in float32 one module at a time: before each module's
+    forward its own parameters are upcast (exactly: every bf16 / fp16 value is a float32 value), after
+    it they are put back. The logits are those of the same weights loaded as float32, while the model
+    stays in its stored bytes: the whole float32 copy never exists, only one module's (the tied table,
+    for the embedding and the lm_head, is the largest)."""
+    def up(module, args):
+        module._stored_half = [(p, p.data) for p in module.parameters(recurse=False)]
+        for p, data in module._stored_half:
+            p.data = data.float()
+
+    def down(module, args, output):
+        for p, data in module._stored_half:
+            p.data = data
+        del module._stored_half
+
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(up)
+            module.register_forward_hook(down)
+
+
 class TorchModel:
     def __init__(self, checkpoint_dir: str | Path, trust_remote_code: bool | None = None):
-        """``trust_remote_code`` None: as the checkpoint's manifest recorded it (model.trust_remote_code), else off."""
+        """``trust_remote_code`` None: as the checkpoint's manifest recorded it (model.trust_remote_code), else off.
+
+        Semantics: the checkpoint's weights, computed in float32 (what the FP32 export computes). A bf16 or
+        fp16 checkpoint is kept in its own dtype and upcast module by module (:func:`compute_in_float32`),
+        so scoring it needs its stored bytes, not a float32 copy of them."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -30,8 +67,13 @@ class TorchModel:
             trust_remote_code = trusted(checkpoint_dir)
         torch.set_num_threads(os.cpu_count() or 1)
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=torch.float32,
+        self.stored = stored_dtype(checkpoint_dir)
+        half = self.stored in HALF
+        self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir),
+                                                          dtype=getattr(torch, self.stored) if half else torch.float32,
                                                           use_safetensors=True, trust_remote_code=trust_remote_code)
+        if half:
+            compute_in_float32(self.model)
         self.model.eval()
         self.eos_token_id = self.model.config.eos_token_id
 

@@ -208,7 +208,8 @@ QWEN3_SHAPES["qwen3-micro"] = {"hidden_size": 128, "intermediate_size": 384, "nu
                                "max_position_embeddings": 32768, "rope_theta": 1_000_000.0, "vocab_size": None}
 QWEN3_VOCAB = 151936
 RANDOM_PREFIX = "random:"
-RANDOM_QUERY = "?layers=N, &context=N (max_position_embeddings), &yarn=F (rope_scaling YaRN by F over context / F)"
+RANDOM_QUERY = ("?layers=N, &context=N (max_position_embeddings), &yarn=F (rope_scaling YaRN by F over context / F), "
+                "&dtype=bfloat16|float16 (stored as the hub stores it)")
 
 
 def parse_random(source: str) -> tuple[str, dict]:
@@ -226,6 +227,8 @@ def parse_random(source: str) -> tuple[str, dict]:
             overrides["num_hidden_layers" if key == "layers" else "max_position_embeddings"] = int(value)
         elif key == "yarn" and value.replace(".", "", 1).isdigit() and float(value) > 1:
             yarn = float(value)
+        elif key == "dtype" and value in ("bfloat16", "float16", "float32"):
+            overrides["dtype"] = value
         else:
             raise PipelineError(f"model.source {source!r}: {item!r} is not one of {RANDOM_QUERY} (N >= 1, F > 1)")
     if yarn is not None:
@@ -246,19 +249,26 @@ def random_qwen3(source: str, cfg: CheckpointConfig, data_dir: Path, tmp: Path) 
 
     name, overrides = parse_random(source)
     tokenizer = train_tokenizer(read_split(data_dir, "train"), cfg.tokenizer.vocab_size, tmp)
+    dtype = overrides.pop("dtype", "float32")
     shape = {"head_dim": 128, "vocab_size": QWEN3_VOCAB, **QWEN3_SHAPES[name], **overrides}
     shape["vocab_size"] = shape["vocab_size"] or len(tokenizer)
     check_memory("checkpoint", {**shape, "tie_word_embeddings": True})
     config = Qwen3Config(rms_norm_eps=1e-6, tie_word_embeddings=True,
                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id, use_cache=True, torch_dtype="float32", **shape)
+                         pad_token_id=tokenizer.eos_token_id, use_cache=True, dtype=dtype, **shape)
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
-    model = Qwen3ForCausalLM(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # initialised in its stored dtype: no float32 copy first
+    try:
+        model = Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
+    width = 4 if dtype == "float32" else 2
     info(f"checkpoint: random {name} {config.num_hidden_layers} layers x {config.hidden_size}, "
-         f"{n_params / 1e6:,.0f} M params, {n_params * 4 / 1e9:.2f} GB fp32 ({time.perf_counter() - t0:.1f} s)")
+         f"{n_params / 1e6:,.0f} M params, {n_params * width / 1e9:.2f} GB {dtype} ({time.perf_counter() - t0:.1f} s)")
     model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],
                                                pad_token_id=tokenizer.eos_token_id, do_sample=False)
     model.save_pretrained(str(tmp), safe_serialization=True)

@@ -118,6 +118,7 @@ def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str
         parent_dir = Path(parent_dir)
         parent = verify(parent_dir, load=False)
         mf.expect_stage(parent, stage.parents, parent_dir)
+        _loadable_by_onnx(parent_dir)
     used = _verified_uses(stage, uses)
     memory.tell_supervisor(stage=stage.name, out=str(Path(out).resolve()))
     if parent_dir is not None and (parent_dir / "config.json").is_file():
@@ -163,6 +164,18 @@ def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str
     info(stage.describe(manifest, measured) if stage.describe else summary_line(manifest, Path(out), parent_dir,
                                                                                  measured))
     return built
+
+
+def _loadable_by_onnx(parent_dir: Path) -> None:
+    """onnx (1.23) and onnx-ir (1.1) refuse external data that has several hard links or resolves outside
+    the model's directory, and every stage loads its parent through them: say so in one line, before the
+    build, instead of a library's error halfway through (DVC's hardlink / symlink cache types do this)."""
+    data = parent_dir / onnx_io.DATA
+    if data.is_symlink() or (data.is_file() and data.stat().st_nlink > 1):
+        how = "a symlink" if data.is_symlink() else f"a file with {data.stat().st_nlink} hard links"
+        raise PipelineError(f"{data} is {how} (DVC cache.type hardlink or symlink?): onnx refuses to load such "
+                            f"external data. Use cache.type reflink,copy (this repo's .dvc/config) and run "
+                            f"`dvc checkout --relink`")
 
 
 def _enforce(stage: Stage, config: BaseModel, result: dict, parent_stage: str) -> None:

@@ -324,3 +324,14 @@ def test_training_gives_the_same_checkpoint_on_two_cpu_code_paths(data_dir, tmp_
     assert ids["avx2", "default"] == ids["avx2", "legacy"]
     assert ids["avx2", "default", "export"] == ids["avx2", "legacy", "export"]
     assert ids["native", "default"][1] != ids["native", "legacy"][1], "the two code paths do not differ here"
+
+
+def test_a_hard_linked_parent_is_refused_in_one_line_before_the_build(fused_dir, tmp_path):
+    """DVC's hardlink cache type links every output into .dvc/cache; onnx refuses such external data as
+    a "hard link attack" deep inside a stage. The runner says so first (docs/real-shapes.md, "Disk")."""
+    parent = tmp_path / "fused"
+    shutil.copytree(fused_dir, parent)
+    os.link(parent / "model.onnx_data", tmp_path / "cache-entry")
+    proc = run_cli("fp16", "--input", str(parent), "--out", str(tmp_path / "fp16"), "--no-eval")
+    assert_clean_failure(proc, "2 hard links", "reflink,copy", "dvc checkout --relink")
+    assert not (tmp_path / "fp16").exists()

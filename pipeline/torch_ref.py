@@ -54,12 +54,14 @@ def compute_in_float32(model) -> None:
 
 
 class TorchModel:
-    def __init__(self, checkpoint_dir: str | Path, trust_remote_code: bool | None = None):
+    def __init__(self, checkpoint_dir: str | Path, trust_remote_code: bool | None = None, keep_half: bool = False):
         """``trust_remote_code`` None: as the checkpoint's manifest recorded it (model.trust_remote_code), else off.
 
-        Semantics: the checkpoint's weights, computed in float32 (what the FP32 export computes). A bf16 or
-        fp16 checkpoint is kept in its own dtype and upcast module by module (:func:`compute_in_float32`),
-        so scoring it needs its stored bytes, not a float32 copy of them."""
+        Semantics: the checkpoint's weights, computed in float32 (what the FP32 export computes).
+        ``keep_half``: a bf16 or fp16 checkpoint stays in its own dtype and is upcast module by module
+        (:func:`compute_in_float32`), so scoring it needs its stored bytes, not a float32 copy: the
+        checkpoint stage's few forward passes. Otherwise it is loaded as float32 once (the export's
+        parity decodes token by token, and the export itself needed that copy already)."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -68,7 +70,7 @@ class TorchModel:
         torch.set_num_threads(os.cpu_count() or 1)
         self.torch = torch
         self.stored = stored_dtype(checkpoint_dir)
-        half = self.stored in HALF
+        half = self.stored in HALF and keep_half
         self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir),
                                                           dtype=getattr(torch, self.stored) if half else torch.float32,
                                                           use_safetensors=True, trust_remote_code=trust_remote_code)

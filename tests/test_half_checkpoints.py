@@ -58,7 +58,7 @@ def test_a_half_checkpoint_scores_as_its_float32_copy_without_holding_one(bf16, 
     m.save_pretrained(str(half))
     m.float().save_pretrained(str(tmp_path / "fp32"))
     ids = (np.arange(300, dtype=np.int64) * 7919 + 11) % 4000
-    ours = TorchModel(half)
+    ours = TorchModel(half, keep_half=True)
     got = ours.logits(ids)
     want = TorchModel(tmp_path / "fp32").logits(ids)
     assert np.abs(got - want).max() < 1e-4

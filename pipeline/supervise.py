@@ -39,8 +39,14 @@ def _read_reports(fd: int, into: dict) -> None:
 
 def as_child() -> None:
     """In the supervised child: die with the supervisor (a SIGKILL sent to `pipeline` must stop the
-    stage too, as it did before there was a supervisor)."""
+    stage too, as it did before there was a supervisor), and end a SIGTERM (a CI timeout, `kill`, passed
+    on by the supervisor) as Ctrl-C ends it: unwinding, so its scratch is removed before it exits."""
     memory.die_with_parent(int(os.environ.get(ENV) or 0) or None)
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def run(argv: list[str]) -> int:

@@ -335,3 +335,16 @@ def test_a_hard_linked_parent_is_refused_in_one_line_before_the_build(fused_dir,
     proc = run_cli("fp16", "--input", str(parent), "--out", str(tmp_path / "fp16"), "--no-eval")
     assert_clean_failure(proc, "2 hard links", "reflink,copy", "dvc checkout --relink")
     assert not (tmp_path / "fp16").exists()
+
+
+def test_sigterm_ends_a_stage_cleanly_at_once(fused_dir, data_dir, tmp_path):
+    """`kill` (SIGTERM) on `pipeline`: the watched stage unwinds as for Ctrl-C, nothing is left behind
+    without waiting for the next run."""
+    out = tmp_path / "int8-static"
+    proc = _start_and_wait_for_staging(_static(fused_dir, data_dir, out), tmp_path, out.name, 1.0)
+    assert proc.poll() is None, "the stage ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "aborted" in err and "Traceback" not in err  # as for Ctrl-C
+    assert not out.exists() and _leftovers(tmp_path) == []

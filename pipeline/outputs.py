@@ -61,8 +61,9 @@ def prompts_key(prompts: list[list[int]], greedy_tokens: int) -> str:
 def windows_key(windows: np.ndarray, scored: int = 0) -> str:
     """``scored``: tokens scored per window, when not the second half (keys of the default unchanged)."""
     half = windows.shape[1] - windows.shape[1] // 2
-    blob = np.ascontiguousarray(windows, dtype=np.int64).tobytes() + (f"scored={scored}".encode()
-                                                                      if scored and scored != half else b"")
+    # the shape too: 80 windows of 128 and 20 of 512 cut from one token stream are the same bytes
+    blob = (f"{windows.shape[0]}x{windows.shape[1]}:".encode() + np.ascontiguousarray(windows, dtype=np.int64).tobytes()
+            + (f"scored={scored}".encode() if scored and scored != half else b""))
     return "windows-" + hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -60,3 +60,13 @@ def test_reference_outputs_recorded_once_and_exact(export_dir, data_dir, tmp_pat
             "-S", "fused.greedy_tokens=16", check=True)
     new = json.loads((tmp_path / "fused" / "manifest.json").read_text())["artifact_id"]
     assert sorted(p.name for p in cache.iterdir()) == sorted([ids["export"], new])
+
+
+def test_windows_of_one_stream_cut_two_ways_have_two_keys():
+    """80 windows of 128 and 20 of 512 from one token stream are the same bytes; a reference recorded
+    for one must never be read back for the other (it scored other positions)."""
+    from pipeline.outputs import windows_key
+
+    stream = np.arange(10240, dtype=np.int64) % 4000
+    assert windows_key(stream.reshape(80, 128)) != windows_key(stream.reshape(20, 512))
+    assert windows_key(stream.reshape(20, 512)) == windows_key(stream.reshape(20, 512).copy())

@@ -24,14 +24,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--evals", type=Path, required=True, help="directory of <artifact>-<ctx>[-vs-<ref>].json")
     ap.add_argument("--artifacts", type=Path, required=True, help="the artifacts' directory (their manifests)")
-    ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--shape", default="qwen3-0.6b", help="what the artifacts were built from, for the record")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    by_id = {}  # artifact id -> its directory's name (--name may differ from the directory)
+    for manifest in args.artifacts.glob("*/manifest.json"):
+        by_id.setdefault(json.loads(manifest.read_text())["artifact_id"], manifest.parent.name)
     rows = []
     for path in sorted(args.evals.glob("*.json")):
         r = json.loads(path.read_text())
-        rows.append({"artifact": r["artifact"], "reference": r["reference"], "artifact_id": r["artifact_id"],
-                     **{k: r.get(k) for k in FIGURES}})
+        rows.append({"artifact": by_id.get(r["artifact_id"], r["artifact"]), "reference": r["reference"],
+                     "artifact_id": r["artifact_id"], **{k: r.get(k) for k in FIGURES}})
     short = {}
     for r in rows:
         m = json.loads((args.artifacts / r["artifact"] / "manifest.json").read_text())

@@ -127,7 +127,8 @@ def longacc(path: Path) -> str:
     for r in doc["runs"]:
         s = doc["short_window"].get(r["artifact"], {}) if r["reference"] == "export" else {}
         at128 = f"{s['kld_mean']:.2e} / {s['top1_agreement']:.1%}" if s.get("kld_mean") is not None else "—"
-        rows.append(f"| {r['artifact']} | {r['kv_dtype']} | {r['reference']} | {r['ctx'] // 1024}k "
+        length = f"{r['ctx'] // 1024}k" if r["ctx"] >= 1024 else str(r["ctx"])
+        rows.append(f"| {r['artifact']} | {r['kv_dtype']} | {r['reference']} | {length} "
                     f"({r['tokens_scored']:,} in {r['windows']}) | {r['drift_pct']:+.3f} % | {r['kld_mean']:.2e} | "
                     f"{r['kld_p99']:.2e} | {r['top1_agreement']:.1%} | {at128} |")
     return "\n".join(rows)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from . import supervise
 from .errors import PipelineError
 from .log import info
 from .params import load_params
@@ -472,8 +473,6 @@ def verify_cmd(directory):
 
 
 def main():
-    from . import supervise
-
     if supervise.wanted(sys.argv):  # a stage verb: run it in a watched child (pipeline/supervise.py)
         sys.exit(supervise.run(sys.argv))
     if os.environ.get(supervise.ENV):

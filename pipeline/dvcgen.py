@@ -58,8 +58,10 @@ def cli_base() -> set[str]:
     tree = ast.parse((ROOT / "pipeline" / "cli.py").read_text())
     top = set()
     for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            top.add("pipeline" + (f".{node.module}" if node.module else ""))
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and not node.module:  # from . import x
+            top |= {f"pipeline.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 1:
+            top.add(f"pipeline.{node.module}")
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
             top.add(node.module)
     return {"pipeline.__main__", "pipeline.cli"} | closure(*top)

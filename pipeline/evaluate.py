@@ -28,7 +28,7 @@ from .verify import verify
 # tests/test_architecture.py checks that the list covers this module's import closure.
 SCORER_MODULES = ("pipeline.evaluate", "pipeline.outputs", "pipeline.runtime", "pipeline.torch_ref",
                   "pipeline.parity", "pipeline.verify", "pipeline.manifest", "pipeline.onnx_io", "pipeline.schema",
-                  "pipeline.registry", "pipeline.errors", "pipeline.log")
+                  "pipeline.registry", "pipeline.errors", "pipeline.log", "pipeline.memory")
 
 
 def scorer_fingerprint() -> str:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,9 @@ def run_limited(limit_mb: int, *args: str, env: dict | None = None) -> subproces
         proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True,
                               env={**os.environ, **(env or {})}, timeout=600,
                               preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
-        left = (group / "cgroup.procs").read_text().split()
+        deadline = time.monotonic() + 20  # multiprocessing's resource tracker exits on its pipe's EOF, a moment later
+        while (left := (group / "cgroup.procs").read_text().split()) and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert not left, f"processes outlived the stage: {left}"
         return proc
     finally:

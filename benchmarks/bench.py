@@ -386,13 +386,6 @@ def main() -> None:
 
 
 # ------------------------------------------------------------------------------------------ long context
-def kv_bytes(config: dict, positions: int, itemsize: int) -> int:
-    heads = int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
-    return 2 * int(config["num_hidden_layers"]) * kv * head_dim * positions * itemsize
-
-
 def llama_long(bins: Path, gguf: Path, threads: int, prompt: int, new: int, timeout: int,
                depth_max: int) -> dict | str:
     """llama-bench ``-p prompt -n 0`` (prefill) and, up to ``depth_max`` tokens, ``-p 0 -n new -d prompt``
@@ -432,7 +425,9 @@ def derive_long(r: dict, path: Path, config: dict, length: int, new_tokens: int,
     g = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
     kv_type = next(i.type.tensor_type.elem_type for i in g.input if i.name.startswith("past_key_values"))
     itemsize = {onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT8: 1}.get(kv_type, 4)
-    kv = kv_bytes(config, length + new_tokens, itemsize)
+    from pipeline.runtime import kv_cache_bytes
+
+    kv = kv_cache_bytes(config, length + new_tokens, itemsize)
     model = sum(p.stat().st_size for p in path.glob("model.onnx*"))
     r.update({"kv_dtype": {2: "float16", 1: "int8"}.get(itemsize, "float32"), "kv_cache_mb": round(kv / 2**20, 1),
               "model_mb": round(model / 2**20, 1), "rss_target_mb": round((model + kv) / 2**20 + 1536, 1),

@@ -1,9 +1,11 @@
 """The whole DAG at a real Qwen3 shape (random weights), stage by stage, with each stage's wall time,
-peak RSS and artifact size, against the memory target (peak RSS <= 2x the FP32 weights + 1 GB).
+peak RSS (anonymous and file-backed apart) and artifact size, against the memory targets: peak RSS <=
+2x the FP32 weights + 1 GB (the real-size issue), and <= the FP32 weights + 2 GB (the full-4B issue).
 
     python benchmarks/real_shapes.py --shape qwen3-1.7b --work /tmp/r17 [--windows 4] [--calibration 8]
     python benchmarks/real_shapes.py --shape "qwen3-4b?layers=2" --work /tmp/r4b2 --stages checkpoint,export,fused
     python benchmarks/real_shapes.py --shape qwen3-0.6b --work /tmp/r06 --collect   # figures of a finished run
+    python benchmarks/real_shapes.py --shape "qwen3-4b?dtype=bfloat16" --repo CLONE   # a finished `dvc exp run`
     python benchmarks/real_shapes.py --extrapolate A.json B.json --layers 36   # two depths of one width -> N layers
 
 Each stage runs as `pipeline <verb>` with the arguments dvc.yaml gives it, plus the ``-S`` overrides
@@ -48,17 +50,22 @@ def commands(a: Path) -> dict[str, list[str]]:
     }
 
 
-def figures(a: Path, stage: str, fp32_bytes: int) -> dict:
+def figures(a: Path, stage: str, fp32_bytes: int, build: Path | None = None) -> dict:
     m = json.loads((a / stage / "manifest.json").read_text())
     met = m["metrics"]
-    run = json.loads((a / "build" / f"{stage}.json").read_text())  # the run's figures, outside the artifact
+    # the run's figures, outside the artifact (DVC's metrics/build/ in a repo)
+    run = json.loads(((build or a / "build") / f"{stage}.json").read_text())
     size = sum(p.stat().st_size for p in (a / stage).glob("model.onnx*")) or sum(
         p.stat().st_size for p in (a / stage).glob("*.safetensors"))
     peak = (run.get("peak_rss_mb") or 0) * 2**20  # in MiB (ru_maxrss / 1024)
     target = 2 * fp32_bytes + 1e9
     row = {"stage": stage, "artifact_id": m["artifact_id"], "wall_s": run.get("wall_seconds"),
            "peak_rss_gb": round(peak / 1e9, 2), "peak_vs_fp32": round(peak / fp32_bytes, 2),
-           "size_mb": round(size / 1e6, 1), "target_gb": round(target / 1e9, 2), "within_target": peak <= target}
+           "size_mb": round(size / 1e6, 1), "target_gb": round(target / 1e9, 2), "within_target": peak <= target,
+           "within_fp32_plus_2gb": peak <= fp32_bytes + 2e9}
+    sampled = run.get("sampled_rss_mb")  # the process tree's peaks, sampled (pipeline/supervise.py)
+    if sampled:
+        row["sampled_gb"] = {k: round(sampled[k] * 2**20 / 1e9, 2) for k in ("anon", "file", "shmem", "total")}
     ev = met.get("eval") or {}
     if ev:
         row.update({k: ev.get(k) for k in ("drift_pct", "kld_mean", "top1_agreement")})
@@ -66,6 +73,22 @@ def figures(a: Path, stage: str, fp32_bytes: int) -> dict:
     if sq:
         row["smoothquant"] = {k: sq[k] for k in ("groups", "folded", "mul_inserted")}
     return row
+
+
+def disk(repo: Path) -> dict:
+    """What a DVC workspace holds: the artifacts' and the cache's apparent bytes, and what the
+    filesystem has in use (with reflinks, ``dvc commit`` shares the blocks: used < artifacts + cache)."""
+    import shutil
+
+    def apparent(root: Path) -> int:
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+    mount = max((line.split() for line in Path("/proc/mounts").read_text().splitlines()
+                 if repo.resolve().is_relative_to(line.split()[1])), key=lambda f: len(f[1]))
+    return {"artifacts_gb": round(apparent(repo / "artifacts") / 1e9, 2),
+            "dvc_cache_gb": round(apparent(repo / ".dvc" / "cache") / 1e9, 2),
+            "filesystem_used_gb": round(shutil.disk_usage(repo).used / 1e9, 2),
+            "filesystem": mount[2], "mount_options": mount[3]}
 
 
 def extrapolate(paths: list[Path], layers: int) -> dict:
@@ -144,11 +167,13 @@ def main() -> int:
                     help="fit the stages' memory model (pipeline/memory_model.json) to these runs")
     ap.add_argument("--layers", type=int, default=36, help="with --extrapolate: the depth to extrapolate to")
     ap.add_argument("--shape", required=not {"--extrapolate", "--fit"} & set(sys.argv), help="qwen3-0.6b | qwen3-1.7b | qwen3-4b, optionally ?layers=N")
-    ap.add_argument("--work", required=not {"--extrapolate", "--fit"} & set(sys.argv), type=Path)
+    ap.add_argument("--work", required=not {"--extrapolate", "--fit", "--repo"} & set(sys.argv), type=Path)
     ap.add_argument("--windows", type=int, default=4, help="eval.max_windows")
     ap.add_argument("--calibration", type=int, default=8, help="int8_static.calibration.samples")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--collect", action="store_true", help="only read the figures of a finished run")
+    ap.add_argument("--repo", type=Path, help="only read the figures of a finished `dvc exp run` / `dvc repro` in "
+                    "this workspace (artifacts/, metrics/build/), and its disk use")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.fit:
@@ -175,12 +200,13 @@ def main() -> int:
         print(f"\nwrote {out}")
         return 0
     stages = [s for s in args.stages.split(",") if s]
-    a = args.work / "a"
+    a = args.repo / "artifacts" if args.repo else args.work / "a"
+    build = args.repo / "metrics" / "build" if args.repo else None
     overrides = ["-S", f"model.source=random:{args.shape}", "-S", f"eval.max_windows={args.windows}",
                  "-S", f"int8_static.calibration.samples={args.calibration}", "-S", "int8_static.calibration.stride=4",
                  "-S", f"imatrix.calibration.samples={args.calibration}"]
     cmds = commands(a)
-    if not args.collect:
+    if not (args.collect or args.repo):
         for stage in (["data"] if not (a / "data").is_dir() else []) + stages:
             cmd = ["pipeline", cmds[stage][0], *overrides, *cmds[stage][1:],
                    "--run-metrics", str(a / "build" / f"{stage}.json")]
@@ -190,10 +216,14 @@ def main() -> int:
             if proc.returncode:
                 print(f"== {stage} failed (exit {proc.returncode}) after {time.perf_counter() - t0:.0f} s", flush=True)
                 return proc.returncode
-    fp32 = sum(p.stat().st_size for p in (a / "checkpoint").glob("*.safetensors"))
-    rows = [figures(a, s, fp32) for s in stages if (a / s / "manifest.json").is_file()]
+    from pipeline.memory import weight_bytes
+
     config = json.loads((a / "checkpoint" / "config.json").read_text())
+    fp32 = weight_bytes(config)["total"]  # the weights in FP32, whatever dtype the checkpoint stores
+    rows = [figures(a, s, fp32, build) for s in stages if (a / s / "manifest.json").is_file()]
     result = {"shape": args.shape, "fp32_weight_bytes": fp32,
+              "checkpoint_dtype": config.get("torch_dtype") or config.get("dtype") or "float32",
+              "checkpoint_bytes": sum(p.stat().st_size for p in (a / "checkpoint").glob("*.safetensors")),
               "layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
               "eval_windows": args.windows, "calibration_samples": args.calibration,
               "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform(),
@@ -202,6 +232,8 @@ def main() -> int:
               "dag_wall_s": round(sum(r["wall_s"] or 0 for r in rows)),  # the stages' own wall times, summed
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                        text=True).stdout.strip() or None}
+    if args.repo:
+        result["disk"] = disk(args.repo)
     out = args.out or REPO / "benchmarks" / f"real_shapes_{args.shape.replace('?', '_').replace('=', '')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.shape}: {fp32 / 1e9:.2f} GB FP32 weights; target peak RSS <= {(2 * fp32 + 1e9) / 1e9:.1f} GB\n")

@@ -93,18 +93,30 @@ def ratios(path: Path) -> str:
 
 def stages(path: Path) -> str:
     doc = json.loads(path.read_text())
-    head = (f"{doc['shape']}: {doc['fp32_weight_bytes'] / 1e9:.2f} GB FP32 weights, {doc['layers']} layers; "
+    fp32 = doc["fp32_weight_bytes"]
+    half = doc.get("checkpoint_dtype", "float32") != "float32"
+    head = (f"{doc['shape']}: {fp32 / 1e9:.2f} GB FP32 weights"
+            + (f" ({doc['checkpoint_bytes'] / 1e9:.2f} GB stored as {doc['checkpoint_dtype']})" if half else "")
+            + f", {doc['layers']} layers; "
             f"{doc['eval_windows']} eval windows, {doc['calibration_samples']} calibration windows; "
             f"{doc.get('run', 'benchmarks/real_shapes.py')}"
-            + (f"; whole DAG {doc['dag_wall_s']} s" if doc.get("dag_wall_s") else "")
+            + (f"; whole DAG {doc['dag_wall_s']:,} s" if doc.get("dag_wall_s") else "")
             + (f"; commit `{doc['commit']}`" if doc.get("commit") else "") + f"; {doc.get('date', '')}.\n\n")
-    rows = ["| stage | wall | peak RSS | × FP32 | within 2×FP32 + 1 GB | artifact | drift vs export |",
-            "|---|---:|---:|---:|---|---:|---:|"]
+    rows = ["| stage | wall | peak RSS | anon / file (sampled) | × FP32 | ≤ 2×FP32 + 1 GB | ≤ FP32 + 2 GB | artifact | "
+            "drift vs export |", "|---|---:|---:|---:|---:|---|---|---:|---:|"]
     for r in doc["stages"]:
-        rows.append(f"| {r['stage']} | {_fmt(r.get('wall_s'), ',.0f')} s | {r['peak_rss_gb']:.2f} GB | "
-                    f"{r['peak_vs_fp32']:.2f} | {'yes' if r['within_target'] else '**no**'} | {r['size_mb']:,} MB | "
-                    f"{_fmt(r.get('drift_pct'), '+.3f')} % |")
-    return head + "\n".join(rows)
+        s = r.get("sampled_gb")
+        split = f"{s['anon']:.2f} / {s['file']:.2f} GB" if s else "—"
+        within = r["peak_rss_gb"] * 1e9 <= fp32 + 2e9
+        rows.append(f"| {r['stage']} | {_fmt(r.get('wall_s'), ',.0f')} s | {r['peak_rss_gb']:.2f} GB | {split} | "
+                    f"{r['peak_vs_fp32']:.2f} | {'yes' if r['within_target'] else '**no**'} | "
+                    f"{'yes' if within else '**no**'} | {r['size_mb']:,} MB | {_fmt(r.get('drift_pct'), '+.3f')} % |")
+    d = doc.get("disk")
+    tail = ("" if not d else
+            f"\n\nDisk ({d['filesystem']}, {d['mount_options'].split(',')[0]}): artifacts {d['artifacts_gb']:.1f} GB, "
+            f"DVC cache {d['dvc_cache_gb']:.1f} GB (apparent sizes); the filesystem has {d['filesystem_used_gb']:.1f} GB "
+            "in use.")
+    return head + "\n".join(rows) + tail
 
 
 def extrapolated(path: Path) -> str:
@@ -293,7 +305,7 @@ def kvmemory(path: Path) -> str:
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from pipeline.runtime import ATTENTION_WORKSPACE_BYTES, DEFAULT_PREFILL_CHUNK, attention_shape, request_memory
+    from pipeline.runtime import prefill_chunk, request_memory
     from stages.checkpoint import QWEN3_SHAPES, QWEN3_VOCAB
 
     rows = ["| shape | context | KV float32 | KV float16 | KV int8 | attention workspace (chunk) | logits: last position "
@@ -301,9 +313,8 @@ def kvmemory(path: Path) -> str:
     gib = 2**30
     for name in ("qwen3-0.6b", "qwen3-4b"):
         cfg = {"head_dim": 128, "vocab_size": QWEN3_VOCAB, **QWEN3_SHAPES[name]}
-        heads = attention_shape(cfg)[0]
         for ctx in (8192, 32768, 131072, 262144):
-            chunk = max(1, min(DEFAULT_PREFILL_CHUNK, ATTENTION_WORKSPACE_BYTES // (4 * heads * ctx)))
+            chunk = prefill_chunk(cfg, ctx)
             kv = {d: request_memory(cfg, d, 1, ctx, chunk)["kv_cache"] / gib for d in (np.float32, np.float16, np.int8)}
             m = request_memory(cfg, np.float32, 1, ctx, chunk)
             every = ctx * cfg["vocab_size"] * 4 / gib

@@ -314,8 +314,7 @@ class Runtime:
         """Prompt tokens per prefill step for KV buffers of ``kv_len`` positions: ``prefill_chunk``, less
         where ORT's CPU attention workspace (float32 scores, chunk x kv_len per head) would pass
         :data:`ATTENTION_WORKSPACE_BYTES`."""
-        heads = attention_shape(self.config)[0]
-        return max(1, min(self.prefill_chunk, ATTENTION_WORKSPACE_BYTES // (4 * heads * max(kv_len, 1))))
+        return prefill_chunk(self.config, kv_len, self.prefill_chunk)
 
     def _chunks(self, length: int, kv_len: int):
         step = self.chunk_for(kv_len)
@@ -499,6 +498,20 @@ class Runtime:
         return out
 
 
+def prefill_chunk(config: dict, kv_len: int, wanted: int | None = None) -> int:
+    """Prompt tokens per prefill step for KV buffers of ``kv_len`` positions: ``wanted`` (default
+    :data:`DEFAULT_PREFILL_CHUNK`), less where ORT's CPU attention workspace (float32 scores, chunk x
+    kv_len per head) would pass :data:`ATTENTION_WORKSPACE_BYTES`."""
+    heads = attention_shape(config)[0]
+    return max(1, min(wanted or DEFAULT_PREFILL_CHUNK, ATTENTION_WORKSPACE_BYTES // (4 * heads * max(kv_len, 1))))
+
+
+def kv_cache_bytes(config: dict, positions: int, itemsize: int, rows: int = 1) -> int:
+    """One copy of the KV cache: rows x positions x 2 (key, value) x layers x kv_heads x head_dim x itemsize."""
+    _, kv_heads, head_dim = attention_shape(config)
+    return rows * positions * 2 * int(config.get("num_hidden_layers") or 0) * kv_heads * head_dim * itemsize
+
+
 def request_memory(config: dict, kv_dtype, rows: int, positions: int, chunk: int, *, shared_kv: bool = True,
                    selects_logits: bool = True) -> dict:
     """Bytes a generation request needs beyond the weights (the formula of docs/long-context.md):
@@ -509,13 +522,12 @@ def request_memory(config: dict, kv_dtype, rows: int, positions: int, chunk: int
       float32 scores over the whole KV buffer), plus the chunk's activations (hidden and MLP widths),
       for every row (ragged GQA batches prefill a row at a time: an upper bound there);
     - logits: rows x vocab x 4 with ``logits_to_keep`` (the last position), else x chunk."""
-    heads, kv_heads, head_dim = attention_shape(config)
+    heads = attention_shape(config)[0]
     vocab = int(config.get("vocab_size") or 0)
     hidden = int(config.get("hidden_size") or 0)
     inter = int(config.get("intermediate_size") or 4 * hidden)
-    layers = int(config.get("num_hidden_layers") or 0)
     itemsize = np.dtype(kv_dtype).itemsize if kv_dtype is not None else 0
-    kv_bytes = rows * positions * 2 * layers * kv_heads * head_dim * itemsize * (1 if shared_kv else 2)
+    kv_bytes = kv_cache_bytes(config, positions, itemsize, rows) * (1 if shared_kv else 2)
     workspace = rows * chunk * (4 * heads * positions + 4 * (4 * hidden + 2 * inter))
     logits = rows * vocab * 4 * (1 if selects_logits else chunk)
     return {"kv_cache": kv_bytes, "workspace": workspace, "logits": logits, "total": kv_bytes + workspace + logits,

@@ -43,18 +43,25 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
-def cgroup_limit() -> tuple[int, Path] | None:
-    """(bytes, cgroup directory) of the tightest memory limit on this process's own cgroup, if any."""
-    best = None
+def _cgroup_limits() -> list[tuple[int, Path, Path]]:
+    """(limit bytes, cgroup directory, its usage file) for each memory cgroup of this process that
+    sets a limit (v2 memory.max, v1 memory.limit_in_bytes; "max" or v1's near-2^63 mean none)."""
+    found = []
     for version, d in _cgroup_files():
-        f = d / ("memory.max" if version == "v2" else "memory.limit_in_bytes")
+        limit, usage = ((d / "memory.max", d / "memory.current") if version == "v2" else
+                        (d / "memory.limit_in_bytes", d / "memory.usage_in_bytes"))
         try:
-            text = f.read_text().strip()
+            text = limit.read_text().strip()
         except OSError:
             continue
-        if text != "max" and int(text) < 1 << 60 and (best is None or int(text) < best[0]):
-            best = (int(text), d)
-    return best
+        if text != "max" and int(text) < 1 << 60:
+            found.append((int(text), d, usage))
+    return found
+
+
+def cgroup_limit() -> tuple[int, Path] | None:
+    """(bytes, cgroup directory) of the tightest memory limit on this process's own cgroup, if any."""
+    return min(((b, d) for b, d, _ in _cgroup_limits()), default=None, key=lambda x: x[0])
 
 
 def memory_limit() -> tuple[int, str]:
@@ -67,22 +74,16 @@ def memory_limit() -> tuple[int, str]:
 
 
 def available_memory() -> int | None:
-    """Bytes this process may still allocate: MemAvailable, or less where a cgroup (v2 memory.max, v1
-    memory.limit_in_bytes) caps it (limit - usage + its inactive file pages); None where neither can
-    be read."""
+    """Bytes this process may still allocate: MemAvailable, or less where a cgroup caps it (limit -
+    usage + its inactive file pages); None where neither can be read."""
     free = []
     if "MemAvailable" in (info := _meminfo()):
         free.append(info["MemAvailable"])
-    for version, d in _cgroup_files():
-        limit, usage = ((d / "memory.max", d / "memory.current") if version == "v2" else
-                        (d / "memory.limit_in_bytes", d / "memory.usage_in_bytes"))
+    for limit, d, usage in _cgroup_limits():
         try:
-            text = limit.read_text().strip()
-            if text == "max" or int(text) >= 1 << 60:
-                continue
             stat = dict(ln.split() for ln in (d / "memory.stat").read_text().splitlines())
             cache = int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))  # reclaimable
-            free.append(max(int(text) - int(usage.read_text()) + cache, 0))
+            free.append(max(limit - int(usage.read_text()) + cache, 0))
         except (OSError, ValueError):
             continue
     return min(free) if free else None
@@ -200,13 +201,14 @@ def _model() -> dict:
 def estimate(stage: str, config: dict) -> dict | None:
     """The measured model's peak RSS for ``stage`` on the model of ``config`` (None: not modelled):
     peak = a x layer weights + b x embedding table + c, all FP32 bytes, fitted per stage."""
-    fit = _model().get("stages", {}).get(stage)
+    model = _model()
+    fit = model.get("stages", {}).get(stage)
     if not fit:
         return None
     w = weight_bytes(config)
     need = fit["a"] * (w["total"] - w["table"]) + fit["b"] * w["table"] + fit["c"]
     return {"bytes": int(max(need, 0)), "fp32_weight_bytes": w["total"], "fit": fit,
-            "source": _model().get("source", str(MODEL_FILE.name))}
+            "source": model.get("source", str(MODEL_FILE.name))}
 
 
 def gb(n: float) -> str:

@@ -21,9 +21,29 @@ from . import manifest as mf
 from .errors import PipelineError
 
 
+def lock_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.lock")
+
+
+def drop_stale_lock(out: Path) -> None:
+    """A dead run's lock file beside ``out`` (the kernel released its flock), unless a run holds it now."""
+    path = lock_path(out)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _exclusive(out: Path):
-    path = out.with_name(f".{out.name}.lock")
+    path = lock_path(out)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

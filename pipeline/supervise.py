@@ -3,9 +3,10 @@ that a stage the kernel kills (the OOM killer sends SIGKILL: no handler, no trac
 exit code) still ends with one line: which stage, how much memory it had and of what limit, what the
 measured memory model says it needs, and that its scratch files are gone.
 
-The parent is small (the standard library and :mod:`pipeline.memory`), so the OOM killer, which picks
-the largest process, takes the stage and not its supervisor. It samples the stage's process tree
-(anonymous and file-backed pages apart) and adds the peaks to the stage's ``--run-metrics`` file."""
+The parent holds no model (the standard library and :mod:`pipeline.memory`, about 20 MB) and the
+child raises its own ``oom_score_adj``, so the OOM killer takes the stage and not its supervisor. It
+samples the stage's process tree (anonymous and file-backed pages apart) and adds the peaks to the
+stage's ``--run-metrics`` file."""
 
 from __future__ import annotations
 
@@ -105,29 +106,11 @@ def killed_message(reports: dict, last: dict, oom_before: dict) -> str:
     line = memory.killed_line(reports.get("stage") or "the stage", last, oom_before, reports.get("estimate"))
     out = reports.get("out")
     if out:
-        from .store import remove_stale  # after the child's death: its lock is released
+        from .store import drop_stale_lock, remove_stale  # after the child's death: its lock is released
 
         removed = remove_stale(Path(out))
-        _drop_lock(Path(out))
+        drop_stale_lock(Path(out))
         line += f". Nothing was published to {out}" + (
             f"; the {len(removed)} scratch director{'y it left was' if len(removed) == 1 else 'ies it left were'} "
             f"removed" if removed else "")
     return line
-
-
-def _drop_lock(out: Path) -> None:
-    """The dead stage's ``.<name>.lock``, unless another run holds it now."""
-    import fcntl
-
-    path = out.with_name(f".{out.name}.lock")
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -7,6 +7,7 @@ peak RSS (anonymous and file-backed apart) and artifact size, against the memory
     python benchmarks/real_shapes.py --shape qwen3-0.6b --work /tmp/r06 --collect   # figures of a finished run
     python benchmarks/real_shapes.py --shape "qwen3-4b?dtype=bfloat16" --repo CLONE   # a finished `dvc exp run`
     python benchmarks/real_shapes.py --extrapolate A.json B.json --layers 36   # two depths of one width -> N layers
+    python benchmarks/real_shapes.py --project A.json B.json C.json   # full-depth runs -> Qwen3-8B / 14B needs
 
 Each stage runs as `pipeline <verb>` with the arguments dvc.yaml gives it, plus the ``-S`` overrides
 below, in its own process; the figures are those the stage records in its own manifest
@@ -55,8 +56,10 @@ def figures(a: Path, stage: str, fp32_bytes: int, build: Path | None = None) -> 
     met = m["metrics"]
     # the run's figures, outside the artifact (DVC's metrics/build/ in a repo)
     run = json.loads(((build or a / "build") / f"{stage}.json").read_text())
-    size = sum(p.stat().st_size for p in (a / stage).glob("model.onnx*")) or sum(
-        p.stat().st_size for p in (a / stage).glob("*.safetensors"))
+    # the weights' bytes as the manifest lists them (the files may be gone since)
+    files = {f["path"]: f["size"] for f in m.get("files", [])}
+    size = sum(v for k, v in files.items() if k.startswith("model.onnx")) or sum(
+        v for k, v in files.items() if k.endswith(".safetensors"))
     peak = (run.get("peak_rss_mb") or 0) * 2**20  # in MiB (ru_maxrss / 1024)
     target = 2 * fp32_bytes + 1e9
     row = {"stage": stage, "artifact_id": m["artifact_id"], "wall_s": run.get("wall_seconds"),
@@ -116,6 +119,57 @@ def extrapolate(paths: list[Path], layers: int) -> dict:
             "target_gb": round((2 * fp32 + 1e9) / 1e9, 1), "stages": rows}
 
 
+# Larger published Qwen3 shapes, for --project only (their config.json files on the hub; not built
+# here: Qwen3-8B is 32.8 GB of FP32 weights). Unlike 0.6B-4B, their lm_head is a matrix of its own.
+LARGER = {
+    "qwen3-8b": {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": False},
+    "qwen3-14b": {"hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 40, "num_attention_heads": 40,
+                  "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": False},
+}
+MACHINES_GB = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # RAM sizes machines come in
+
+
+def project(paths: list[Path], shapes=("qwen3-8b", "qwen3-14b")) -> dict:
+    """What each stage needs at a larger shape: peak RSS by the measured memory model
+    (pipeline/memory_model.json), wall time on a line through the full-depth runs given (time per FP32
+    byte, least squares with an intercept), artifact size by the ratio to the FP32 weights the largest
+    run measured, disk for the DAG's artifacts (one copy with reflinks, two with DVC's copy), and the
+    smallest usual machine whose RAM holds the largest peak with 10 % to spare."""
+    import numpy as np
+
+    from pipeline.memory import estimate, weight_bytes
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    largest = max(runs, key=lambda r: r["fp32_weight_bytes"])
+    out = {"from": [str(p) for p in paths], "memory_model": "pipeline/memory_model.json", "shapes": []}
+    for name in shapes:
+        cfg = LARGER[name]
+        fp32 = weight_bytes(cfg)["total"]
+        rows, disk = [], 0.0
+        for ref in largest["stages"]:
+            stage = ref["stage"]
+            pts = [(r["fp32_weight_bytes"] / 1e9, row["wall_s"]) for r in runs for row in r["stages"]
+                   if row["stage"] == stage and row.get("wall_s")]
+            wall = None
+            if len(pts) >= 2:
+                (k, c), *_ = np.linalg.lstsq(np.array([[x, 1.0] for x, _ in pts]), np.array([y for _, y in pts]),
+                                             rcond=None)
+                wall = round(float(k * fp32 / 1e9 + c))
+            est = estimate(stage, cfg)
+            size = ref["size_mb"] * 1e6 / largest["fp32_weight_bytes"] * fp32
+            disk += size
+            rows.append({"stage": stage, "peak_rss_gb": round(est["bytes"] / 1e9, 1) if est else None,
+                         "wall_s": wall, "size_gb": round(size / 1e9, 2)})
+        peak = max(r["peak_rss_gb"] or 0 for r in rows)
+        out["shapes"].append({"shape": name, "fp32_weight_bytes": fp32, "layers": cfg["num_hidden_layers"],
+                              "stages": rows, "dag_wall_s": sum(r["wall_s"] or 0 for r in rows),
+                              "disk_gb": {"reflink": round(disk / 1e9, 1), "copy": round(2 * disk / 1e9, 1)},
+                              "max_peak_gb": peak,
+                              "machine_gb": next((m for m in MACHINES_GB if m * 2**30 >= 1.1 * peak * 1e9), None)})
+    return out
+
+
 def shape_config(shape: str, layers: int | None = None) -> dict:
     """config.json's sizes for ``random:<shape>`` (what stages/checkpoint.py writes: transformers'
     Qwen3Config defaults head_dim to 128, the vocab is the real one, the table is tied)."""
@@ -131,7 +185,8 @@ def shape_config(shape: str, layers: int | None = None) -> dict:
 def fit(paths: list[Path]) -> dict:
     """The memory model the stages check themselves against (pipeline/memory.py): per stage, peak RSS =
     a x layer weights + b x embedding table + c (FP32 bytes), non-negative least squares over the runs
-    given; a stage needs three runs of differing shapes to be modelled."""
+    given; a stage needs three runs of differing shapes to be modelled. A half-precision checkpoint's run
+    counts for every stage after the checkpoint (they all hold FP32 graphs)."""
     import numpy as np
     from scipy.optimize import nnls
 
@@ -141,7 +196,10 @@ def fit(paths: list[Path]) -> dict:
     for path in paths:
         run = json.loads(Path(path).read_text())
         w = weight_bytes(shape_config(run["shape"], run["layers"]))
+        half = run.get("checkpoint_dtype", "float32") != "float32"
         for row in run["stages"]:
+            if half and row["stage"] == "checkpoint":
+                continue  # it holds the half-precision bytes: not the FP32 model this fit is in
             if row.get("peak_rss_gb"):
                 points.setdefault(row["stage"], []).append(
                     (w["total"] - w["table"], w["table"], row["peak_rss_gb"] * 1e9, run["shape"]))
@@ -165,9 +223,12 @@ def main() -> int:
     ap.add_argument("--extrapolate", nargs=2, type=Path, metavar="JSON")
     ap.add_argument("--fit", nargs="+", type=Path, metavar="JSON",
                     help="fit the stages' memory model (pipeline/memory_model.json) to these runs")
+    ap.add_argument("--project", nargs="+", type=Path, metavar="JSON",
+                    help="full-depth runs: what Qwen3-8B and 14B need (memory model, wall and size slopes)")
     ap.add_argument("--layers", type=int, default=36, help="with --extrapolate: the depth to extrapolate to")
-    ap.add_argument("--shape", required=not {"--extrapolate", "--fit"} & set(sys.argv), help="qwen3-0.6b | qwen3-1.7b | qwen3-4b, optionally ?layers=N")
-    ap.add_argument("--work", required=not {"--extrapolate", "--fit", "--repo"} & set(sys.argv), type=Path)
+    analysis = bool({"--extrapolate", "--fit", "--project"} & set(sys.argv))  # of results files: no run
+    ap.add_argument("--shape", required=not analysis, help="qwen3-0.6b | qwen3-1.7b | qwen3-4b, optionally ?layers=N")
+    ap.add_argument("--work", required=not analysis and "--repo" not in sys.argv, type=Path)
     ap.add_argument("--windows", type=int, default=4, help="eval.max_windows")
     ap.add_argument("--calibration", type=int, default=8, help="int8_static.calibration.samples")
     ap.add_argument("--stages", default=",".join(STAGES))
@@ -183,6 +244,16 @@ def main() -> int:
         for stage, f in model["stages"].items():
             print(f"{stage}: {f['a']:.3f} x layers + {f['b']:.3f} x table + {f['c'] / 1e9:.2f} GB "
                   f"(worst fit {f['max_residual']:.0%} over {len(f['runs'])} runs)")
+        print(f"wrote {out}")
+        return 0
+    if args.project:
+        pr = project(args.project)
+        out = args.out or REPO / "benchmarks" / "real_shapes_projected.json"
+        out.write_text(json.dumps(pr, indent=2) + "\n")
+        for sh in pr["shapes"]:
+            print(f"{sh['shape']}: {sh['fp32_weight_bytes'] / 1e9:.1f} GB FP32, largest stage {sh['max_peak_gb']} GB "
+                  f"-> a {sh['machine_gb']} GB machine; DAG ~{sh['dag_wall_s'] / 60:.0f} min, disk "
+                  f"{sh['disk_gb']['reflink']} GB (reflink) / {sh['disk_gb']['copy']} GB (copy)")
         print(f"wrote {out}")
         return 0
     if args.extrapolate:
@@ -223,7 +294,8 @@ def main() -> int:
     rows = [figures(a, s, fp32, build) for s in stages if (a / s / "manifest.json").is_file()]
     result = {"shape": args.shape, "fp32_weight_bytes": fp32,
               "checkpoint_dtype": config.get("torch_dtype") or config.get("dtype") or "float32",
-              "checkpoint_bytes": sum(p.stat().st_size for p in (a / "checkpoint").glob("*.safetensors")),
+              "checkpoint_bytes": sum(f["size"] for f in json.loads((a / "checkpoint" / "manifest.json").read_text())["files"]
+                                if f["path"].endswith(".safetensors")),
               "layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
               "eval_windows": args.windows, "calibration_samples": args.calibration,
               "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform(),

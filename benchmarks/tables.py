@@ -130,6 +130,28 @@ def extrapolated(path: Path) -> str:
     return "\n".join(rows)
 
 
+def projected(path: Path) -> str:
+    """What Qwen3-8B and 14B need (benchmarks/real_shapes.py --project): the memory model's peak per
+    stage, wall time and artifact size on the measured slopes, disk, and the machine."""
+    doc = json.loads(path.read_text())
+    shapes = doc["shapes"]
+    rows = [f"From {', '.join(f'`{p}`' for p in doc['from'])} and `{doc['memory_model']}`.\n",
+            "| stage | " + " | ".join(f"{s['shape'][6:].upper()}: peak RSS / wall / artifact" for s in shapes) + " |",
+            "|---|" + "---:|" * len(shapes)]
+    for i, r in enumerate(shapes[0]["stages"]):
+        cells = []
+        for s in shapes:
+            x = s["stages"][i]
+            peak = "not modelled" if x["peak_rss_gb"] is None else f"{x['peak_rss_gb']:.1f} GB"
+            cells.append(f"{peak} / {_fmt(x['wall_s'] and x['wall_s'] / 60, '.0f')} min / {x['size_gb']:.1f} GB")
+        rows.append(f"| {r['stage']} | " + " | ".join(cells) + " |")
+    rows.append("| **whole DAG** | " + " | ".join(
+        f"largest {s['max_peak_gb']:.1f} GB → a **{s['machine_gb']} GB** machine; ~{s['dag_wall_s'] / 60:.0f} min on "
+        f"2 cores; disk {s['disk_gb']['reflink']:.0f} GB (reflink) / {s['disk_gb']['copy']:.0f} GB (copy)"
+        for s in shapes) + " |")
+    return "\n".join(rows)
+
+
 def longacc(path: Path) -> str:
     """Long-context accuracy (benchmarks/long_eval.py): each artifact at each window length against its
     reference, beside its own short-window figures."""
@@ -324,7 +346,7 @@ def kvmemory(path: Path) -> str:
     return "\n".join(rows)
 
 
-KINDS = {"longacc": longacc, "memorymodel": memorymodel, "long": long, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
+KINDS = {"projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
 
 
 def render(text: str) -> str:

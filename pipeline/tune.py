@@ -30,6 +30,7 @@ another machine, would rank noise.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -59,6 +60,11 @@ ALIASES = {"top1": "top1_agreement", "kld": "kld_mean", "drift": "drift_pct", "s
            "decode": "decode_tok_s"}
 HIGHER_IS_BETTER = ("top1_agreement", "decode_tok_s")
 POLL_S = 5  # `dvc exp show` costs a second of CPU: polled no more often than this
+DVC_TIMEOUT_S = 600  # no DVC call of ours takes minutes on a working queue; one that does is stuck
+SHOW_TIMEOUT_S = 120  # `dvc exp show` waits on the experiments' lock: a poll that long is retried
+# Candidates all still queued this long after the last change, with a worker said to be alive: DVC's
+# worker has stopped taking tasks (treeverse/dvc#10562, #10829); its workers are stopped and started again.
+STALL_S = 180
 
 
 def section_of(artifact: str) -> str:
@@ -280,8 +286,13 @@ class Search:
 
 # --------------------------------------------------------------------------------------------- DVC
 
-def dvc(*args: str, cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True, env=env)
+def dvc(*args: str, cwd: Path, env: dict | None = None, check: bool = True,
+        timeout: float = DVC_TIMEOUT_S) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise PipelineError(f"dvc {' '.join(args[:3])} did not answer in {timeout:.0f} s (a DVC lock held by a "
+                            f"stuck queue worker? `dvc queue status`, `dvc queue stop --kill`)") from None
     if check and proc.returncode != 0:
         last = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         raise PipelineError(f"dvc {' '.join(args[:3])} failed: {last[-1] if last else proc.returncode}")
@@ -319,8 +330,14 @@ def check_workspace(root: Path, artifact: str) -> str:
 def experiments(root: Path, head: str, artifact: str) -> dict[str, dict]:
     """This commit's experiments from `dvc exp show --json`: name -> {state, rev, figures, log}."""
     for attempt in range(5):
-        # a worker removing its finished workspace while `exp show` walks them fails the read: read again
-        proc = dvc("exp", "show", "--json", cwd=root, check=attempt == 4)
+        # a worker removing its finished workspace while `exp show` walks them fails the read, and a
+        # worker holding the experiments' lock stalls it: read again
+        try:
+            proc = dvc("exp", "show", "--json", cwd=root, check=attempt == 4, timeout=SHOW_TIMEOUT_S)
+        except PipelineError:
+            if attempt == 4:
+                raise
+            continue
         if proc.returncode == 0:
             break
         time.sleep(1 + attempt)
@@ -365,14 +382,20 @@ def result_of(cand: Candidate, shown: dict) -> Result:
     return res
 
 
+def queue_status(root: Path) -> str:
+    """`dvc queue status`'s worker line ("Worker status: N active, M idle"), or why there is none."""
+    try:
+        text = dvc("queue", "status", cwd=root, check=False, timeout=SHOW_TIMEOUT_S).stdout
+    except PipelineError as exc:
+        return str(exc)
+    return next((ln.strip() for ln in text.splitlines() if ln.startswith("Worker status:")), "no worker status")
+
+
 def queue_workers(root: Path) -> int:
-    """Active workers, from `dvc queue status` ("Worker status: N active, M idle")."""
-    text = dvc("queue", "status", cwd=root, check=False).stdout
-    for line in text.splitlines():
-        if line.startswith("Worker status:"):
-            nums = [int(t) for t in line.replace(",", " ").split() if t.isdigit()]
-            return nums[0] if nums else 0
-    return 0
+    """Active workers, from `dvc queue status`."""
+    line = queue_status(root)
+    nums = [int(t) for t in line.replace(",", " ").split() if t.isdigit()] if line.startswith("Worker") else []
+    return nums[0] if nums else 0
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -479,7 +502,8 @@ def tune(root: Path, params_file: Path, params, opts: Options) -> dict:
         unfinished = todo + [c for c in batch if shown.get(c.name, {}).get("state") in ("queued", "running")]
         if unfinished:
             start_workers(root, workers, env)
-            _wait(root, head, opts.artifact, unfinished, number, opts.budget, lambda: start_workers(root, workers, env))
+            _wait(root, head, opts.artifact, unfinished, number, opts.budget,
+                  lambda stop_first: start_workers(root, workers, env, stop_first))
         if opts.remote and todo:
             states = experiments(root, head, opts.artifact)
             done = [c.name for c in todo if states.get(c.name, {}).get("state") == "success"]
@@ -505,11 +529,17 @@ def tune(root: Path, params_file: Path, params, opts: Options) -> dict:
     return summary
 
 
-def start_workers(root: Path, workers: int, env: dict) -> None:
+def start_workers(root: Path, workers: int, env: dict, stop_first: bool = False) -> None:
     # the workers it spawns keep the fds they were given until they leave: not our pipes
-    if subprocess.run(["dvc", "queue", "start", "-j", str(workers)], cwd=root, env=env,
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode:
-        raise PipelineError("dvc queue start failed (run it by hand to see why)")
+    run = functools.partial(subprocess.run, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, timeout=DVC_TIMEOUT_S)
+    try:
+        if stop_first:  # workers that are alive but take no task: none is running one, so none is lost
+            run(["dvc", "queue", "stop"])
+        if run(["dvc", "queue", "start", "-j", str(workers)]).returncode:
+            raise PipelineError("dvc queue start failed (run it by hand to see why)")
+    except subprocess.TimeoutExpired:
+        raise PipelineError(f"dvc queue start/stop did not answer in {DVC_TIMEOUT_S} s (`dvc queue status`)") from None
 
 
 RESTARTS = 3
@@ -519,10 +549,12 @@ def _wait(root: Path, head: str, artifact: str, todo: list[Candidate], number: i
           restart) -> None:
     """Poll `dvc exp show` until every queued candidate has finished; a line for each as it does.
     DVC's worker leaves when its idle check (a 1 s ping, every 60 s) goes unanswered, which a busy CPU
-    can cause with tasks still queued: then the workers are started again, up to RESTARTS times."""
+    can cause with tasks still queued, or stays alive and takes no task: in both cases the workers are
+    started again (stopped first in the second), up to RESTARTS times in all."""
     pending = {c.name: c for c in todo}
-    started = time.perf_counter()
+    started = changed = time.perf_counter()
     idle_polls = restarts = 0
+    last: dict[str, str | None] = {}
     while pending:
         time.sleep(POLL_S)
         shown = experiments(root, head, artifact)
@@ -532,17 +564,25 @@ def _wait(root: Path, head: str, artifact: str, todo: list[Candidate], number: i
                 res = result_of(pending.pop(name), shown)
                 done = len(todo) - len(pending)
                 info(f"  [{number}.{done}/{len(todo)}] {line(res, budget)} ({time.perf_counter() - started:.0f} s)")
-        if pending:
-            running = "running" in {shown.get(n, {}).get("state") for n in pending}
-            idle_polls = 0 if running or queue_workers(root) else idle_polls + 1
-            if idle_polls >= 2 and restarts < RESTARTS:
-                restarts += 1
-                info(f"tune: DVC's queue workers left with {len(pending)} candidates queued; starting them again")
-                restart()
-                idle_polls = 0
-            elif idle_polls * POLL_S >= 60:
-                raise PipelineError(f"tune: DVC's queue stopped with {len(pending)} candidates not run "
-                                    f"(`dvc queue status`, `dvc queue logs NAME`); run tune again to resume")
+        now = {n: shown.get(n, {}).get("state") for n in pending}
+        if now != last:
+            last, changed = now, time.perf_counter()
+        if not pending:
+            break
+        running = "running" in now.values()
+        workers = 0 if running else queue_workers(root)
+        idle_polls = 0 if running or workers else idle_polls + 1
+        stalled = not running and workers and time.perf_counter() - changed >= STALL_S
+        if (idle_polls >= 2 or stalled) and restarts < RESTARTS:
+            restarts += 1
+            why = (f"have taken no task in {time.perf_counter() - changed:.0f} s ({queue_status(root)})"
+                   if stalled else "left")
+            info(f"tune: DVC's queue workers {why} with {len(pending)} candidates queued; starting them again")
+            restart(stalled)
+            idle_polls, changed = 0, time.perf_counter()
+        elif idle_polls * POLL_S >= 60 or stalled:
+            raise PipelineError(f"tune: DVC's queue stopped with {len(pending)} candidates not run "
+                                f"(`dvc queue status`, `dvc queue logs NAME`); run tune again to resume")
 
 
 # --------------------------------------------------------------------------------------------- report

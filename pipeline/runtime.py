@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import PipelineError
+from .log import info
 from .memory import available_memory
 
 ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -65,16 +66,43 @@ def load_tokenizer(artifact_dir: str | Path):
     return Tokenizer.from_file(str(path))
 
 
-def session_options(threads: int | None = None):
+# ORT packs every constant MatMul weight into its GEMM layout when a session starts: a second copy of the
+# weights in anonymous memory (the originals are memory-mapped), and 6x longer to start (0.6B FP32: 18.9
+# s against 3.2 s; a 128-token window 5-24 % faster once packed). Off where that copy would not leave
+# room: weights over this fraction of the memory available. The weights are then read in place from the
+# mapped file, pages the kernel can drop (4B FP32: 16 GB of file pages instead of 16 GB of heap).
+PREPACK_MAX_FRACTION = 0.5
+
+
+def weight_bytes(path: str | Path) -> int:
+    """The model file and the external data beside it."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file() and f.name.startswith(path.name))
+
+
+def prepack_fits(path: str | Path) -> bool:
+    free, size = available_memory(), weight_bytes(path)
+    if free is None or size <= PREPACK_MAX_FRACTION * free:
+        return True
+    info(f"onnxruntime: weight prepacking off for {Path(path).parent.name} ({size / 1e9:.1f} GB of weights, "
+         f"{free / 1e9:.1f} GB available): the weights are read in place from the mapped file")
+    return False
+
+
+def session_options(threads: int | None = None, prepack: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or os.cpu_count() or 1
     so.log_severity_level = 3
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 
-def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None):
+def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None, prepack: bool | None = None):
+    """An ORT session over ``path``; ``prepack`` None: ORT's weight prepacking where it fits in memory
+    (:func:`prepack_fits`)."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -84,7 +112,10 @@ def make_session(path: str | Path, provider: str = "cpu", threads: int | None = 
         raise PipelineError(f"the installed onnxruntime has no {wanted} (it has "
                             f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu for --provider cuda")
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=list(dict.fromkeys([wanted, "CPUExecutionProvider"])))
+        if prepack is None:
+            prepack = provider != "cpu" or prepack_fits(path)
+        return ort.InferenceSession(str(path), session_options(threads, prepack),
+                                    providers=list(dict.fromkeys([wanted, "CPUExecutionProvider"])))
     except Exception as exc:  # ORT raises Fail / InvalidGraph / NotImplemented with long texts
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PipelineError(f"onnxruntime {ort.__version__} cannot load {path}: {first[:400]}") from None

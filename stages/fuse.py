@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,46 @@ def trim_rotary_caches(model, max_positions: int) -> dict:
     return trimmed
 
 
+def withhold_weights(graph) -> tuple:
+    """(graph, {name: external-data entries}): ``graph`` (loaded without its weights) with every
+    initializer of 2+ dimensions stored in its data file turned into a graph input of its type and shape
+    (what is withheld is only read back afterwards, never changed)."""
+    from onnx import TensorProto, helper
+
+    withheld = {}
+    keep = []
+    for t in graph.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL and len(t.dims) >= 2:
+            withheld[t.name] = (t.data_type, list(t.dims), {e.key: e.value for e in t.external_data})
+            graph.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            keep.append(t)
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(keep)
+    return graph, withheld
+
+
+def restore_weights(model, withheld: dict, weights_dir: Path) -> None:
+    """Put :func:`withhold_weights`' tensors back, in an onnx-ir model, as initializers read lazily from
+    ``weights_dir`` (the parent's data file: nothing is copied until the artifact is written)."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    inputs = {v.name: v for v in graph.inputs}
+    for name, (dtype, dims, ext) in withheld.items():
+        value = inputs.get(name)
+        if value is None:  # dropped by the optimizer: nothing reads it
+            continue
+        graph.inputs.remove(value)
+        if not value.uses():  # a weight the optimizer left unused (it was unused in the export too)
+            continue
+        value.const_value = ir.ExternalTensor(ext["location"], int(ext.get("offset", 0)),
+                                              int(ext["length"]) if "length" in ext else None,
+                                              ir.DataType(dtype), shape=ir.Shape(dims), name=name,
+                                              base_dir=str(weights_dir))
+        graph.register_initializer(value)
+
+
 def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
     import onnx
     from onnxruntime.transformers.optimizer import optimize_by_onnxruntime, optimize_model
@@ -65,13 +106,20 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
     with store.scratch_dir(tmp, "ort") as scratch:
         scratch = Path(scratch).resolve()
         # ORT's graph optimizations (constant folding, which its fusions need) run in an ORT session
-        # that writes its result with external data; the fusions then see the graph alone, and the
-        # weights stay on disk until onnx-ir streams them into the artifact. (optimize_model would
-        # load every weight into a ModelProto, then copy them: 6x the model's bytes at 0.6B.)
-        optimized = optimize_by_onnxruntime(str(parent_dir / onnx_io.MODEL), use_gpu=False,
+        # that writes its result; the fusions then see the graph alone, and the weights stay on disk until
+        # onnx-ir streams them into the artifact. (optimize_model would load every weight into a
+        # ModelProto, then copy them: 6x the model's bytes at 0.6B.) The session is given the graph with
+        # its projection and embedding tables withheld (graph inputs of the same type and shape): nothing
+        # of ORT's basic level rewrites a weight matrix except by folding a copy of the tied table's
+        # transpose, which the retie below removes again, and a session holding every weight copies
+        # them all (anonymous memory the size of the model, 18.4 GB at 4B). They are put back after.
+        skeleton, withheld = withhold_weights(onnx_io.load(parent_dir, load_external_data=False))
+        skeleton = onnx_io.beside_weights(skeleton, parent_dir, scratch / "in")  # the small ones are read from it
+        optimized = optimize_by_onnxruntime(str(skeleton), use_gpu=False,
                                             optimized_model_path=str(scratch / onnx_io.MODEL),
                                             opt_level=config.opt_level,
                                             disabled_optimizers=["ConstantSharing"], save_as_external_data=True)
+        shutil.rmtree(skeleton.parent)  # its link to the parent's data (onnx-ir reads no linked file)
         # Its symbolic shape inference reads a few small initializers (norm weights) by a path relative
         # to the working directory: run it from the one holding the weights.
         with onnx_io.weights_from(scratch), contextlib.redirect_stdout(io.StringIO()):
@@ -80,6 +128,7 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
                                        hidden_size=int(model_config["hidden_size"]), opt_level=0, use_gpu=False)
         model = onnx_io.to_ir(optimizer.model, scratch)
         del optimizer
+        restore_weights(model, withheld, parent_dir.resolve())
         gqa = 0
         if config.attention == "gqa":
             model, gqa = fuse_attention(model, model_config, int(model_config["max_position_embeddings"]))

@@ -1,5 +1,7 @@
 """Export parity with PyTorch, and the reference runtime (prefill/decode, sampling, scoring)."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -88,6 +90,20 @@ def test_kv_cache_decode_matches_full_recompute(export_dir):
         logits, past = rt.forward(np.array([[tok]]), past)
         steps.append(logits[0, -1])
     np.testing.assert_allclose(np.stack(steps), full[-4:-1], atol=1e-4)
+
+
+def test_weights_read_in_place_give_the_packed_sessions_logits(export_dir):
+    """ORT's weight prepacking, off where the weights would not fit twice (pipeline/runtime.py), changes
+    only how the GEMMs read the weights."""
+    from pipeline.runtime import make_session, prepack_fits
+
+    path = export_dir / "model.onnx"
+    assert prepack_fits(path)  # the built-in model is small: packed by default
+    io = GraphIO.from_onnx(path, json.loads((export_dir / "config.json").read_text()))
+    ids = np.array([Runtime(export_dir).encode("Exceptions are raised when an error occurs in")])
+    packed, in_place = (make_session(path, prepack=p).run(["logits"], io.feeds(ids))[0] for p in (True, False))
+    assert packed.shape[1] == ids.shape[1] and np.abs(packed).max() > 1
+    np.testing.assert_allclose(in_place, packed, atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_matches_pytorch_and_streams(export_dir, checkpoint_dir):

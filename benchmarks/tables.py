@@ -346,7 +346,31 @@ def kvmemory(path: Path) -> str:
     return "\n".join(rows)
 
 
-KINDS = {"projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
+def sessions(path: Path) -> str:
+    """benchmarks/session_memory.py: one ORT session, prepacking on and off; the fused stage before and
+    after its optimizer stopped holding the weights."""
+    d = json.loads(path.read_text())
+    out = [f"`{d['source']}` fused artifact `{d['artifact']}` ({d['weights_bytes'] / 1e9:.2f} GB), onnxruntime "
+           f"{d['onnxruntime']}, {d['threads']}, {d['date']}.", "",
+           "| session | load | 128-token window | anon / file after load | peak anon / file / total |",
+           "|---|---:|---:|---:|---:|"]
+    for v in d["variants"]:
+        a, pk = v["after_load_gb"], v["peak_gb"]
+        out.append(f"| prepacking {'on' if v['prepack'] else 'off (weights read in place)'} | {v['load_s']:.1f} s | "
+                   f"{v['window_128_s']:.2f} s | {a['anon']:.2f} / {a['file']:.2f} GB | "
+                   f"{pk['anon']:.2f} / {pk['file']:.2f} / {pk['total']:.2f} GB |")
+    if d.get("fused_stage"):
+        out += ["", "| fused stage | build | wall | peak RSS | sampled anon / file |", "|---|---:|---:|---:|---:|"]
+        for row in d["fused_stage"]:
+            r = row["run_metrics"]
+            mb = lambda x: x * 2**20 / 1e9  # noqa: E731
+            out.append(f"| {row['label']} | {r['build_seconds']:.0f} s | {r['wall_seconds']:.0f} s | "
+                       f"{mb(r['peak_rss_mb']):.2f} GB | {mb(r['sampled_rss_mb']['anon']):.2f} / "
+                       f"{mb(r['sampled_rss_mb']['file']):.2f} GB |")
+    return "\n".join(out) + "\n"
+
+
+KINDS = {"sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
 
 
 def render(text: str) -> str:

@@ -68,6 +68,58 @@ def optimum_export_in_bounded_memory():
         convert.check_model_uses_external_data = check
 
 
+@contextlib.contextmanager
+def optimum_traces_a_skeleton(model):
+    """optimum-onnx 0.1.0's ``main_export`` loads the checkpoint itself, as float32: at Qwen3-4B a 16 GB
+    copy in anonymous memory, upcast from a bf16 checkpoint, that torch's exporter only traces and
+    writes out. Its loader (``TasksManager.get_model_from_task``) is made to return ``model``, built by
+    the caller without weights (``torch_ref.skeleton``); everything else in ``main_export`` (task,
+    config, dummy inputs, side files) runs as written. No upstream option exists for this."""
+    from optimum.exporters.tasks import TasksManager
+
+    guard("optimum skeleton export", "optimum-onnx", "0.1.0", "main_export taking a model object")
+    original = TasksManager.__dict__["get_model_from_task"]
+
+    def given(*args, **kwargs):
+        TasksManager.standardize_model_attributes(model, library_name=kwargs.get("library_name") or "transformers")
+        return model
+
+    TasksManager.get_model_from_task = staticmethod(given)
+    try:
+        yield
+    finally:
+        TasksManager.get_model_from_task = original
+
+
+@contextlib.contextmanager
+def torch_exports_no_params():
+    """torch's TorchScript exporter (``torch.onnx.export``, which optimum calls with no way to pass
+    ``export_params``) would write every skeleton parameter out at its full float32 size, only for the
+    export stage to replace it. With ``export_params=False`` the parameters become graph inputs named
+    by their state-dict names and no weight is written (Qwen3-0.6B: a 1.4 MB graph, no data file);
+    ``stages.export.put_weights`` turns them into initializers.
+
+    Even then the exporter hands the parameters' values to its ONNX shape inference (twice), which
+    makes a full copy of each broadcast parameter in C++: at Qwen3-0.6B the exporter's process peaked
+    at 2.39 GB and took 87 s for that alone. The private ``_get_named_param_dict`` is made to return no
+    values, so shape inference reads the parameters' traced shapes from the graph inputs: 1.15 GB and
+    13 s, and the same graph, byte for byte (test_the_skeleton_export_is_optimums_export_of_the_weights).
+    What is left is the traced forward's lm_head (one float32 copy of the table, transient)."""
+    import functools
+
+    import torch
+    from torch.onnx._internal.torchscript_exporter import utils as exporter
+
+    guard("torch export without params", "torch", "2.13.0", "optimum passing export_params through")
+    original, named = torch.onnx.export, exporter._get_named_param_dict
+    torch.onnx.export = functools.partial(original, export_params=False)
+    exporter._get_named_param_dict = lambda graph, params: {}
+    try:
+        yield
+    finally:
+        torch.onnx.export, exporter._get_named_param_dict = original, named
+
+
 def optimum_head_dim_fix(config: dict) -> list[str]:
     """optimum-onnx 0.1.0's ORTModelForCausalLM sizes the KV cache with hidden_size // heads; every real
     Qwen3 sets a larger head_dim (huggingface/optimum#2379): the model card's snippet sets it."""

@@ -54,14 +54,13 @@ def compute_in_float32(model) -> None:
 
 
 class TorchModel:
-    def __init__(self, checkpoint_dir: str | Path, trust_remote_code: bool | None = None, keep_half: bool = False):
+    def __init__(self, checkpoint_dir: str | Path, trust_remote_code: bool | None = None):
         """``trust_remote_code`` None: as the checkpoint's manifest recorded it (model.trust_remote_code), else off.
 
-        Semantics: the checkpoint's weights, computed in float32 (what the FP32 export computes).
-        ``keep_half``: a bf16 or fp16 checkpoint stays in its own dtype and is upcast module by module
-        (:func:`compute_in_float32`), so scoring it needs its stored bytes, not a float32 copy: the
-        checkpoint stage's few forward passes. Otherwise it is loaded as float32 once (the export's
-        parity decodes token by token, and the export itself needed that copy already)."""
+        Semantics: the checkpoint's weights, computed in float32 (what the FP32 export computes). A bf16
+        or fp16 checkpoint stays in its own dtype and is upcast module by module
+        (:func:`compute_in_float32`): its logits, greedy tokens and decode path are bit for bit those
+        of the same weights loaded as float32 (checked on a bf16 checkpoint), in half the memory."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -70,7 +69,7 @@ class TorchModel:
         torch.set_num_threads(os.cpu_count() or 1)
         self.torch = torch
         self.stored = stored_dtype(checkpoint_dir)
-        half = self.stored in HALF and keep_half
+        half = self.stored in HALF
         self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir),
                                                           dtype=getattr(torch, self.stored) if half else torch.float32,
                                                           use_safetensors=True, trust_remote_code=trust_remote_code)
@@ -109,3 +108,64 @@ class TorchModel:
                 out = self.model(input_ids=torch.as_tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
                 rows.append(out.logits[0, -1].float().numpy().copy())
         return np.stack(rows)
+
+
+def skeleton_mark(k: int) -> float:
+    """The value that fills the ``k``-th parameter of :func:`skeleton`: distinct for every parameter
+    (torch's exporter merges initializers of equal value), exact in float32, and small enough that the
+    traced forward stays finite."""
+    return (1.0 + (k + 1) / 4096.0) * 2.0 ** -8
+
+
+def skeleton(checkpoint_dir: str | Path, trust_remote_code: bool):
+    """The checkpoint's model, as transformers builds it for ``from_pretrained`` in float32, without its
+    weights: every parameter is one float32 scalar broadcast to its shape (a zero-stride view, 4 bytes),
+    filled with :func:`skeleton_mark`; buffers (the rotary inverse frequencies) are computed as usual.
+    A traced graph does not depend on the weights' values, so tracing this gives the graph of the real
+    model (test: the same nodes and, once the weights are put in, the same bytes); the marks keep
+    torch's de-duplication of equal initializers from merging parameters. Parameters shared by several
+    modules (a tied lm_head) stay shared. Returns the model and {state-dict name: mark}."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.integrations.accelerate import init_empty_weights
+
+    config = AutoConfig.from_pretrained(str(checkpoint_dir), trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # from_config leaves meta parameters untied; from_pretrained ties them
+    if (Path(checkpoint_dir) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(checkpoint_dir))
+    replaced: dict[int, torch.nn.Parameter] = {}
+    marks: dict[str, float] = {}
+    for name, param in model.named_parameters(remove_duplicate=True):
+        mark = skeleton_mark(len(marks))
+        replaced[id(param)] = torch.nn.Parameter(torch.full((), mark, dtype=torch.float32).expand(param.shape),
+                                                 requires_grad=False)
+        marks[name] = mark
+    for module in model.modules():
+        for pname, param in list(module._parameters.items()):
+            if param is not None:
+                module._parameters[pname] = replaced[id(param)]
+    model.config.dtype = torch.float32  # what from_pretrained(dtype=float32) records; optimum writes it out
+    model.eval()
+    return model, marks
+
+
+def checkpoint_tensors(checkpoint_dir: str | Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """{tensor name: (the safetensors file that holds it, its shape)}, over every shard of the checkpoint."""
+    from safetensors import safe_open
+
+    where: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for path in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                where[key] = (path, tuple(f.get_slice(key).get_shape()))
+    return where
+
+
+def read_float32(path: Path, name: str) -> np.ndarray:
+    """One checkpoint tensor as float32 (a bf16 / fp16 value is exactly a float32 value)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name).float().numpy()

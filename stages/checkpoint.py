@@ -173,7 +173,7 @@ def score_checkpoint(directory: Path, data_dir: Path, ev: Eval, trust_remote_cod
 
     windows = make_windows(encode(read_split(data_dir, "eval")), ev.ctx, ev.max_windows)
     try:
-        model = TorchModel(directory, trust_remote_code=trust_remote_code, keep_half=True)
+        model = TorchModel(directory, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for unloadable checkpoints
         raise PipelineError(f"{directory} cannot be loaded with transformers ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200]})") from None

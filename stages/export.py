@@ -1,5 +1,10 @@
 """Stage `export`: HF checkpoint -> FP32 ONNX merged decoder with KV cache (optimum-onnx), checked
-against PyTorch (ONNX checker, max |delta logit|, 32 greedy tokens)."""
+against PyTorch (ONNX checker, max |delta logit|, 32 greedy tokens).
+
+optimum traces a model without weights (``torch_ref.skeleton``: each parameter one scalar broadcast to
+its shape) and torch's exporter writes no parameter (``export_params=False``: they become graph inputs),
+so the export never holds the model in float32; each parameter is then made an initializer read from
+the checkpoint's safetensors, upcast exactly, one tensor at a time as the artifact is written."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pipeline.schema import Export
 from pipeline.torch_ref import trusted
 
 TASK = "text-generation-with-past"
+PARAMS = "skeleton_params.json"  # the names of the parameters the child traced, beside its graph
 
 
 def _check_exportable(config: dict) -> None:
@@ -35,24 +41,61 @@ def _check_exportable(config: dict) -> None:
 
 
 def optimum_export(checkpoint_dir: str, raw: str, opset: int, trust_remote_code: bool) -> None:
-    """optimum-onnx's export, run by :func:`build` in a child process (``pipeline.child.in_child``): torch's exporter
-    leaves a sharded checkpoint's weights mapped after it returns (7.4 GB at Qwen3-1.7B), and the
-    parity check that follows loads PyTorch and an ORT session, one after the other."""
+    """optimum-onnx's export of the checkpoint's weightless skeleton, run by :func:`build` in a child
+    process (``pipeline.child.in_child``): torch's exporter keeps what it allocated after it returns,
+    and the parity check that follows loads PyTorch and an ORT session, one after the other."""
     from optimum.exporters.onnx import main_export
 
+    from pipeline.torch_ref import skeleton
+
+    model, marks = skeleton(checkpoint_dir, trust_remote_code)
     try:
-        with compat.optimum_export_in_bounded_memory():
+        with compat.optimum_export_in_bounded_memory(), compat.optimum_traces_a_skeleton(model), \
+                compat.torch_exports_no_params():
             # no_post_process: optimum's tied-weight de-duplication serializes the whole model in
             # memory and fails on any model over protobuf's 2 GB (every Qwen3 up to 4B in FP32);
             # the table is stored once on any size (fold_constants keeps the lm_head's Transpose).
-            # do_constant_folding=False: torch's folding copies every transposed weight in memory;
-            # onnx_io.fold_constants folds the same nodes, lazily.
+            # do_constant_folding=False: torch's folding would fold the skeleton's values, and copies
+            # every transposed weight in memory; onnx_io.fold_constants folds the same nodes, lazily.
             main_export(checkpoint_dir, output=raw, task=TASK, opset=opset, device="cpu", do_validation=False,
                         local_files_only=True, trust_remote_code=trust_remote_code, no_post_process=True,
                         do_constant_folding=False)
     except Exception as exc:
         raise PipelineError(f"optimum-onnx export of {checkpoint_dir} failed: "
                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+    (Path(raw) / PARAMS).write_text(json.dumps(list(marks)))
+
+
+def put_weights(model, names: list[str], checkpoint_dir: Path) -> None:
+    """Turn, in the exported onnx-ir ``model``, each parameter the skeleton traced (a graph input named
+    as its state-dict entry: the export ran with ``export_params=False``) into an initializer read
+    lazily from the checkpoint's safetensors, one tensor at a time when ``onnx_io.save_ir`` writes it.
+    Every parameter must be there once, with the checkpoint's shape."""
+    import onnx_ir as ir
+
+    from pipeline.torch_ref import checkpoint_tensors, read_float32
+
+    graph = model.graph
+    inputs = {v.name: v for v in graph.inputs}
+    files = checkpoint_tensors(checkpoint_dir)
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise PipelineError(f"export: {len(missing)} parameter(s) not in the traced graph ({', '.join(missing[:3])}); "
+                            f"the weightless export cannot place them")
+    for name in names:
+        value = inputs[name]
+        if name not in files:
+            raise PipelineError(f"export: the checkpoint's safetensors have no tensor {name!r}, which the "
+                                f"model's code declares; the checkpoint is incomplete")
+        source, stored = files[name]
+        shape = tuple(value.shape.numpy())
+        if tuple(stored) != shape:
+            raise PipelineError(f"export: checkpoint tensor {name} has shape {list(stored)}, the model's code "
+                                f"declares {list(shape)}; config.json and the weights disagree")
+        graph.inputs.remove(value)
+        value.const_value = ir.LazyTensor(lambda source=source, name=name: ir.tensor(read_float32(source, name), name=name),
+                                          dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=name)
+        graph.register_initializer(value)
 
 
 def build(inputs: Inputs, config: Export, tmp: Path) -> BuildResult:
@@ -64,7 +107,8 @@ def build(inputs: Inputs, config: Export, tmp: Path) -> BuildResult:
         info(f"export: optimum-onnx {TASK}, opset {config.opset} ...")
         _, child_peak = in_child(optimum_export, str(checkpoint_dir), str(raw), config.opset, trusted(checkpoint_dir))
         raw = Path(raw)
-        model = onnx_io.load_ir(raw)  # weights stay on disk, streamed into the artifact
+        model = onnx_io.load_ir(raw)  # the graph alone: its parameters are inputs
+        put_weights(model, json.loads((raw / PARAMS).read_text()), checkpoint_dir)
         folded = onnx_io.fold_constants(model)
         onnx_io.save_ir(model, tmp)
         del model

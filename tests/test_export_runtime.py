@@ -60,6 +60,67 @@ def test_lazy_folding_gives_torchs_folded_graph(export_dir, checkpoint_dir, tmp_
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
 
 
+def test_the_export_traces_a_weightless_skeleton(checkpoint_dir):
+    """Every parameter of the model optimum traces is one scalar broadcast to its shape, a distinct one
+    for each (torch's exporter merges equal initializers): the export holds no copy of the weights."""
+    from safetensors import safe_open
+
+    from pipeline.torch_ref import skeleton
+
+    model, marks = skeleton(checkpoint_dir, False)
+    params = dict(model.named_parameters())
+    assert params and all(p.stride() == (0,) * p.dim() for p in params.values())
+    assert all(p.untyped_storage().nbytes() == 4 for p in params.values())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as from_pretrained ties it
+    assert len(set(marks.values())) == len(marks) == len(params)
+    with safe_open(str(checkpoint_dir / "model.safetensors"), framework="pt") as f:
+        assert set(marks) == set(f.keys())
+
+
+def test_the_skeleton_export_is_optimums_export_of_the_weights(export_dir, checkpoint_dir, tmp_path):
+    """optimum's export of the loaded checkpoint (its own loader, the real weights), folded as the stage
+    folds: the same nodes and the same initializers, byte for byte, as the stage's artifact."""
+    import contextlib
+    import io
+
+    from onnx import numpy_helper
+    from optimum.exporters.onnx import main_export
+
+    from pipeline import onnx_io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        main_export(str(checkpoint_dir), output=tmp_path / "raw", task="text-generation-with-past", opset=17,
+                    device="cpu", do_validation=False, local_files_only=True, no_post_process=True,
+                    do_constant_folding=False)
+    plain = onnx_io.load_ir(tmp_path / "raw")
+    onnx_io.fold_constants(plain)
+    onnx_io.save_ir(plain, tmp_path)
+    want, got = (onnx.load(str(d / "model.onnx")) for d in (tmp_path, export_dir))
+    assert [(n.op_type, list(n.input)) for n in got.graph.node] == [(n.op_type, list(n.input)) for n in want.graph.node]
+    tensors = [{t.name: numpy_helper.to_array(t).tobytes() for t in m.graph.initializer} for m in (want, got)]
+    assert tensors[0].keys() == tensors[1].keys() and all(tensors[0][k] == tensors[1][k] for k in tensors[0])
+
+
+def test_a_checkpoint_short_of_a_weight_is_refused_by_name(checkpoint_dir, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from pipeline import onnx_io
+    from pipeline.errors import PipelineError
+    from stages import export
+
+    short = tmp_path / "short"
+    shutil.copytree(checkpoint_dir, short)
+    weights = load_file(str(short / "model.safetensors"))
+    del weights["model.norm.weight"]
+    save_file(weights, str(short / "model.safetensors"), metadata={"format": "pt"})
+    export.optimum_export(str(short), str(tmp_path / "raw"), 17, False)
+    model = onnx_io.load_ir(tmp_path / "raw")
+    with pytest.raises(PipelineError, match="no tensor 'model.norm.weight'"):
+        export.put_weights(model, json.loads((tmp_path / "raw" / export.PARAMS).read_text()), short)
+
+
 def test_optimum_loads_the_artifact(export_dir, checkpoint_dir):
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM

@@ -58,11 +58,12 @@ def test_a_half_checkpoint_scores_as_its_float32_copy_without_holding_one(bf16, 
     m.save_pretrained(str(half))
     m.float().save_pretrained(str(tmp_path / "fp32"))
     ids = (np.arange(300, dtype=np.int64) * 7919 + 11) % 4000
-    ours = TorchModel(half, keep_half=True)
-    got = ours.logits(ids)
-    want = TorchModel(tmp_path / "fp32").logits(ids)
-    assert np.abs(got - want).max() < 1e-4
-    assert ours.greedy(list(ids[:20]), 8) == TorchModel(tmp_path / "fp32").greedy(list(ids[:20]), 8)
+    ours, full = TorchModel(half), TorchModel(tmp_path / "fp32")
+    # float32 arithmetic on the same values; only BLAS's blocking may differ (seen: 1.2e-7 on decode)
+    np.testing.assert_allclose(ours.logits(ids), full.logits(ids), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours.decode_path_logits(ids[:24], 4), full.decode_path_logits(ids[:24], 4),
+                               rtol=0, atol=1e-5)
+    assert ours.greedy(list(ids[:20]), 8) == full.greedy(list(ids[:20]), 8)
     assert {p.dtype for p in ours.model.parameters()} == {getattr(torch, dtype)}  # no float32 copy kept
 
 

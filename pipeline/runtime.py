@@ -67,10 +67,11 @@ def load_tokenizer(artifact_dir: str | Path):
 
 
 # ORT packs every constant MatMul weight into its GEMM layout when a session starts: a second copy of the
-# weights in anonymous memory (the originals are memory-mapped), and 6x longer to start (0.6B FP32: 18.9
-# s against 3.2 s; a 128-token window 5-24 % faster once packed). Off where that copy would not leave
-# room: weights over this fraction of the memory available. The weights are then read in place from the
-# mapped file, pages the kernel can drop (4B FP32: 16 GB of file pages instead of 16 GB of heap).
+# weights in anonymous memory (the originals are memory-mapped), and a slower start (0.6B FP32 fused,
+# benchmarks/session_memory_qwen3-0.6b.json: 11.5 s against 1.5 s to load; a 128-token window 0.94 s
+# packed, 1.34 s unpacked). Off where that copy would not leave room: weights over this fraction of the
+# memory available. The weights are then read in place from the mapped file, pages the kernel can drop
+# (4B FP32: 16 GB of file pages instead of 16 GB of heap).
 PREPACK_MAX_FRACTION = 0.5
 
 

@@ -19,7 +19,7 @@ from pipeline import compat, onnx_io, store
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import Int8Static
 from pipeline.log import info
-from pipeline.runtime import GraphIO
+from pipeline.runtime import GraphIO, prepack_fits, session_options
 from pipeline.tied import find_tied, share_quantized_table
 
 def _stride(n: int, wanted: int) -> int:
@@ -46,7 +46,9 @@ def _calibrate(model_path: Path, config: dict, windows, method: str, stride: int
 
     # Loaded without its weights (pipeline/compat.py) and saved beside them, the calibrator's augmented
     # graph runs on the same weights.
-    with compat.ort_quantization_on_graph_alone():
+    # Its session as every session of ours: weights read in place where they do not fit twice.
+    options = session_options(prepack=prepack_fits(model_path))
+    with compat.ort_quantization_on_graph_alone(), compat.ort_calibrator_session_options(options):
         calibrator = create_calibrator(model_path, ["MatMul"],
                                        augmented_model_path=str(model_path.parent / "augmented.onnx"),
                                        calibrate_method=getattr(CalibrationMethod, method),

@@ -110,6 +110,30 @@ def test_int8_static_artifact(derived, params, export_dir, data_dir):
     assert metrics["budget"]["status"] == "pass", metrics
 
 
+def test_the_calibrators_own_session_takes_our_session_options(fused_dir, tmp_path):
+    """ORT's calibrator builds its session itself; unpatched, it packs every weight into a second copy
+    (int8-static's peak at 4B). Given options with prepacking off, its session runs with them."""
+    import shutil
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import calibrate, create_calibrator
+
+    from pipeline import compat
+    from pipeline.runtime import session_options
+
+    model = tmp_path / "m"
+    shutil.copytree(fused_dir, model)  # the augmented graph is saved beside the weights it reads
+    with compat.ort_quantization_on_graph_alone(), \
+            compat.ort_calibrator_session_options(session_options(prepack=False)):
+        calibrator = create_calibrator(model / onnx_io.MODEL, ["MatMul"],
+                                       augmented_model_path=str(model / "augmented.onnx"),
+                                       use_external_data_format=True)
+    got = calibrator.infer_session.get_session_options()
+    assert got.get_session_config_entry("session.disable_prepacking") == "1"
+    assert got.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert calibrate.CalibraterBase.create_inference_session.__module__ == calibrate.__name__  # put back
+
+
 def test_int4_artifact(derived, params, export_dir, data_dir):
     d = derived("int4")
     model = onnx_io.load(d, load_external_data=False)

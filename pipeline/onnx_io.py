@@ -196,6 +196,28 @@ def beside_weights(graph, weights_dir: str | Path, out_dir: str | Path, link: bo
     return out_dir / MODEL
 
 
+def without_lm_head(graph):
+    """``graph`` (a ModelProto, loaded without its weights or with them) with its ``logits`` output
+    replaced by the lm_head's input, and the lm_head (and any node only it needed) removed by onnx-ir's
+    unused-node pass; the weights that stay keep their external-data references. Unchanged when no
+    lm_head is found."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    head = lm_head_nodes(graph)
+    if not head:
+        return graph
+    model = ir.from_proto(graph)
+    x = next(n for n in model.graph if n.name == head[0]).inputs[0]
+    if x.type is None:
+        x.type = ir.TensorType(ir.DataType.FLOAT)
+    outputs = model.graph.outputs
+    kept = [x if v.name == "logits" else v for v in outputs]
+    outputs.clear()
+    outputs.extend(kept)
+    return ir.to_proto(RemoveUnusedNodesPass()(model).model)
+
+
 def check(path: str | Path) -> None:
     """Full ONNX checker in its large-model form (by path, so external data is allowed)."""
     import onnx

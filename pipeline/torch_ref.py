@@ -128,21 +128,20 @@ class TorchModel:
         return self.logits(ids, last=len(ids) - prefix + 1)
 
 
-def skeleton_mark(k: int) -> float:
-    """The value that fills the ``k``-th parameter of :func:`skeleton`: distinct for every parameter
-    (torch's exporter merges initializers of equal value), exact in float32, and small enough that the
-    traced forward stays finite."""
-    return (1.0 + (k + 1) / 4096.0) * 2.0 ** -8
+SKELETON_MARK = 2.0 ** -8
+"""The value every parameter of :func:`skeleton` holds: exact in float32 and small enough that the traced
+forward stays finite. One value for all: the parameters are traced as graph inputs named by the state
+dict (``compat.torch_exports_no_params``), so nothing merges parameters of equal value (test: the graph
+is optimum's export of the real weights, byte for byte)."""
 
 
 def skeleton(checkpoint_dir: str | Path, trust_remote_code: bool):
     """The checkpoint's model, as transformers builds it for ``from_pretrained`` in float32, without its
     weights: every parameter is one float32 scalar broadcast to its shape (a zero-stride view, 4 bytes),
-    filled with :func:`skeleton_mark`; buffers (the rotary inverse frequencies) are computed as usual.
+    holding :data:`SKELETON_MARK`; buffers (the rotary inverse frequencies) are computed as usual.
     A traced graph does not depend on the weights' values, so tracing this gives the graph of the real
-    model (test: the same nodes and, once the weights are put in, the same bytes); the marks keep
-    torch's de-duplication of equal initializers from merging parameters. Parameters shared by several
-    modules (a tied lm_head) stay shared. Returns the model and {state-dict name: mark}."""
+    model (test: the same nodes and, once the weights are put in, the same bytes). Parameters shared by
+    several modules (a tied lm_head) stay shared. Returns the model and its parameters' state-dict names."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.integrations.accelerate import init_empty_weights
@@ -154,19 +153,18 @@ def skeleton(checkpoint_dir: str | Path, trust_remote_code: bool):
     if (Path(checkpoint_dir) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(checkpoint_dir))
     replaced: dict[int, torch.nn.Parameter] = {}
-    marks: dict[str, float] = {}
+    names: list[str] = []
     for name, param in model.named_parameters(remove_duplicate=True):
-        mark = skeleton_mark(len(marks))
-        replaced[id(param)] = torch.nn.Parameter(torch.full((), mark, dtype=torch.float32).expand(param.shape),
-                                                 requires_grad=False)
-        marks[name] = mark
+        replaced[id(param)] = torch.nn.Parameter(
+            torch.full((), SKELETON_MARK, dtype=torch.float32).expand(param.shape), requires_grad=False)
+        names.append(name)
     for module in model.modules():
         for pname, param in list(module._parameters.items()):
             if param is not None:
                 module._parameters[pname] = replaced[id(param)]
     model.config.dtype = torch.float32  # what from_pretrained(dtype=float32) records; optimum writes it out
     model.eval()
-    return model, marks
+    return model, names
 
 
 def checkpoint_tensors(checkpoint_dir: str | Path) -> dict[str, tuple[Path, tuple[int, ...]]]:

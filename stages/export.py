@@ -48,7 +48,7 @@ def optimum_export(checkpoint_dir: str, raw: str, opset: int, trust_remote_code:
 
     from pipeline.torch_ref import skeleton
 
-    model, marks = skeleton(checkpoint_dir, trust_remote_code)
+    model, names = skeleton(checkpoint_dir, trust_remote_code)
     try:
         with compat.optimum_export_in_bounded_memory(), compat.optimum_traces_a_skeleton(model), \
                 compat.torch_exports_no_params():
@@ -63,7 +63,7 @@ def optimum_export(checkpoint_dir: str, raw: str, opset: int, trust_remote_code:
     except Exception as exc:
         raise PipelineError(f"optimum-onnx export of {checkpoint_dir} failed: "
                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
-    (Path(raw) / PARAMS).write_text(json.dumps(list(marks)))
+    (Path(raw) / PARAMS).write_text(json.dumps(names))
 
 
 def put_weights(model, names: list[str], checkpoint_dir: Path) -> None:

@@ -61,20 +61,20 @@ def test_lazy_folding_gives_torchs_folded_graph(export_dir, checkpoint_dir, tmp_
 
 
 def test_the_export_traces_a_weightless_skeleton(checkpoint_dir):
-    """Every parameter of the model optimum traces is one scalar broadcast to its shape, a distinct one
-    for each (torch's exporter merges equal initializers): the export holds no copy of the weights."""
+    """Every parameter of the model optimum traces is one scalar broadcast to its shape: the export holds
+    no copy of the weights."""
     from safetensors import safe_open
 
     from pipeline.torch_ref import skeleton
 
-    model, marks = skeleton(checkpoint_dir, False)
+    model, names = skeleton(checkpoint_dir, False)
     params = dict(model.named_parameters())
     assert params and all(p.stride() == (0,) * p.dim() for p in params.values())
     assert all(p.untyped_storage().nbytes() == 4 for p in params.values())
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as from_pretrained ties it
-    assert len(set(marks.values())) == len(marks) == len(params)
+    assert len(set(names)) == len(names) == len(params)
     with safe_open(str(checkpoint_dir / "model.safetensors"), framework="pt") as f:
-        assert set(marks) == set(f.keys())
+        assert set(names) == set(f.keys())
 
 
 def test_the_skeleton_export_is_optimums_export_of_the_weights(export_dir, checkpoint_dir, tmp_path):

@@ -134,6 +134,42 @@ def test_the_calibrators_own_session_takes_our_session_options(fused_dir, tmp_pa
     assert calibrate.CalibraterBase.create_inference_session.__module__ == calibrate.__name__  # put back
 
 
+def test_calibrating_without_the_lm_head_takes_the_same_ranges(fused_dir, params, data_dir, tmp_path):
+    """With the lm_head left float, the calibrator runs the graph less the lm_head (no transposed table,
+    no logits): every range it takes is the range the whole graph gives, bit for bit; only the lm_head's
+    own inputs and output go."""
+    import shutil
+
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from calibration.reader import calibration_windows
+    from stages.int8_static import _calibrate, _with_types
+
+    cal = params.int8_static.calibration
+    config = json.loads((fused_dir / "config.json").read_text())
+    windows = calibration_windows(str(data_dir / "calibration.txt"), "text", fused_dir / "tokenizer.json", 4, 32,
+                                  config["eos_token_id"])
+    ranges = {}
+    for lm_head_float in (False, True):
+        model = tmp_path / str(lm_head_float)
+        shutil.copytree(fused_dir, model)
+        with onnx_io.weights_from(model):  # typed, as the stage calibrates it
+            onnx.save_model(_with_types(onnx.load(str(model / onnx_io.MODEL), load_external_data=False)),
+                            str(model / onnx_io.MODEL))
+        path = _calibrate(model / onnx_io.MODEL, config, windows, "MinMax", 2, 99.999, cal.round_bits, model,
+                          lm_head_float=lm_head_float)
+        ranges[lm_head_float] = {k: tuple(np.asarray(x).ravel().tolist() for x in v.range_value)
+                                 for k, v in load_tensors_data(path).data.items()}
+    graph = onnx.load(str(fused_dir / onnx_io.MODEL), load_external_data=False)
+    head = next(n for n in graph.graph.node if n.name in onnx_io.lm_head_nodes(graph))
+    assert set(ranges[False]) - set(ranges[True]) == {*head.input, *head.output}  # the lm_head's own tensors
+    assert all(ranges[True][k] == ranges[False][k] for k in ranges[True]) and len(ranges[True]) > 10
+    pruned = onnx.load(str(tmp_path / "True" / "calibrate.onnx"), load_external_data=False)
+    table = next(n.input[0] for n in pruned.graph.node if n.name in onnx_io.embedding_nodes(pruned))
+    assert [n.op_type for n in pruned.graph.node if table in n.input] == ["Gather"]  # no transposed copy
+    assert pruned.graph.output[0].name == head.input[0]
+
+
 def test_int4_artifact(derived, params, export_dir, data_dir):
     d = derived("int4")
     model = onnx_io.load(d, load_external_data=False)

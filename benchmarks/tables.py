@@ -370,7 +370,20 @@ def sessions(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-KINDS = {"sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated}
+def phases(path: Path) -> str:
+    """A stage's phases from its timeline (benchmarks/timeline.py phases --into): peak and its make-up."""
+    doc = json.loads(path.read_text())
+    out = []
+    for stage, rows in doc["phases"].items():
+        out += [f"{stage} of `{path.relative_to(REPO).as_posix()}`, by phase (benchmarks/timeline.py; GB):", "",
+                "| phase | from – to | peak (anon + file) | anon peak | file peak |", "|---|---:|---:|---:|---:|"]
+        out += [f"| {r['phase']} | {r['from_s']:.0f} – {r['to_s']:.0f} s | {r['peak_gb']:.2f} "
+                f"({r['anon_at_peak_gb']:.2f} + {r['file_at_peak_gb']:.2f}) | {r['max_anon_gb']:.2f} | "
+                f"{r['max_file_gb']:.2f} |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+KINDS = {"sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
 
 
 def render(text: str) -> str:

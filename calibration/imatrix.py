@@ -42,7 +42,7 @@ def channel_statistics(graph, weights_dir: Path, tensors: list[str], config: dic
         if name not in have:
             aug.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     path = onnx_io.beside_weights(aug, weights_dir, work)
-    session = make_session(path)
+    session = make_session(path, prepack=False)  # as int8-static's calibrator: statistics independent of free memory
     io = GraphIO.from_onnx(path, config)
     stats: dict[str, dict[str, np.ndarray]] = {}
     progress = Progress(label, len(windows))

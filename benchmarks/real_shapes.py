@@ -185,13 +185,14 @@ def fit(paths: list[Path]) -> dict:
     """The memory model the stages check themselves against (pipeline/memory.py): per stage, peak RSS =
     a x layer weights + b x embedding table + c (FP32 bytes), non-negative least squares over the runs
     given; a stage needs three runs of differing shapes to be modelled. A half-precision checkpoint's run
-    counts for every stage after the checkpoint (they all hold FP32 graphs)."""
+    counts for every stage after the checkpoint (they all hold FP32 graphs). A later file's run of a
+    shape replaces an earlier one's, stage by stage (a re-run of the stages whose code changed)."""
     import numpy as np
     from scipy.optimize import nnls
 
     from pipeline.memory import weight_bytes
 
-    points: dict[str, list] = {}
+    points: dict[str, dict] = {}
     for path in paths:
         run = json.loads(Path(path).read_text())
         w = weight_bytes(shape_config(run["shape"], run["layers"]))
@@ -200,13 +201,14 @@ def fit(paths: list[Path]) -> dict:
             if half and row["stage"] == "checkpoint":
                 continue  # it holds the half-precision bytes: not the FP32 model this fit is in
             if row.get("peak_rss_gb"):
-                points.setdefault(row["stage"], []).append(
-                    (w["total"] - w["table"], w["table"], row["peak_rss_gb"] * 1e9, run["shape"]))
+                points.setdefault(row["stage"], {})[run["shape"]] = (
+                    w["total"] - w["table"], w["table"], row["peak_rss_gb"] * 1e9, run["shape"], str(Path(path)))
     stages = {}
-    for stage, pts in points.items():
+    for stage, by_shape in points.items():
+        pts = list(by_shape.values())
         if len({p[3] for p in pts}) < 3:
             continue
-        x = np.array([[a / 1e9, b / 1e9, 1.0] for a, b, _, _ in pts])
+        x = np.array([[a / 1e9, b / 1e9, 1.0] for a, b, *_ in pts])
         y = np.array([p[2] / 1e9 for p in pts])
         coef, _ = nnls(x, y)
         worst = float(np.max(np.abs(x @ coef - y) / y))

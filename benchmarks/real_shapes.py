@@ -202,13 +202,13 @@ def fit(paths: list[Path]) -> dict:
                 continue  # it holds the half-precision bytes: not the FP32 model this fit is in
             if row.get("peak_rss_gb"):
                 points.setdefault(row["stage"], {})[run["shape"]] = (
-                    w["total"] - w["table"], w["table"], row["peak_rss_gb"] * 1e9, run["shape"], str(Path(path)))
+                    w["total"] - w["table"], w["table"], row["peak_rss_gb"] * 1e9, run["shape"])
     stages = {}
     for stage, by_shape in points.items():
-        pts = list(by_shape.values())
-        if len({p[3] for p in pts}) < 3:
+        if len(by_shape) < 3:
             continue
-        x = np.array([[a / 1e9, b / 1e9, 1.0] for a, b, *_ in pts])
+        pts = list(by_shape.values())
+        x = np.array([[a / 1e9, b / 1e9, 1.0] for a, b, _, _ in pts])
         y = np.array([p[2] / 1e9 for p in pts])
         coef, _ = nnls(x, y)
         worst = float(np.max(np.abs(x @ coef - y) / y))

@@ -4,10 +4,10 @@
     python benchmarks/timeline.py phases T.json "SmoothQuant statistics=smoothquant stats" \
         "calibration=weight prepacking off|calibrate 1/" ... [--into RESULTS.json --stage int8-static]
 
-``run`` samples the command's process tree (anonymous and file-backed pages apart, as
-``pipeline/supervise.py`` does) every 0.25 s and records each output line with its time. ``phases``
-splits the run at the first line matching each mark (a regular expression; a phase lasts until the
-next one starts) and gives each phase's peak total and what it was made of, and each kind's own peak;
+``run`` samples the command's process tree with ``pipeline.memory.Sampler``, the sampler
+``pipeline/supervise.py`` uses (anonymous and file-backed pages apart), every 0.25 s, and records
+each output line with its time. ``phases`` splits the run at the first line matching each mark (a
+regular expression; a phase lasts until the next one starts) and gives each phase's peak total and what it was made of, and each kind's own peak;
 ``--into`` adds them to a real-shapes results file under ``phases`` for ``benchmarks/tables.py``."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,24 +25,17 @@ sys.path.insert(0, str(REPO))
 
 
 def run(cmd: list[str], out: Path, every_s: float = 0.25) -> int:
-    from pipeline.memory import tree_rss
+    from pipeline.memory import Sampler
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    t0, samples, lines = time.time(), [], []
-
-    def sample():
-        while proc.poll() is None:
-            r = tree_rss(proc.pid)
-            samples.append((round(time.time() - t0, 2), r["anon"], r["file"]))
-            time.sleep(every_s)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = Sampler(proc.pid, every_s, series=True).start()
+    lines = []
     for line in proc.stdout:
-        lines.append((round(time.time() - t0, 2), line.rstrip()))
+        lines.append((round(time.monotonic() - sampler.t0, 2), line.rstrip()))
         print(line, end="", flush=True)
     rc = proc.wait()
-    sampler.join()
+    sampler.stop()
+    samples = sampler.series
     out.write_text(json.dumps({"command": cmd, "every_s": every_s, "exit": rc, "samples": samples,
                                "lines": lines}) + "\n")
     print(f"timeline: {len(samples)} samples, {len(lines)} lines, exit {rc} -> {out}")

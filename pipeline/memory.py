@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 MODEL_FILE = Path(__file__).with_name("memory_model.json")
@@ -146,12 +147,15 @@ def tree_rss(pid: int) -> dict[str, int]:
 
 class Sampler:
     """Samples a process tree's resident memory every ``every_s`` seconds in a thread: the peak of the
-    total and of each kind, and the last sample (what a killed process had)."""
+    total and of each kind, and the last sample (what a killed process had). With ``series=True`` it
+    also keeps every sample as ``(seconds since t0, anon, file)`` in ``series`` (benchmarks/timeline.py)."""
 
-    def __init__(self, pid: int, every_s: float = 0.2):
+    def __init__(self, pid: int, every_s: float = 0.2, series: bool = False):
         self.pid, self.every_s = pid, every_s
         self.peak = {"anon": 0, "file": 0, "shmem": 0, "total": 0}
         self.last = dict(self.peak)
+        self.series: list[tuple[float, int, int]] | None = [] if series else None
+        self.t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -163,6 +167,8 @@ class Sampler:
                 self.last = now
                 for k, v in now.items():
                     self.peak[k] = max(self.peak[k], v)
+                if self.series is not None:
+                    self.series.append((round(time.monotonic() - self.t0, 2), now["anon"], now["file"]))
             if self._stop.wait(self.every_s):
                 return
 

@@ -41,8 +41,9 @@ def _calibrate(model_path: Path, config: dict, windows, method: str, stride: int
                round_bits: int, scratch: Path, lm_head_float: bool) -> Path:
     """ORT's calibrator over the windows in strides; the ranges, rounded outward to ``round_bits``
     mantissa bits, saved in its calibration-cache format. ``lm_head_float``: the lm_head is left
-    unquantized, so the range of its output is not needed and the calibrator runs the graph without it
-    (the range of its input, the final norm's output, is still taken)."""
+    unquantized, so no range of its tensors is needed and the calibrator runs the graph without it:
+    its inputs (the final norm's output, the tied table's transpose) and its output drop out of the
+    ranges, and only they do (tests/test_precision.py)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
     from onnxruntime.quantization.calibrate import save_tensors_data
@@ -96,11 +97,12 @@ def build(inputs: Inputs, config: Int8Static, tmp: Path) -> BuildResult:
     tied = config.quantize_tied and find_tied(graph) is not None
     ex = config.exclude
     exclude = set(ex.nodes)
+    head = set(onnx_io.lm_head_nodes(graph))
     if ex.lm_head or tied:
-        exclude |= set(onnx_io.lm_head_nodes(graph))
+        exclude |= head
     if ex.activation_matmuls:
         exclude |= set(onnx_io.activation_matmuls(graph))
-    lm_head_float = bool(set(onnx_io.lm_head_nodes(graph)) & exclude)
+    lm_head_float = bool(head & exclude)
     sq = config.smoothquant
     compat.quiet_ort_quantizers()
     # One model in memory at a time: the SmoothQuant statistics and ORT's calibrator run sessions on

@@ -97,3 +97,21 @@ def test_the_shipped_memory_model_is_the_fit_of_the_recorded_runs(tmp_path):
                    check=True, capture_output=True, timeout=120)
     assert json.loads(out.read_text()) == shipped
     assert {"checkpoint", "export", "fused", "int4"} <= set(shipped["stages"])
+
+
+def test_the_sampler_keeps_a_series_whose_peak_is_its_own():
+    """A real child that holds 400 MB of anonymous memory, then frees it: the series sees it rise and
+    fall in time order, and the sampler's anonymous peak is the series' largest sample."""
+    from pipeline.memory import Sampler
+
+    code = "import numpy as np, time; a = np.ones(50 * 2**20); time.sleep(1.5); del a; time.sleep(1.0)"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    sampler = Sampler(proc.pid, every_s=0.05, series=True).start()
+    proc.wait()
+    peak = sampler.stop()
+    times = [t for t, _, _ in sampler.series]
+    anon = [a for _, a, _ in sampler.series]
+    assert times == sorted(times) and len(times) > 10
+    assert peak["anon"] == max(anon) >= 400 * 2**20
+    assert anon[-1] < max(anon) - 300 * 2**20  # freed before the end
+    assert Sampler(proc.pid).series is None

@@ -98,7 +98,7 @@ class Train(Section):
     warmup: int = Field(ge=0)
     weight_decay: float = Field(ge=0)
     threads: int = PosInt
-    cpu_code_path: Literal["avx2", "native"]
+    cpu_code_path: Literal["avx2", "portable", "native"]
 
     @model_validator(mode="after")
     def _shapes(self):

@@ -354,11 +354,19 @@ def import_checkpoint(model: Model, tmp: Path) -> dict:
     return {"source": src, "metrics": {}}
 
 
-# Environment that pins every CPU code path training goes through to AVX2, whatever the CPU offers:
-# ATen's vectorized kernels, MKL's GEMMs (conditional numerical reproducibility) and oneDNN's. A CPU
-# with AVX-512 then computes the same bits as one with AVX2 only (see README, "Reproducibility").
-AVX2_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "DNNL_MAX_CPU_ISA": "AVX2",
-             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+# Environment that pins every CPU code path training goes through, whatever the CPU offers: ATen's
+# vectorized kernels, MKL's GEMMs (its conditional numerical reproducibility, CNR) and oneDNN's.
+# "avx2": MKL's AVX2 branch, which MKL offers on Intel CPUs only (on AMD it silently takes its AUTO
+# branch, so an AMD EPYC and an Intel Xeon trained different weights: docs/reliability.md).
+# "portable": MKL's COMPATIBLE branch (SSE2), the one CNR branch MKL documents for Intel and AMD alike;
+# it halves training speed here.
+CPU_PINS = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "DNNL_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "portable": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE,STRICT", "DNNL_MAX_CPU_ISA": "AVX2",
+                 "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "native": {},
+}
 
 
 def training(cfg: CheckpointConfig, data_dir: str, tmp: str) -> dict:
@@ -369,7 +377,7 @@ def train_pinned(cfg: CheckpointConfig, data_dir: Path, tmp: Path) -> dict:
     """Train in a fresh interpreter whose CPU code paths and thread count are fixed before torch loads:
     the libraries read these settings once, at start-up, so they cannot be changed in this process."""
     tp = cfg.train
-    pins = dict(AVX2_PINS) if tp.cpu_code_path == "avx2" else {}
+    pins = dict(CPU_PINS[tp.cpu_code_path])
     pins.update({"OMP_NUM_THREADS": str(tp.threads), "MKL_NUM_THREADS": str(tp.threads)})
     made, peak = in_child(training, cfg, str(data_dir), str(tmp), env=pins)
     made["run"]["child_peak_rss_mb"] = peak  # the training interpreter's own peak

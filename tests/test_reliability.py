@@ -308,12 +308,13 @@ LEGACY_CPU = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "DNNL_
 
 @pytest.mark.slow
 def test_training_gives_the_same_checkpoint_on_two_cpu_code_paths(data_dir, tmp_path):
-    """The outer environment asks for another code path (as another CPU would pick one): pinned, the
-    checkpoint and the export are bit-identical; unpinned (train.cpu_code_path=native), they are not."""
+    """The outer environment asks for another code path (as another CPU would pick one): pinned (avx2, or
+    portable: MKL's one cross-vendor branch), the checkpoint and the export are bit-identical; unpinned
+    (train.cpu_code_path=native), they are not."""
     quick = ["-S", "train.steps=8", "-S", "train.warmup=2", "-S", "eval.max_windows=2", "-S",
              "budgets.checkpoint.report_only=true"]
     ids = {}
-    for path in ("avx2", "native"):
+    for path in ("avx2", "portable", "native"):
         for label, env in (("default", {}), ("legacy", LEGACY_CPU)):
             out = tmp_path / f"{path}-{label}"
             run_cli("checkpoint", "--data", str(data_dir), "--out", str(out / "ck"), *quick,
@@ -325,6 +326,8 @@ def test_training_gives_the_same_checkpoint_on_two_cpu_code_paths(data_dir, tmp_
                 ids[path, label, "export"] = mf.read_manifest(out / "ex")["artifact_id"]
     assert ids["avx2", "default"] == ids["avx2", "legacy"]
     assert ids["avx2", "default", "export"] == ids["avx2", "legacy", "export"]
+    assert ids["portable", "default"] == ids["portable", "legacy"]
+    assert ids["portable", "default"][1] != ids["avx2", "default"][1], "MKL's COMPATIBLE branch is not taken"
     assert ids["native", "default"][1] != ids["native", "legacy"][1], "the two code paths do not differ here"
 
 

@@ -202,18 +202,18 @@ def fit(paths: list[Path]) -> dict:
                 continue  # it holds the half-precision bytes: not the FP32 model this fit is in
             if row.get("peak_rss_gb"):
                 points.setdefault(row["stage"], {})[run["shape"]] = (
-                    w["total"] - w["table"], w["table"], row["peak_rss_gb"] * 1e9, run["shape"])
+                    w["total"] - w["table"], w["table"], row["peak_rss_gb"] * 1e9)
     stages = {}
     for stage, by_shape in points.items():
         if len(by_shape) < 3:
             continue
         pts = list(by_shape.values())
-        x = np.array([[a / 1e9, b / 1e9, 1.0] for a, b, _, _ in pts])
+        x = np.array([[a / 1e9, b / 1e9, 1.0] for a, b, _ in pts])
         y = np.array([p[2] / 1e9 for p in pts])
         coef, _ = nnls(x, y)
         worst = float(np.max(np.abs(x @ coef - y) / y))
         stages[stage] = {"a": round(float(coef[0]), 4), "b": round(float(coef[1]), 4), "c": round(float(coef[2]) * 1e9),
-                         "max_residual": round(worst, 3), "runs": [p[3] for p in pts]}
+                         "max_residual": round(worst, 3), "runs": list(by_shape)}
     return {"source": "benchmarks/real_shapes.py --fit " + " ".join(str(Path(p)) for p in paths),
             "model": "peak RSS = a x (FP32 weights - embedding table) + b x embedding table + c bytes",
             "stages": stages}

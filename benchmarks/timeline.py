@@ -7,8 +7,9 @@
 ``run`` samples the command's process tree with ``pipeline.memory.Sampler``, the sampler
 ``pipeline/supervise.py`` uses (anonymous and file-backed pages apart), every 0.25 s, and records
 each output line with its time. ``phases`` splits the run at the first line matching each mark (a
-regular expression; a phase lasts until the next one starts) and gives each phase's peak total and what it was made of, and each kind's own peak;
-``--into`` adds them to a real-shapes results file under ``phases`` for ``benchmarks/tables.py``."""
+regular expression; a phase lasts until the next one starts) and gives each phase's peak total and
+what it was made of, and each kind's own peak; ``--into`` adds them to a real-shapes results file
+under ``phases`` for ``benchmarks/tables.py``."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ evaluation, generation and calibration. ``set_range`` lets ORT calibrate in stri
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,18 @@ def calibration_windows(source: str, text_column: str, tokenizer_file: str | Pat
                             f"calibration.seq_len={seq_len}: give more text or lower seq_len")
     n = min(samples, len(ids) // seq_len)
     return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+
+
+def covered_params(config, windows: np.ndarray) -> dict:
+    """``config`` as the artifact id covers it: the calibration text named by the digest of the token
+    windows cut from it, not by its path. One text at two paths (DVC's relative path, a script's absolute
+    one) makes one artifact; an edited file at the same path makes another. The path is still recorded,
+    outside the id, in the manifest's figures."""
+    params = config.model_dump(mode="json")
+    cal = params["calibration"]
+    del cal["source"], cal["text_column"]  # what they selected is in the digest
+    cal["windows_sha256"] = hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes()).hexdigest()
+    return params
 
 
 class CalibrationReader(CalibrationDataReader):

@@ -360,11 +360,10 @@ def import_checkpoint(model: Model, tmp: Path) -> dict:
 # branch, so an AMD EPYC and an Intel Xeon trained different weights: docs/reliability.md).
 # "portable": MKL's COMPATIBLE branch (SSE2), the one CNR branch MKL documents for Intel and AMD alike;
 # it halves training speed here.
+_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 CPU_PINS = {
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "DNNL_MAX_CPU_ISA": "AVX2",
-             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-    "portable": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE,STRICT", "DNNL_MAX_CPU_ISA": "AVX2",
-                 "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx2": {**_AVX2, "MKL_CBWR": "AVX2,STRICT"},
+    "portable": {**_AVX2, "MKL_CBWR": "COMPATIBLE,STRICT"},
     "native": {},
 }
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from calibration import imatrix
-from calibration.reader import calibration_windows
+from calibration.reader import calibration_windows, covered_params
 from calibration.smoothquant import projection_groups
 from pipeline import onnx_io, store
 from pipeline.runner import BuildResult, Inputs, Stage
@@ -40,7 +40,7 @@ def build(inputs: Inputs, config: Imatrix, tmp: Path) -> BuildResult:
     summary = imatrix.save(tmp, stats, groups, int(windows.size), cal.round_bits)
     summary.update({"source": cal.source, "windows": len(windows), "seq_len": int(windows.shape[1]),
                     "round_bits": cal.round_bits})
-    return BuildResult(metrics=summary, extra={"precision": "statistics"})
+    return BuildResult(metrics=summary, extra={"precision": "statistics"}, params=covered_params(config, windows))
 
 
 def describe(manifest: dict, measured: dict) -> str:

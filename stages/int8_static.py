@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from calibration.reader import CalibrationReader, calibration_windows
+from calibration.reader import CalibrationReader, calibration_windows, covered_params
 from calibration.rounding import coarsen_maxima, coarsen_ranges
 from calibration.smoothquant import Weights, activation_channel_max, smooth, smoothing_groups
 from pipeline import compat, onnx_io, store
@@ -170,7 +170,8 @@ def build(inputs: Inputs, config: Int8Static, tmp: Path) -> BuildResult:
     dq = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     quantized = sum(1 for n in q.graph.node if n.op_type == "MatMul" and all(i in dq for i in n.input[:2]))
     return BuildResult(metrics={"op_counts": counts, "quantized_matmuls": quantized},
-                       extra={"precision": "int8-static", "kv_dtype": "float32", "quant_policy": policy})
+                       extra={"precision": "int8-static", "kv_dtype": "float32", "quant_policy": policy},
+                       params=covered_params(config, windows))
 
 
 STAGE = Stage(name="int8-static", section="int8_static", config=Int8Static, build=build, parents=("export", "fused"),

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from pipeline import manifest as mf
-from tests.conftest import assert_clean_failure, no_partial, run_cli
+from tests.conftest import REPO, assert_clean_failure, no_partial, run_cli
 
 SMALL = ["-S", "int8_static.calibration.samples=4", "-S", "int8_static.calibration.seq_len=32",
          "-S", "int8_static.calibration.stride=2"]
@@ -81,3 +81,31 @@ def test_wrong_stage_and_tampered_input(checkpoint_dir, fused_dir, tmp_path):
     assert_clean_failure(proc, "model.onnx_data", "sha256")
     assert not (tmp_path / "q").exists()
     no_partial(tmp_path)
+
+
+def test_the_id_covers_the_calibration_text_not_its_path(fused_dir, data_dir, tmp_path):
+    """One text at two paths is one artifact (DVC passes a relative path, a script an absolute one);
+    the path is still recorded, outside the id. An edited text is another artifact."""
+    text = (data_dir / "calibration.txt").read_text()
+    here, there = tmp_path / "a" / "cal.txt", tmp_path / "b" / "other-name.txt"
+    for p in (here, there):
+        p.parent.mkdir()
+        p.write_text(text)
+    ids = {}
+    for name, source, cwd in (("here", str(here), tmp_path), ("there", "other-name.txt", there.parent)):
+        out = tmp_path / f"q-{name}"
+        proc = run_cli("quantize", "--mode", "static", "--input", str(fused_dir), "--out", str(out), *SMALL,
+                       "--no-eval", "--calibration", source, "--method", "MinMax", "--no-smoothquant",
+                       "--params", str(REPO / "params.yaml"), cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+        m = mf.read_manifest(out)
+        assert m["quant_policy"]["calibration"]["source"] == source
+        assert source not in json.dumps(m["params"])
+        ids[name] = m["artifact_id"]
+    assert ids["here"] == ids["there"]
+    there.write_text(text.split("\n\n", 1)[1])  # the first paragraph gone: other windows
+    out = tmp_path / "q-edited"
+    proc = run_cli("quantize", "--mode", "static", "--input", str(fused_dir), "--out", str(out), *SMALL, "--no-eval",
+                   "--calibration", str(there), "--method", "MinMax", "--no-smoothquant")
+    assert proc.returncode == 0, proc.stderr
+    assert mf.read_manifest(out)["artifact_id"] != ids["here"]

@@ -90,20 +90,22 @@ def prepack_fits(path: str | Path) -> bool:
     return False
 
 
-def session_options(threads: int | None = None, prepack: bool = True):
+def session_options(threads: int | None = None, prepack: bool = True, arena: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or os.cpu_count() or 1
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = arena
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 
-def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None, prepack: bool | None = None):
+def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None, prepack: bool | None = None,
+                 arena: bool = True):
     """An ORT session over ``path``; ``prepack`` None: ORT's weight prepacking where it fits in memory
-    (:func:`prepack_fits`)."""
+    (:func:`prepack_fits`); ``arena`` False: no CPU memory arena (see :class:`Runtime`)."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -115,7 +117,7 @@ def make_session(path: str | Path, provider: str = "cpu", threads: int | None = 
     try:
         if prepack is None:
             prepack = provider != "cpu" or prepack_fits(path)
-        return ort.InferenceSession(str(path), session_options(threads, prepack),
+        return ort.InferenceSession(str(path), session_options(threads, prepack, arena),
                                     providers=list(dict.fromkeys([wanted, "CPUExecutionProvider"])))
     except Exception as exc:  # ORT raises Fail / InvalidGraph / NotImplemented with long texts
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -327,10 +329,15 @@ class Runtime:
             raise PipelineError(f"prefill_chunk must be at least 1 (got {prefill_chunk})")
         self.prefill_chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
         self.dir = Path(artifact_dir)
-        self.session = make_session(model_path(self.dir), provider, threads)
+        gqa = uses_gqa(onnx.load(str(model_path(self.dir)), load_external_data=False))
+        # A concatenated KV cache grows every step, and ORT's CPU arena keeps each step's freed cache as a
+        # chunk too small for the next step's: a growing Concat alone then holds three copies, not the two
+        # of past + present (measured, 1 GiB: 3.2 GiB with the arena, 2.0 without). Such graphs (the
+        # export) run without the arena: 0.47 GB less at the 0.6B shape's 8k prompt
+        # (benchmarks/arena_memory.py); GQA graphs bind buffers of a fixed size (SharedKV) and keep it.
+        self.session = make_session(model_path(self.dir), provider, threads, arena=gqa)
         self.device = "cuda" if provider == "cuda" else "cpu"
         self.config = _read_json(self.dir / "config.json")
-        gqa = uses_gqa(onnx.load(str(model_path(self.dir)), load_external_data=False))
         self.io = GraphIO.from_session(self.session, self.config, f"{self.dir}/model.onnx", right_padded=gqa)
         self.eos_ids = _eos_ids(self.dir, self.config)
         self._tokenizer = None

@@ -209,3 +209,13 @@ def test_cuda_provider_gives_a_clear_message_when_absent(export_dir):
         pytest.skip("this onnxruntime has CUDA")
     with pytest.raises(PipelineError, match="onnxruntime-gpu"):
         Runtime(export_dir, provider="cuda")
+
+
+def test_a_concatenated_cache_runs_without_the_memory_arena(export_dir, fused_dir):
+    """ORT's CPU arena keeps each step's freed cache of a growing concatenated KV cache: a third copy
+    (benchmarks/arena_memory.py). The export runs without it; GQA graphs (fixed shared buffers) keep it."""
+    export, fused = Runtime(export_dir), Runtime(fused_dir)
+    assert not export.io.right_padded and not export.session.get_session_options().enable_cpu_mem_arena
+    assert fused.io.right_padded and fused.session.get_session_options().enable_cpu_mem_arena
+    ids = np.array(export.encode("Exceptions are raised when an error occurs in"))
+    np.testing.assert_allclose(export.logits(ids), fused.logits(ids), atol=1e-4)

@@ -26,6 +26,8 @@ def main() -> int:
     ap.add_argument("--artifacts", type=Path, required=True, help="the artifacts' directory (their manifests)")
     ap.add_argument("--shape", default="qwen3-0.6b", help="what the artifacts were built from, for the record")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--keep", type=Path, help="an earlier results file: its runs that these evals do not repeat "
+                                              "(same artifact, reference and window) are kept, marked as earlier")
     args = ap.parse_args()
     by_id = {}  # artifact id -> its directory's name (--name may differ from the directory)
     for manifest in args.artifacts.glob("*/manifest.json"):
@@ -43,6 +45,14 @@ def main() -> int:
                                                         "windows", "tokens_scored")}
         kv = m.get("kv_dtype") or "float32"
         r["kv_dtype"] = kv
+    if args.keep:  # an earlier build's runs: their artifacts (other ids) are gone, their figures are not
+        earlier = json.loads(args.keep.read_text())
+        done = {(r["artifact"], r["reference"], r["ctx"]) for r in rows}
+        for r in earlier["runs"]:
+            if (r["artifact"], r["reference"], r["ctx"]) not in done:
+                rows.append({**r, "earlier": r.get("earlier") or earlier["date"]})
+                if r["artifact"] not in short and r["artifact"] in earlier["short_window"]:
+                    short[r["artifact"]] = {**earlier["short_window"][r["artifact"]], "earlier": earlier["date"]}
     doc = {"shape": args.shape, "date": time.strftime("%Y-%m-%d"), "text": "the data artifact's train split",
            "note": "random weights: perplexity means nothing, drift / KLD / top-1 against the reference do",
            "short_window": short, "runs": sorted(rows, key=lambda r: (r["ctx"], r["artifact"], r["reference"]))}

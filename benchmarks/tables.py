@@ -158,13 +158,18 @@ def longacc(path: Path) -> str:
     doc = json.loads(path.read_text())
     rows = ["| artifact | KV cache | vs | window (scored) | drift | KLD mean | KLD p99 | top-1 | at 128 (its build): KLD / top-1 |",
             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    earlier = sorted({r["earlier"] for r in doc["runs"] if r.get("earlier")})
     for r in doc["runs"]:
         s = doc["short_window"].get(r["artifact"], {}) if r["reference"] == "export" else {}
         at128 = f"{s['kld_mean']:.2e} / {s['top1_agreement']:.1%}" if s.get("kld_mean") is not None else "—"
         length = f"{r['ctx'] // 1024}k" if r["ctx"] >= 1024 else str(r["ctx"])
-        rows.append(f"| {r['artifact']} | {r['kv_dtype']} | {r['reference']} | {length} "
+        name = f"{r['artifact']} †" if r.get("earlier") else r["artifact"]
+        rows.append(f"| {name} | {r['kv_dtype']} | {r['reference']} | {length} "
                     f"({r['tokens_scored']:,} in {r['windows']}) | {r['drift_pct']:+.3f} % | {r['kld_mean']:.2e} | "
                     f"{r['kld_p99']:.2e} | {r['top1_agreement']:.1%} | {at128} |")
+    if earlier:
+        rows.append(f"\n† measured on an earlier build of the same shape ({', '.join(earlier)}; its artifact ids are "
+                    f"in the results file), not re-run on this one; every other row is from {doc['date']}.")
     return "\n".join(rows)
 
 

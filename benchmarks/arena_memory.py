@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,30 +50,15 @@ def main() -> None:
     if args.arena:
         print(json.dumps(measure(args.artifact, args.ctx, args.arena == "on")))
         return
-    import onnxruntime
-
     from pipeline.runtime import kv_cache_bytes, weight_bytes
+    from session_memory import record, variants
 
-    rows = []
-    for arena in ("on", "off"):
-        proc = subprocess.run([sys.executable, __file__, args.artifact, "--ctx", str(args.ctx), "--arena", arena],
-                              check=True, capture_output=True, text=True)
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"arena {arena}: {rows[-1]}", file=sys.stderr, flush=True)
-    manifest = json.loads((Path(args.artifact) / "manifest.json").read_text())
+    rows = variants(__file__, [args.artifact, "--ctx", str(args.ctx)], "--arena", ("on", "off"))
     config = json.loads((Path(args.artifact) / "config.json").read_text())
     kv = kv_cache_bytes(config, args.ctx, 4)
     weights = weight_bytes(Path(args.artifact) / "model.onnx")
-    result = {"artifact": manifest.get("artifact_id"), "stage": manifest.get("stage"),
-              "source": (manifest.get("source") or {}).get("model"), "ctx": args.ctx,
-              "weights_gb": round(weights / 1e9, 2), "kv_cache_gb": round(kv / 1e9, 2),
-              "weights_plus_two_caches_gb": round((weights + 2 * kv) / 1e9, 2),
-              "onnxruntime": onnxruntime.__version__, "threads": f"intra-op {os.cpu_count()} (every core)",
-              "date": time.strftime("%Y-%m-%d"), "variants": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
-
+    record(args.artifact, args.out, rows, ctx=args.ctx, weights_gb=round(weights / 1e9, 2),
+           kv_cache_gb=round(kv / 1e9, 2), weights_plus_two_caches_gb=round((weights + 2 * kv) / 1e9, 2))
 
 if __name__ == "__main__":
     main()

@@ -49,6 +49,30 @@ def measure(artifact: str, prepack: bool) -> dict:
             "peak_gb": {"anon": gb(peak["anon"]), "file": gb(peak["file"]), "total": gb(peak["total"])}}
 
 
+def variants(script: str, argv: list[str], flag: str, values: tuple[str, ...]) -> list[dict]:
+    """Each variant in a fresh process (``script *argv flag value``), whose last line out is its figures."""
+    rows = []
+    for value in values:
+        proc = subprocess.run([sys.executable, script, *argv, flag, value], check=True, capture_output=True, text=True)
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"{flag.lstrip('-')} {value}: {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def record(artifact: str, out: str | None, rows: list[dict], **figures) -> None:
+    """The variants' figures beside the artifact's identity and this machine's ORT, printed and written."""
+    import onnxruntime
+
+    manifest = json.loads((Path(artifact) / "manifest.json").read_text())
+    result = {"artifact": manifest.get("artifact_id"), "stage": manifest.get("stage"),
+              "source": (manifest.get("source") or {}).get("model"), **figures,
+              "onnxruntime": onnxruntime.__version__, "threads": f"intra-op {os.cpu_count()} (every core)",
+              "date": time.strftime("%Y-%m-%d"), "variants": rows}
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
@@ -58,25 +82,10 @@ def main() -> None:
     if args.variant:
         print(json.dumps(measure(args.artifact, args.variant == "packed")))
         return
-    import onnxruntime
-
     from pipeline.runtime import weight_bytes
 
-    rows = []
-    for variant in ("packed", "in-place"):
-        proc = subprocess.run([sys.executable, __file__, args.artifact, "--variant", variant], check=True,
-                              capture_output=True, text=True)
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(variant, rows[-1], file=sys.stderr)
-    manifest = json.loads((Path(args.artifact) / "manifest.json").read_text())
-    result = {"artifact": manifest.get("artifact_id"), "source": (manifest.get("source") or {}).get("model"),
-              "weights_bytes": weight_bytes(Path(args.artifact) / "model.onnx"),
-              "onnxruntime": onnxruntime.__version__, "threads": f"intra-op {os.cpu_count()} (every core)",
-              "date": time.strftime("%Y-%m-%d"), "variants": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
-
+    rows = variants(__file__, [args.artifact], "--variant", ("packed", "in-place"))
+    record(args.artifact, args.out, rows, weights_bytes=weight_bytes(Path(args.artifact) / "model.onnx"))
 
 if __name__ == "__main__":
     main()

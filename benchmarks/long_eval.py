@@ -41,8 +41,8 @@ def main() -> int:
     for r in rows:
         m = json.loads((args.artifacts / r["artifact"] / "manifest.json").read_text())
         ev = m["metrics"].get("eval") or {}
-        short[r["artifact"]] = {k: ev.get(k) for k in ("drift_pct", "kld_mean", "kld_p99", "top1_agreement", "ctx",
-                                                        "windows", "tokens_scored")}
+        short[r["artifact_id"]] = {k: ev.get(k) for k in ("drift_pct", "kld_mean", "kld_p99", "top1_agreement", "ctx",
+                                                           "windows", "tokens_scored")}
         kv = m.get("kv_dtype") or "float32"
         r["kv_dtype"] = kv
     if args.keep:  # an earlier build's runs: their artifacts (other ids) are gone, their figures are not
@@ -51,8 +51,10 @@ def main() -> int:
         for r in earlier["runs"]:
             if (r["artifact"], r["reference"], r["ctx"]) not in done:
                 rows.append({**r, "earlier": r.get("earlier") or earlier["date"]})
-                if r["artifact"] not in short and r["artifact"] in earlier["short_window"]:
-                    short[r["artifact"]] = {**earlier["short_window"][r["artifact"]], "earlier": earlier["date"]}
+                # keyed by artifact id (files before 2026-12-04: by name, one build per file)
+                was = earlier["short_window"].get(r["artifact_id"]) or earlier["short_window"].get(r["artifact"])
+                if was and r["artifact_id"] not in short:
+                    short[r["artifact_id"]] = {**was, "earlier": was.get("earlier") or earlier["date"]}
     doc = {"shape": args.shape, "date": time.strftime("%Y-%m-%d"), "text": "the data artifact's train split",
            "note": "random weights: perplexity means nothing, drift / KLD / top-1 against the reference do",
            "short_window": short, "runs": sorted(rows, key=lambda r: (r["ctx"], r["artifact"], r["reference"]))}

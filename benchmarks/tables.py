@@ -7,7 +7,7 @@ this script re-renders each from FILE (relative to the repository root).
 
 Kinds: ``artifacts`` (FILE: a metrics directory, with its ``build/`` run figures), ``bench`` and
 ``ratios`` (a benchmarks/results*.json), ``stages`` (a benchmarks/real_shapes_*.json),
-``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scoreboard`` (a benchmarks/scoreboard_*.json), ``sweep`` (benchmarks/outlier_sweep.json), ``llama`` (a benchmarks/llama_cpp_*.json), ``long`` (a benchmarks/long_context_*.json), ``kvmemory``
+``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scoreboard`` (a benchmarks/scoreboard_*.json), ``sweep`` (benchmarks/outlier_sweep.json), ``llama`` (a benchmarks/llama_cpp_*.json), ``long`` and ``longtargets`` (a benchmarks/long_context_*.json), ``kvmemory``
 (FILE: stages/checkpoint.py, whose shapes it tabulates with pipeline/runtime.py's memory formula)."""
 
 from __future__ import annotations
@@ -328,6 +328,37 @@ def long(path: Path) -> str:
     return "\n".join(rows)
 
 
+def longtargets(path: Path) -> str:
+    """benchmarks/bench.py --long, judged: per prompt length, the issue's targets as ratios of two engines of
+    the same results file (ours = our runtime on our int4 artifact). A peer stopped at its time limit
+    gives a lower bound on its ratio."""
+    doc = json.loads((REPO / path).read_text()) if not Path(path).is_absolute() else json.loads(Path(path).read_text())
+    runs = doc["runs"]
+
+    def over(peer: str, ours: str, n: int, key: str, invert: bool = False) -> str:
+        a, b = runs.get(f"{peer}@{n}"), runs.get(f"{ours}@{n}")
+        if not isinstance(b, dict):
+            return "—"
+        if isinstance(a, dict):
+            return f"{(b[key] / a[key]) if invert else (a[key] / b[key]):.2f}×"
+        m = re.match(r"stopped after (\d+) s", a or "")
+        # prefill tok/s is prompt / TTFT: either way, the stopped peer's ratio is over limit / our TTFT
+        return f"> {int(m.group(1)) / b['ttft_s']:.1f}×" if m else "—"
+
+    rows = ["| prompt tokens | prefill tok/s: ours / llama.cpp Q4_0 | TTFT: genai on our int4 / ours | "
+            "TTFT: genai's builder int4 / ours | TTFT: PyTorch eager / ours | decode at depth vs bound (ours) | "
+            "our runs inside model + KV + 1.5 GiB |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted({int(k.rsplit("@", 1)[1]) for k in runs}):
+        ours = [r for k, r in runs.items() if k.startswith("ours:") and k.endswith(f"@{n}") and isinstance(r, dict)]
+        mine = runs.get(f"ours:int4@{n}")
+        rows.append(f"| {n:,} | {over('llama.cpp:Q4_0', 'ours:int4', n, 'prefill_tok_s', invert=True)} | "
+                    f"{over('genai:int4', 'ours:int4', n, 'ttft_s')} | {over('builder:int4', 'ours:int4', n, 'ttft_s')} | "
+                    f"{over('torch:checkpoint', 'ours:int4', n, 'ttft_s')} | "
+                    f"{_fmt(mine.get('decode_vs_bound') if isinstance(mine, dict) else None, '.0%')} | "
+                    f"{sum(r['within_rss_target'] for r in ours)} of {len(ours)} |")
+    return "\n".join(rows)
+
+
 def kvmemory(path: Path) -> str:
     """The memory formula (pipeline/runtime.py request_memory) at the published shapes (FILE: the module
     that declares them), one sequence, default prefill chunk, per KV dtype."""
@@ -390,7 +421,7 @@ def phases(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-KINDS = {"sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
+KINDS = {"sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "longtargets": longtargets, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
 
 
 def render(text: str) -> str:

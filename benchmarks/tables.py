@@ -170,8 +170,8 @@ def longacc(path: Path) -> str:
                     f"({r['tokens_scored']:,} in {r['windows']}) | {r['drift_pct']:+.3f} % | {r['kld_mean']:.2e} | "
                     f"{r['kld_p99']:.2e} | {r['top1_agreement']:.1%} | {at128} |")
     if earlier:
-        rows.append(f"\n† measured on an earlier build of the same shape ({', '.join(earlier)}; its artifact ids are "
-                    f"in the results file), not re-run on this one; every other row is from {doc['date']}.")
+        rows.append(f"\n† measured earlier ({', '.join(earlier)}), not re-run; every other row is from {doc['date']}. "
+                    f"Each row's artifact id is in the results file: one id, one artifact, whichever day measured it.")
     return "\n".join(rows)
 
 
@@ -322,8 +322,12 @@ def long(path: Path) -> str:
                         f"{_fmt(r.get('decode_vs_bound'), '.0%')} |")
     m = doc["machine"]
     rows.append("")
+    # several invocations may fill one file, each measuring the bandwidth its own rows' bound uses
+    seen = sorted({r["read_bandwidth_gb_s"] for r in doc["runs"].values() if isinstance(r, dict)
+                   and r.get("read_bandwidth_gb_s")} or {doc["read_bandwidth_gb_s"]}, reverse=True)
+    bw = " / ".join(f"{b}" for b in seen) + " GB/s" + (", one per invocation" if len(seen) > 1 else "")
     rows.append(f"Machine: {m.get('cpu', '?')}, {doc['settings']['threads']}; read bandwidth "
-                f"{doc['read_bandwidth_gb_s']} GB/s ({doc['read_bandwidth_threads']} threads); "
+                f"{bw} ({doc['read_bandwidth_threads']} threads); "
                 f"{doc['settings']['new_tokens']} new tokens; commit {str(doc.get('commit'))[:7]}.")
     return "\n".join(rows)
 

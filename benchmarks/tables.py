@@ -300,7 +300,7 @@ def tune(path: Path) -> str:
 
 def long(path: Path) -> str:
     """benchmarks/bench.py --long: per prompt length, every engine."""
-    doc = json.loads((REPO / path).read_text()) if not Path(path).is_absolute() else json.loads(Path(path).read_text())
+    doc = json.loads(path.read_text())  # render() passes REPO / FILE
     runs = doc["runs"]
     rows = ["| prompt tokens | engine : model | TTFT | prefill tok/s | decode tok/s at depth | peak RSS | "
             "RSS target (model + KV + 1.5 GiB) | decode vs bound |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -336,7 +336,7 @@ def longtargets(path: Path) -> str:
     """benchmarks/bench.py --long, judged: per prompt length, the issue's targets as ratios of two engines of
     the same results file (ours = our runtime on our int4 artifact). A peer stopped at its time limit
     gives a lower bound on its ratio."""
-    doc = json.loads((REPO / path).read_text()) if not Path(path).is_absolute() else json.loads(Path(path).read_text())
+    doc = json.loads(path.read_text())  # render() passes REPO / FILE
     runs = doc["runs"]
 
     def over(peer: str, ours: str, n: int, key: str, invert: bool = False) -> str:

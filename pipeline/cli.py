@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from . import supervise
+from . import registry, supervise
 from .errors import PipelineError
 from .log import info
 from .params import load_params
@@ -41,7 +41,7 @@ def cli():
 
 
 def _build(name: str, params, input_dir, out, scoring, run_metrics, uses: dict | None = None) -> dict:
-    """Every build verb: the stage's declaration run by the one runner, its run figures written apart."""
+    """The stage run by the one runner, its run figures written apart."""
     from .manifest import machine
     from .memory import tell_supervisor
     from .runner import run_stage
@@ -67,50 +67,6 @@ def _scoring(params, eval_after: bool, reference: str, data_dir: str):
              f"`pipeline evaluate` scores it later")
         return None
     return Scoring(text=eval_text.read_text(), reference=Path(reference), eval=params.eval)
-
-
-@cli.command()
-@PARAMS_OPT
-@SET_OPT
-@click.option("--out", default="artifacts/data", show_default=True)
-@RUN_METRICS_OPT
-def data(params_file, overrides, out, run_metrics):
-    """Split the text source into train / calibration / eval."""
-    _build("data", load_params(params_file, overrides), None, out, None, run_metrics)
-
-
-@cli.command()
-@PARAMS_OPT
-@SET_OPT
-@click.option("--data", "data_dir", default="artifacts/data", show_default=True)
-@click.option("--source", default=None, help="alias for -S model.source=...: builtin:qwen3-tiny, random:qwen3-0.6b, "
-                                             "a local HF dir or a hub id")
-@click.option("--out", default="artifacts/checkpoint", show_default=True)
-@click.option("--metrics", "metrics_out", default=None, help="also write the stage's figures to this JSON file")
-@RUN_METRICS_OPT
-def checkpoint(params_file, overrides, data_dir, source, out, metrics_out, run_metrics):
-    """Train the built-in model or import a checkpoint (local dir / hub id)."""
-    from .evaluate import checkpoint_metrics
-
-    params = load_params(params_file, overrides, {"model.source": source} if source else None)
-    manifest = _build("checkpoint", params, data_dir, out, None, run_metrics)
-    if metrics_out:
-        _write_json(metrics_out, checkpoint_metrics(manifest))
-
-
-@cli.command()
-@PARAMS_OPT
-@SET_OPT
-@click.option("--checkpoint", "checkpoint_dir", default="artifacts/checkpoint", show_default=True)
-@click.option("--out", default="artifacts/export", show_default=True)
-@click.option("--eval/--no-eval", "eval_after", default=True, show_default=True,
-              help="score the export against PyTorch (the checkpoint) on the held-out text before publishing it")
-@click.option("--data", "eval_data", default="artifacts/data", show_default=True, help="data artifact for --eval")
-@RUN_METRICS_OPT
-def export(params_file, overrides, checkpoint_dir, out, eval_after, eval_data, run_metrics):
-    """Export the checkpoint to FP32 ONNX with KV cache and check parity with PyTorch."""
-    params = load_params(params_file, overrides)
-    _build("export", params, checkpoint_dir, out, _scoring(params, eval_after, checkpoint_dir, eval_data), run_metrics)
 
 
 @cli.command()
@@ -153,114 +109,138 @@ def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, n
                              f"(budgets.{metrics['artifact']} in params.yaml; set report_only: true to only report)")
 
 
-def _build_opts(default_in, default_out):
-    """The options every derived ONNX stage takes: input, output, scoring when built, run figures."""
-    def wrap(fn):
-        for opt in reversed((
-                PARAMS_OPT, SET_OPT,
-                click.option("--input", "input_dir", default=default_in, show_default=default_in is not None,
-                             help="parent artifact" + ("" if default_in else " [default: artifacts/<section>.parent]")),
-                click.option("--out", default=default_out, show_default=default_out is not None,
-                             help="output dir" + ("" if default_out else " [default: artifacts/<stage>]")),
-                click.option("--eval/--no-eval", "eval_after", default=True, show_default=True,
-                             help="score the new artifact against --reference on the held-out text before publishing "
-                                  "it: the figures go into its manifest and model card, and `pipeline evaluate` "
-                                  "reuses them"),
-                click.option("--reference", "eval_reference", default="artifacts/export", show_default=True,
-                             help="reference for --eval (an artifact, or the checkpoint = PyTorch)"),
-                click.option("--data", "eval_data", default="artifacts/data", show_default=True,
-                             help="data artifact for --eval"),
-                RUN_METRICS_OPT)):
-            fn = opt(fn)
-        return fn
-    return wrap
+# ------------------------------------------------------------------------------------- the build verbs
+# One command per stage (or one per verb, with --mode, where several stages share it), made from the
+# stage index (pipeline/registry.py): the stage declares its verb, input, reference, the artifacts it
+# uses and its flags; nothing about a stage is written here.
+
+def _input_default(stage, params) -> str:
+    from .runner import config_of, default_input
+
+    return f"artifacts/{default_input(stage, config_of(stage, params))}"
 
 
-def _derived(name, params, input_dir, out, eval_after, eval_reference, eval_data, run_metrics, uses=None):
-    _build(name, params, input_dir, out, _scoring(params, eval_after, eval_reference, eval_data), run_metrics, uses)
+def _stage_options(entries: list) -> list:
+    """The click options of a verb building ``entries`` (one stage, or the modes of one verb)."""
+    first = entries[0]
+    opts = [PARAMS_OPT, SET_OPT]
+    if first.input_flag:
+        shown = first.primary_parent if len(entries) == 1 and first.input_flag != "--input" else None
+        opts.append(click.option(first.input_flag, "input_dir", default=f"artifacts/{shown}" if shown else None,
+                                 show_default=bool(shown),
+                                 help="the input artifact" + ("" if shown else " [default: artifacts/<its params "
+                                                                              "section's parent, else its parent>]")))
+    opts.append(click.option("--out", default=None if first.mode else f"artifacts/{first.name}",
+                             show_default=not first.mode, help="output dir" + (" [default: artifacts/<stage>]"
+                                                                                if first.mode else "")))
+    if first.precision:
+        opts.append(click.option("--eval/--no-eval", "eval_after", default=True, show_default=True,
+                                 help="score the new artifact against its reference on the held-out text before "
+                                      "publishing it: the figures go into its manifest and model card, and `pipeline "
+                                      "evaluate` reuses them"))
+        if not first.scored_against_input:
+            opts.append(click.option("--reference", "eval_reference", default=f"artifacts/{first.reference}",
+                                     show_default=True, help="reference for --eval (an artifact, or the checkpoint "
+                                                             "= PyTorch)"))
+        opts.append(click.option("--data", "eval_data", default="artifacts/data", show_default=True,
+                                 help="data artifact for --eval"))
+    for used in dict.fromkeys(u for e in entries for u in e.uses):
+        opts.append(click.option(f"--{used}", f"use_{used}", default=f"artifacts/{used}", show_default=True,
+                                 help=f"the {used} artifact it reads (pipeline {used})"))
+    if first.writes_metrics:
+        opts.append(click.option("--metrics", "metrics_out", default=None,
+                                 help="also write the stage's figures to this JSON file"))
+    seen: dict = {}
+    for e in entries:
+        for flag, spec in e.flags.items():
+            seen.setdefault(flag, (spec, []))[1].append(e.mode or e.name)
+    for flag, (spec, where) in seen.items():
+        note = f"{'/'.join(where)}: " if first.mode else ""
+        decl = f"{flag}/{spec[2]}" if len(spec) > 2 else flag
+        opts.append(click.option(decl, "flag_" + flag.lstrip("-").replace("-", "_"), default=None,
+                                 help=f"{note}{spec[1] if len(spec) > 1 else ''} (alias for -S "
+                                      f"<section>.{spec[0]})"))
+    opts.append(RUN_METRICS_OPT)
+    return opts
 
 
-@cli.command()
-@PARAMS_OPT
-@SET_OPT
-@click.option("--input", "input_dir", default=None, help="the graph to collect it on [default: artifacts/<imatrix.parent>]")
-@click.option("--out", default="artifacts/imatrix", show_default=True, help="output dir")
-@RUN_METRICS_OPT
-def imatrix(params_file, overrides, input_dir, out, run_metrics):
-    """Importance matrix: per projection input channel, mean x^2 and max |x| on the calibration text
-    (read by quantize --mode int4 with algorithm imatrix/awq, and by --mode dynamic with smoothing)."""
-    params = load_params(params_file, overrides)
-    _build("imatrix", params, input_dir or f"artifacts/{params.imatrix.parent}", out, None, run_metrics)
+def _flag_values(entry, stage, given: dict) -> dict:
+    """The flags given, as dotted params keys (the stage's section first, where it has one)."""
+    import yaml
 
-
-@cli.command()
-@_build_opts("artifacts/export", "artifacts/fused")
-def fuse(params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data, run_metrics):
-    """ORT transformer optimizer (qwen3): fused RMSNorm, SkipRMSNorm; one GroupQueryAttention per layer."""
-    _derived("fused", load_params(params_file, overrides), input_dir, out, eval_after, eval_reference, eval_data,
-             run_metrics)
-
-
-@cli.command()
-@_build_opts("artifacts/fused", "artifacts/fp16")
-def fp16(params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data, run_metrics):
-    """FP16 weights and KV cache (the GPU artifact), valid on CPU too."""
-    _derived("fp16", load_params(params_file, overrides), input_dir, out, eval_after, eval_reference, eval_data,
-             run_metrics)
-
-
-MODES = {"dynamic": "int8-dynamic", "static": "int8-static", "int4": "int4"}
-# quantize's flags: aliases for -S overrides of the mode's section (flag -> modes, key in that section).
-ALIASES = {"calibration": (("static",), "calibration.source"),
-           "text_column": (("static",), "calibration.text_column"),
-           "samples": (("static",), "calibration.samples"),
-           "seq_len": (("static",), "calibration.seq_len"),
-           "method": (("static",), "method"),
-           "smoothquant": (("static",), "smoothquant.enabled"),
-           "alpha": (("static",), "smoothquant.alpha"),
-           "block_size": (("int4", "dynamic"), "block_size"),
-           "symmetric": (("int4",), "symmetric"),
-           "algorithm": (("int4",), "algorithm")}
-
-
-@cli.command()
-@click.option("--mode", required=True, type=click.Choice(sorted(MODES)), help="dynamic | static | int4")
-@_build_opts(None, None)
-@click.option("--calibration", default=None, help="static: calibration source (file, dir or dataset name)")
-@click.option("--text-column", default=None, help="static: text column of the calibration source")
-@click.option("--samples", type=int, default=None, help="static: calibration windows")
-@click.option("--seq-len", type=int, default=None, help="static: tokens per calibration window")
-@click.option("--method", default=None, type=click.Choice(["MinMax", "Entropy", "Percentile"]), help="static: calibration method")
-@click.option("--smoothquant/--no-smoothquant", default=None, help="static: SmoothQuant before calibration")
-@click.option("--alpha", type=float, default=None, help="static: SmoothQuant alpha")
-@click.option("--block-size", type=int, default=None, help="int4 / dynamic: weights per quantization block")
-@click.option("--symmetric/--asymmetric", default=None, help="int4: symmetric blocks")
-@click.option("--algorithm", default=None, type=click.Choice(["rtn", "k_quant", "imatrix", "awq"]),
-              help="int4: quantization algorithm")
-@click.option("--imatrix", "imatrix_dir", default="artifacts/imatrix", show_default=True,
-              help="int4 (imatrix, awq) / dynamic (smoothing): the importance matrix artifact (pipeline imatrix)")
-def quantize(mode, params_file, overrides, input_dir, out, eval_after, eval_reference, eval_data, run_metrics,
-             imatrix_dir, **flags):
-    """INT8 dynamic, INT8 static (calibrated, QDQ) or INT4 weight-only (MatMulNBits).
-
-    Each flag is an alias for -S <section>.<key>=<value> of the mode's section (int8_dynamic, int8_static, int4)."""
-    from . import registry
-
-    name = MODES[mode]
-    section = registry.load(name).section
     values = {}
-    for flag, value in flags.items():
+    for name, value in given.items():
         if value is None:
             continue
-        modes, key = ALIASES[flag]
-        if mode not in modes:
-            raise PipelineError(f"--{flag.replace('_', '-')} applies to --mode {' or '.join(modes)} only")
-        values[f"{section}.{key}"] = value
-    params = load_params(params_file, overrides, values)
-    parent = getattr(params, section).parent
-    uses = {"imatrix": imatrix_dir} if "imatrix" in registry.load(name).uses else None
-    _derived(name, params, input_dir or f"artifacts/{parent}", out or f"artifacts/{name}", eval_after, eval_reference,
-             eval_data, run_metrics, uses)
+        flag = "--" + name.removeprefix("flag_").replace("_", "-")
+        if flag not in entry.flags:
+            modes = [e.mode for e in registry.modes(entry.verb).values() if flag in e.flags]
+            raise PipelineError(f"{flag} applies to --mode {' or '.join(modes)} only")
+        key = entry.flags[flag][0]
+        if isinstance(value, str) and not _is_text(stage, key):  # a number, a bool, a choice: as -S parses it
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise PipelineError(f"{flag} {value!r}: not a valid value") from None
+        values[f"{stage.section}.{key}" if stage.section else key] = value
+    return values
+
+
+def _is_text(stage, key: str) -> bool:
+    """Is the params field at ``key`` (below the stage's section) a plain string (a path, a column)?"""
+    model = stage.config
+    parts = key.split(".")
+    if not stage.section:  # the config's fields are whole sections
+        model, parts = model.model_fields[parts[0]].annotation, parts[1:]
+    for part in parts[:-1]:
+        model = model.model_fields[part].annotation
+    return model.model_fields[parts[-1]].annotation is str
+
+
+def _run_verb(entry, params_file, overrides, input_dir=None, out=None, eval_after=False, eval_reference=None,
+              eval_data="artifacts/data", run_metrics=None, metrics_out=None, **rest):
+    """Every build verb: the stage's declaration run by the one runner, its figures written apart."""
+    stage = registry.load(entry.name)
+    uses = {name.removeprefix("use_"): rest.pop(name) for name in list(rest) if name.startswith("use_")}
+    params = load_params(params_file, overrides, _flag_values(entry, stage, rest))
+    input_dir = input_dir or (_input_default(stage, params) if entry.parents else None)
+    reference = input_dir if entry.scored_against_input else eval_reference
+    scoring = _scoring(params, eval_after, reference, eval_data) if entry.precision else None
+    manifest = _build(entry.name, params, input_dir, out or f"artifacts/{entry.name}", scoring, run_metrics,
+                      {k: v for k, v in uses.items() if k in stage.uses} or None)
+    if metrics_out:
+        _write_json(metrics_out, stage.metrics(manifest))
+
+
+def _add_build_verbs() -> None:
+    verbs: dict[str, list] = {}
+    for entry in registry.index().values():
+        verbs.setdefault(entry.verb, []).append(entry)
+    for verb, entries in verbs.items():
+        if entries[0].mode:
+            modes = {e.mode: e for e in entries}
+
+            def callback(mode, _modes=modes, **kw):
+                _run_verb(_modes[mode], **kw)
+
+            helptext = "; ".join(f"--mode {m}: {modes[m].summary}" for m in sorted(modes))
+            params = [click.Option(["--mode"], required=True, type=click.Choice(sorted(modes)),
+                                   help=" | ".join(sorted(modes)))]
+        else:
+            def callback(_entry=entries[0], **kw):
+                _run_verb(_entry, **kw)
+
+            helptext, params = entries[0].summary, []
+        for opt in reversed(_stage_options(entries)):
+            callback = opt(callback)
+        if any(e.flags for e in entries):
+            helptext += ". Each of its flags is an alias for a -S <key>=<value> override."
+        command = click.command(verb, help=helptext)(callback)
+        command.params[:0] = params
+        cli.add_command(command)
+
+
+_add_build_verbs()
 
 
 @cli.command()
@@ -376,7 +356,7 @@ def report(params_file, overrides, metrics_dir, bench, out):
 @cli.command()
 @PARAMS_OPT
 @SET_OPT
-@click.option("--artifact", type=click.Choice(["int4", "int8-dynamic", "int8-static"]), default=None,
+@click.option("--artifact", type=click.Choice(registry.TUNABLE), default=None,
               help="the artifact whose recipe is searched [default: tune.artifact]")
 @click.option("--budget", default=None, metavar="METRIC=X,...",
               help="e.g. kld_mean=0.005,drift_pct=1,top1=0.95 (over budgets.<artifact> and tune.budget)")

@@ -18,13 +18,6 @@ from . import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages", "calibration")
-# How the CLI builds each stage (its verb); the arguments come from the declarations.
-VERBS = {"data": "data", "checkpoint": "checkpoint", "export": "export", "fused": "fuse", "fp16": "fp16",
-         "imatrix": "imatrix",
-         "int8-dynamic": "quantize --mode dynamic", "int8-static": "quantize --mode static", "int4": "quantize --mode int4"}
-# Scored when built and by evaluate@<name> against this artifact: PyTorch for the export, the export
-# for everything built on it.
-REFERENCE = {"export": "checkpoint"}
 BENCH_RESULTS = "benchmarks/results.json"  # the report's tok/s panel (python benchmarks/bench.py)
 
 
@@ -84,7 +77,7 @@ def stage_modules(name: str) -> tuple[str, ...]:
 
 def _params_of(stage) -> list[str]:
     sections = [stage.section] if stage.section else list(stage.config.model_fields)
-    if stage.name in registry.ONNX and "eval" not in sections:
+    if stage.precision and "eval" not in sections:
         sections.append("eval")  # scored when built
     return sections
 
@@ -98,43 +91,38 @@ def _parent(stage) -> str | None:
 
 
 def render() -> str:
+    index = registry.index()
     stages: dict = {}
-    for name in registry.STAGES:
+    for name, entry in index.items():
         stage = registry.load(name)
         parent = _parent(stage)
-        cmd = [f"pipeline {VERBS[name]}"]
+        cmd = [f"pipeline {entry.command}"]
         deps: list[str] = []
-        if name == "checkpoint":
-            cmd.append(f"--data artifacts/{parent}")
-        elif name == "export":
-            cmd.append(f"--checkpoint artifacts/{parent}")
-        elif parent:
-            cmd.append(f"--input artifacts/{parent}")
+        if parent:
+            cmd.append(f"{entry.input_flag} artifacts/{parent}")
+            deps.append(f"artifacts/{parent}")
         cmd.append(f"--out artifacts/{name}")
         for used in stage.uses:
             cmd.append(f"--{used} artifacts/{used}")
             deps.append(f"artifacts/{used}")
-        if parent:
-            deps.append(f"artifacts/{parent}")
-        if name in registry.ONNX:
-            ref = REFERENCE.get(name, "export")
-            if name != "export":
-                cmd.append(f"--reference artifacts/{ref}")
+        if entry.precision:
+            if not entry.scored_against_input:
+                cmd.append(f"--reference artifacts/{entry.reference}")
             cmd.append("--data artifacts/data")
-            deps += [f"artifacts/{ref}", "artifacts/data"]
+            deps += [f"artifacts/{entry.reference}", "artifacts/data"]
         elif "calibration" in stage.config.model_fields:
             deps.append("artifacts/data")  # the calibration text's default source (params: <section>.calibration)
         deps = sorted(set(deps))
-        if name == "checkpoint":
-            cmd.append("--metrics metrics/checkpoint.json")
+        if entry.writes_metrics:
+            cmd.append(f"--metrics metrics/{name}.json")
         cmd.append(f"--run-metrics metrics/build/{name}.json")
-        entry = {"cmd": " ".join(cmd), "deps": deps + code_deps(*stage_modules(name)), "params": _params_of(stage),
-                 "outs": [f"artifacts/{name}"]}
-        if name == "checkpoint":
-            entry["metrics"] = [{"metrics/checkpoint.json": {"cache": False}}]
-        stages[name] = entry
+        item = {"cmd": " ".join(cmd), "deps": deps + code_deps(*stage_modules(name)), "params": _params_of(stage),
+                "outs": [f"artifacts/{name}"]}
+        if entry.writes_metrics:
+            item["metrics"] = [{f"metrics/{name}.json": {"cache": False}}]
+        stages[name] = item
     stages["evaluate"] = {
-        "foreach": {name: {"reference": f"artifacts/{REFERENCE.get(name, 'export')}"} for name in registry.ONNX},
+        "foreach": {name: {"reference": f"artifacts/{index[name].reference}"} for name in registry.ONNX},
         "do": {"cmd": "pipeline evaluate --artifact artifacts/${key} --reference ${item.reference} --name ${key} "
                       "--out metrics/${key}.json",
                "deps": ["artifacts/${key}", "${item.reference}", "artifacts/data",
@@ -149,9 +137,9 @@ def render() -> str:
         "plots": [{"reports/size_vs_drift.png": {"cache": False}}]}
     artifacts = {}
     for name in registry.ONNX:
-        stage = registry.load(name)
-        artifacts[f"qwen3-onnx-{name}"] = {"path": f"artifacts/{name}", "type": "model", "desc": stage.summary,
-                                           "labels": list(dict.fromkeys(["onnx", stage.precision, name, "qwen3"]))}
+        entry = index[name]
+        artifacts[f"qwen3-onnx-{name}"] = {"path": f"artifacts/{name}", "type": "model", "desc": entry.summary,
+                                           "labels": list(dict.fromkeys(["onnx", entry.precision, name, "qwen3"]))}
     doc = {"stages": stages,
            # Each build's wall time, peak RSS and decode speed: measured per run, so outside every artifact
            # and outside dvc.lock (a rebuild gives the same lock); `dvc metrics show` lists them.
@@ -161,6 +149,6 @@ def render() -> str:
                                            "y": {"reports/tune/candidates.json": "kld_mean"}}},
                      "reports/tune/front.png"],
            "artifacts": artifacts}
-    head = ("# Generated by `pipeline dvc-yaml` from the stage declarations (pipeline/registry.py, stages/*.py):\n"
+    head = ("# Generated by `pipeline dvc-yaml` from the stage declarations (stages/*.py, read by pipeline/registry.py):\n"
             "# edit those, not this file. Each stage depends on every module it runs (its import closure).\n")
     return head + yaml.safe_dump(doc, sort_keys=False, width=120)

@@ -1,8 +1,12 @@
 """The one stage runner. Every stage is one declaration (:class:`Stage`: its name, the stages its input
 may come from, its config class and a ``build``) and this module owns the frame around the build:
 
-    verify the parent -> build into a scratch dir -> (ONNX) parity with the parent and scoring against
-    the reference -> genai_config.json and the model card -> manifest -> atomic publish
+    verify the parent -> build into a scratch dir -> the stage's checks -> manifest -> atomic publish
+
+An ONNX stage (:class:`pipeline.onnx_post.OnnxStage`) adds its checks through the hooks below: parity
+with the parent, scoring against the reference, genai_config.json and the model card. They live in their
+own module, imported by the ONNX stages alone, so a stage that writes no ONNX (data, checkpoint) does not
+depend on them: editing the model card re-runs the stages that write cards, not training.
 
 Everything a stage writes into the artifact is a function of its inputs, so rebuilding gives the same
 bytes; what a run measures (wall time, peak RSS, decode speed, the machine) comes back separately, as
@@ -19,11 +23,10 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from . import card, evaluate, genai, memory, onnx_io, outputs, registry, store
+from . import memory, onnx_io, registry, store
 from . import manifest as mf
 from .child import peak_rss_mb
 from .errors import PipelineError
-from .evaluate import Scoring, model_bytes
 from .log import heartbeat, info
 from .verify import verify
 
@@ -56,19 +59,45 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Stage:
-    name: str
+    """One stage, declared once (``STAGE = Stage(...)`` in ``stages/<module>.py``): the CLI verb,
+    dvc.yaml, the supervisor and tune read it. The fields marked *literal* are read from the source
+    by pipeline/registry.py and must be written as literals."""
+    name: str                                    # literal
     config: type[BaseModel]
     build: Callable[[Inputs, Any, Path], BuildResult]
-    parents: tuple[str, ...] = ()                # stages its input may come from; () = no input artifact
-    uses: tuple[str, ...] = ()                   # other artifacts it may read (CLI --<name> DIR, a DVC dep)
-    default_parent: str | None = None            # the input dvc.yaml gives it (default: parents[0]; a config
-                                                 # with a ``parent`` field names it there)
+    verb: str = ""                               # literal: `pipeline <verb>` (default: the name)
+    mode: str | None = None                      # literal: `pipeline <verb> --mode <mode>`
+    flags: dict = field(default_factory=dict)    # literal: CLI flag -> (params key[, help[, negative flag]])
+    parents: tuple[str, ...] = ()                # literal: stages its input may come from; () = no input
+    uses: tuple[str, ...] = ()                   # literal: other artifacts it may read (--<name> DIR, a DVC dep)
+    default_parent: str | None = None            # literal: the input dvc.yaml gives it (default: parents[0];
+                                                 # a config with a ``parent`` field names it there)
+    precision: str = ""                          # literal: an ONNX artifact's precision: fp32 | fp16 | int8 | int4
+    reference: str = "export"                    # literal: what an ONNX artifact is scored against
+    tunable: tuple[str, ...] = ()                # literal: `pipeline tune` may search these keys of its section
     section: str | None = None                   # its params section; None: the config's fields name sections
     summary: str = ""                            # what the artifact is, in one line (model card, DVC registry)
-    precision: str = ""                          # an ONNX artifact's precision tag: fp32 | fp16 | int8 | int4
-    require_greedy_match: bool = False           # parity: the greedy tokens must equal the parent's
-    keep_outputs: bool = False                   # others are checked against it: keep its recorded outputs
-    describe: Callable[[dict, dict], str] | None = None  # the closing line, for stages that are not ONNX
+    metrics: Callable[[dict], dict] | None = None  # its metrics file (--metrics), from its manifest
+    describe: Callable[[dict, dict], str] | None = None  # its closing line
+
+    # Hooks around the build (pipeline/onnx_post.py's OnnxStage fills them for ONNX artifacts).
+    def check(self, tmp: Path, config: BaseModel, inputs: Inputs, scoring, scratch: Path, metrics: dict,
+              extra: dict, measured: dict):
+        """After the build, before the manifest: check the files in ``tmp``, add figures to ``metrics``,
+        manifest fields to ``extra`` and run figures to ``measured``; what it returns goes to :meth:`keep`."""
+        return None
+
+    def seal(self, tmp: Path, manifest: dict) -> None:
+        """Write the files that describe the manifest (and list them in it) before it is published."""
+
+    def keep(self, checked, out: Path) -> None:
+        """After the publish: keep what :meth:`check` returned beside the artifact."""
+
+    def closing_line(self, manifest: dict, out: Path, parent_dir: Path | None, measured: dict) -> str:
+        if self.describe:
+            return self.describe(manifest, measured)
+        return (f"{self.name}: {manifest['artifact_id']} {manifest['size_bytes'] / 1e6:.1f} MB, "
+                f"{measured['wall_seconds']:.1f} s, peak RSS {measured['peak_rss_mb'] / 1024:.2f} GB")
 
 
 def config_of(stage: Stage, params) -> BaseModel:
@@ -78,6 +107,14 @@ def config_of(stage: Stage, params) -> BaseModel:
     return stage.config.model_validate({f: getattr(params, f) for f in stage.config.model_fields})
 
 
+def default_input(stage: Stage, config: BaseModel) -> str | None:
+    """The stage its input comes from unless told otherwise: the config's ``parent`` where it has one
+    (params.yaml picks it), else the declared default."""
+    if not stage.parents:
+        return None
+    return getattr(config, "parent", None) or stage.default_parent or stage.parents[0]
+
+
 @dataclass(frozen=True)
 class Built:
     manifest: dict
@@ -85,7 +122,7 @@ class Built:
 
 
 def run_stage(name: str, params, parent_dir: str | Path | None, out: str | Path,
-              scoring: Scoring | None = None, uses: dict | None = None) -> Built:
+              scoring=None, uses: dict | None = None) -> Built:
     """Build the registered stage ``name`` with its section of the checked ``params``: what every
     `pipeline <verb>` runs."""
     stage = registry.load(name)
@@ -109,7 +146,8 @@ def _verified_uses(stage: Stage, uses: dict | None) -> dict:
 
 
 def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str | Path,
-        scoring: Scoring | None = None, uses: dict | None = None) -> Built:
+        scoring=None, uses: dict | None = None) -> Built:
+    """``scoring``: what an ONNX artifact is scored against when built (pipeline.evaluate.Scoring)."""
     t0 = time.perf_counter()
     parent = None
     if stage.parents:
@@ -131,39 +169,19 @@ def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str
         measured["build_seconds"] = round(time.perf_counter() - t0, 2)
         measured.update(made.run)
         metrics, extra = dict(made.metrics), dict(made.extra)
-        is_onnx = (tmp / onnx_io.MODEL).is_file()
-        mine = {}
-        if is_onnx:
-            onnx_io.copy_side_files(parent_dir, tmp)
-            # The graph check is onnxruntime loading it: fused graphs hold ORT-only ops
-            # (SimplifiedLayerNormalization, com.microsoft.*) that onnx.checker does not know.
-            info(f"{stage.name}: built in {measured['build_seconds']:.1f} s; parity with {parent['stage']} ...")
-            result, scored, mine, timings = evaluate.check(tmp, stage.name, parent_dir, config.greedy_tokens, scoring,
-                                                           Path(scratch))
-            measured.update(timings)
-            _enforce(stage, config, result, parent["stage"])
-            metrics["parity_vs_parent"] = result
-            if scored:
-                metrics["eval"] = scored
-            extra.setdefault("opset", onnx_io.opset(onnx_io.load(tmp, load_external_data=False)))
-            genai.write(tmp)  # onnxruntime-genai runs every ONNX artifact as shipped
+        checked = stage.check(tmp, config, Inputs(parent_dir, parent, used), scoring, Path(scratch), metrics, extra,
+                              measured)
         params = made.params if made.params is not None else config.model_dump(mode="json")
         manifest = mf.build_manifest(tmp, stage=stage.name, params=params, parent=parent,
                                      source=made.source if made.source is not None else parent["source"],
                                      metrics=metrics, extra=extra)
-        if is_onnx:  # every ONNX artifact explains itself: README.md, a model card
-            manifest["files"] = sorted([*manifest["files"], card.write(tmp, manifest, stage.summary, stage.precision)],
-                                       key=lambda f: f["path"])
-            manifest["size_bytes"] = sum(f["size"] for f in manifest["files"])
+        stage.seal(tmp, manifest)
         store.publish(tmp, out, manifest)
-        if stage.keep_outputs:
-            outputs.keep(mine, out)
+        stage.keep(checked, Path(out))
     measured["wall_seconds"] = round(time.perf_counter() - t0, 2)
     measured["peak_rss_mb"] = max(peak_rss_mb(), measured.get("child_peak_rss_mb", 0))
-    built = Built(manifest, measured)
-    info(stage.describe(manifest, measured) if stage.describe else summary_line(manifest, Path(out), parent_dir,
-                                                                                 measured))
-    return built
+    info(stage.closing_line(manifest, Path(out), parent_dir, measured))
+    return Built(manifest, measured)
 
 
 def _loadable_by_onnx(parent_dir: Path) -> None:
@@ -176,38 +194,3 @@ def _loadable_by_onnx(parent_dir: Path) -> None:
         raise PipelineError(f"{data} is {how} (DVC cache.type hardlink or symlink?): onnx refuses to load such "
                             f"external data. Use cache.type reflink,copy (this repo's .dvc/config) and run "
                             f"`dvc checkout --relink`")
-
-
-def _enforce(stage: Stage, config: BaseModel, result: dict, parent_stage: str) -> None:
-    vs = "PyTorch" if parent_stage == "checkpoint" else parent_stage
-    if stage.require_greedy_match and not result["greedy_match"]:
-        raise PipelineError(f"{stage.name} parity failed: greedy tokens differ from {vs} (prefix match "
-                            f"{result['greedy_prefix_match']:.0%}, max |dlogit| {result['max_abs_logit_delta']:.2e})")
-    if stage.require_greedy_match and result.get("batch_rows_prefix_match", 1.0) < 1.0:
-        raise PipelineError(f"{stage.name} parity failed: the prompts run as one mixed-length batch get other tokens "
-                            f"than alone (prefix match {result['batch_rows_prefix_match']:.0%})")
-    if stage.require_greedy_match and result.get("decode_top1_agreement", 1.0) < 1.0:
-        raise PipelineError(f"{stage.name} parity failed: along the decode path (one token a step through the KV "
-                            f"cache) the argmax differs from {vs} at {1 - result['decode_top1_agreement']:.1%} of "
-                            f"{result['decode_positions']} positions")
-    limit = getattr(config, "max_abs_logit_delta", None)
-    for key, where in (("max_abs_logit_delta", "prefill"), ("decode_max_abs_logit_delta", "decode path")):
-        if limit is not None and result.get(key, 0.0) > limit:
-            raise PipelineError(f"{stage.name} parity failed: max |dlogit| on the {where} {result[key]:.2e} > "
-                                f"{stage.section}.max_abs_logit_delta {limit}")
-
-
-def summary_line(manifest: dict, out: Path, parent_dir: Path, measured: dict) -> str:
-    """``int4: <id> 12.3 MB (0.160x fused), max |dlogit| vs fused ..., ppl ..., drift ..., 12.0 s``."""
-    m = manifest["metrics"]
-    parity, ev = m.get("parity_vs_parent", {}), m.get("eval")
-    parent = manifest["lineage"][0]["stage"]
-    size, parent_size = model_bytes(out), model_bytes(parent_dir)
-    ratio = f" ({size / parent_size:.3f}x {parent})" if parent_size else f" {manifest.get('precision', '')}"
-    line = (f"{manifest['stage']}: {manifest['artifact_id']} {size / 1e6:.1f} MB{ratio}, opset {manifest['opset']}, "
-            f"max |dlogit| vs {parent} {parity['max_abs_logit_delta']:.2e}, greedy prefix match "
-            f"{parity['greedy_prefix_match']:.0%}")
-    if ev:
-        line += (f", ppl {ev['ppl']:.3f}, drift {ev['drift_pct']:+.3f} % vs {ev['reference']}, KLD {ev['kld_mean']:.2e}, "
-                 f"top-1 {ev['top1_agreement']:.2%}")
-    return line + f", {measured['wall_seconds']:.1f} s, peak RSS {measured['peak_rss_mb'] / 1024:.2f} GB"

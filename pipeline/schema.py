@@ -11,7 +11,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import PipelineError
-from .registry import ARTIFACTS
+from .registry import ARTIFACTS, TUNABLE, index
 
 PosInt = Field(ge=1)
 # The metrics a budget can bound (max_<metric> / min_<metric>), as evaluate and the checkpoint write them.
@@ -276,8 +276,6 @@ class Gate(Section):
     max_size_regression_pct: float = Field(2.0, ge=0)
 
 
-# The artifacts `pipeline tune` searches recipes for: the quantized ones.
-TUNABLE = ("int8-dynamic", "int8-static", "int4")
 # The figures a tune budget can bound: the scored ones plus the decode rate tune measures itself.
 TUNE_METRICS = ("drift_pct", "kld_mean", "kld_p99", "top1_agreement", "size_ratio", "decode_tok_s")
 Knobs = dict[str, list[str | int | float | bool]]
@@ -287,7 +285,7 @@ class Tune(Section):
     """`pipeline tune` (pipeline/tune.py): the smallest or fastest recipe for one artifact inside a budget,
     each candidate a DVC experiment. ``space`` and ``promote`` are per artifact: knob (a key of that
     artifact's params section, dotted below it) -> the values to try."""
-    artifact: Literal["int8-dynamic", "int8-static", "int4"] = "int4"
+    artifact: str = "int4"  # a stage that declares ``tunable`` knobs
     objective: Literal["size", "decode", "both"] = "size"
     strategy: Literal["greedy", "grid", "random"] = "greedy"
     budget: dict[str, float] = {}
@@ -308,6 +306,13 @@ class Tune(Section):
                 raise ValueError(_unknown(f"tune.budget.{key}", key, valid, "budget key"))
         return budget
 
+    @field_validator("artifact")
+    @classmethod
+    def _tunable(cls, artifact):
+        if artifact not in TUNABLE:
+            raise ValueError(_unknown("tune.artifact", artifact, TUNABLE, "tunable artifact"))
+        return artifact
+
     @field_validator("space", "promote")
     @classmethod
     def _per_artifact(cls, knobs, info):
@@ -315,6 +320,9 @@ class Tune(Section):
             if name not in TUNABLE:
                 raise ValueError(_unknown(f"tune.{info.field_name}.{name}", name, TUNABLE, "tunable artifact"))
             for knob, values in table.items():
+                if knob not in index()[name].tunable:
+                    raise ValueError(_unknown(f"tune.{info.field_name}.{name}.{knob}", knob, index()[name].tunable,
+                                              f"knob of {name} (its stage's `tunable`)"))
                 if not values:
                     raise ValueError(f"tune.{info.field_name}.{name}.{knob} has no values")
                 if len(set(map(repr, values))) != len(values):

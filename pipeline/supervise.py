@@ -18,14 +18,19 @@ import sys
 import threading
 from pathlib import Path
 
-from . import memory
+from . import memory, registry
 
-VERBS = ("data", "checkpoint", "export", "fuse", "fp16", "imatrix", "quantize", "evaluate")
+# Verbs that load a model but build no stage: supervised too. Every stage's verb is, from the stage index.
+MODEL_VERBS = ("evaluate",)
 ENV = "PIPELINE_SUPERVISED"
 
 
+def verbs() -> set[str]:
+    return {e.verb for e in registry.index().values()} | set(MODEL_VERBS)
+
+
 def wanted(argv: list[str]) -> bool:
-    return (len(argv) > 1 and argv[1] in VERBS and not os.environ.get(ENV)
+    return (len(argv) > 1 and argv[1] in verbs() and not os.environ.get(ENV)
             and not {"-h", "--help"} & set(argv[2:]) and sys.platform.startswith("linux"))
 
 

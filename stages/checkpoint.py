@@ -19,7 +19,7 @@ import numpy as np
 from pipeline import manifest as mf
 from pipeline.errors import PipelineError
 from pipeline.child import in_child
-from pipeline.evaluate import make_windows, rounded, score
+from pipeline.evaluate import checkpoint_metrics, make_windows, rounded, score
 from pipeline.log import info
 from pipeline.memory import check as check_memory
 from pipeline.runner import BuildResult, Inputs, Stage
@@ -424,4 +424,7 @@ def describe(manifest: dict, measured: dict) -> str:
 
 
 STAGE = Stage(name="checkpoint", config=CheckpointConfig, build=build, parents=("data",), describe=describe,
+              metrics=checkpoint_metrics,
+              flags={"--source": ("model.source", "alias for -S model.source=...: builtin:qwen3-tiny, "
+                                                  "random:qwen3-0.6b, a local HF dir or a hub id")},
               summary="Hugging Face checkpoint (safetensors) the ONNX artifacts start from")

@@ -17,7 +17,8 @@ from pipeline import compat, onnx_io, store
 from pipeline.child import in_child
 from pipeline.errors import PipelineError
 from pipeline.log import info
-from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline.onnx_post import OnnxStage
+from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import Export
 from pipeline.torch_ref import trusted
 
@@ -121,6 +122,6 @@ def build(inputs: Inputs, config: Export, tmp: Path) -> BuildResult:
                        run={"export_seconds": round(time.perf_counter() - t0, 2), "child_peak_rss_mb": child_peak})
 
 
-STAGE = Stage(name="export", section="export", config=Export, build=build, parents=("checkpoint",),
-              require_greedy_match=True, keep_outputs=True,
-              precision="fp32", summary="FP32 ONNX export (optimum-onnx, merged decoder with KV cache), checked against PyTorch")
+STAGE = OnnxStage(name="export", section="export", config=Export, build=build, parents=("checkpoint",),
+                  reference="checkpoint", require_greedy_match=True, keep_outputs=True,
+                  precision="fp32", summary="FP32 ONNX export (optimum-onnx, merged decoder with KV cache), checked against PyTorch")

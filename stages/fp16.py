@@ -10,8 +10,9 @@ from pathlib import Path
 
 from onnx import TensorProto
 
-from pipeline import compat, onnx_io, registry
-from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline import compat, onnx_io
+from pipeline.onnx_post import OnnxStage
+from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import FP16
 
 
@@ -50,8 +51,8 @@ def build(inputs: Inputs, config: FP16, tmp: Path) -> BuildResult:
     return BuildResult(metrics={"op_counts": counts}, extra={"precision": "fp16", "kv_dtype": kv, "fp16_policy": policy})
 
 
-STAGE = Stage(name="fp16", section="fp16", config=FP16, build=build, parents=registry.ONNX, default_parent="fused",
-              precision="fp16", summary="FP16 weights and KV cache, float32 logits: the GPU artifact")
+STAGE = OnnxStage(name="fp16", section="fp16", config=FP16, build=build, parents=("export", "fused"), default_parent="fused",
+                  precision="fp16", summary="FP16 weights and KV cache, float32 logits: the GPU artifact")
 
 
 def _to_float16(stored, convert):

@@ -23,7 +23,8 @@ import numpy as np
 
 from pipeline import compat, onnx_io, store
 from pipeline.errors import PipelineError
-from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline.onnx_post import OnnxStage
+from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import Fused
 from pipeline.fusions import fuse_attention, rotary_caches, select_logits
 from pipeline.tied import retie_embedding
@@ -152,7 +153,7 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
                        extra={"precision": "fp32", "kv_dtype": "float32", "attention": config.attention})
 
 
-STAGE = Stage(name="fused", section="fused", config=Fused, build=build, parents=("export",),
-              require_greedy_match=True, keep_outputs=True,
-              precision="fp32", summary="FP32, fused: RMSNorm / SkipRMSNorm and one GroupQueryAttention per layer (rotary inside, "
+STAGE = OnnxStage(name="fused", verb="fuse", section="fused", config=Fused, build=build, parents=("export",),
+                  require_greedy_match=True, keep_outputs=True,
+                  precision="fp32", summary="FP32, fused: RMSNorm / SkipRMSNorm and one GroupQueryAttention per layer (rotary inside, "
                       "shareable KV buffer), lm_head on the positions asked for (`logits_to_keep`)")

@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import compat, onnx_io
-from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline.onnx_post import OnnxStage
+from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import CALIBRATED_INT4, Int4
 from pipeline.errors import PipelineError
 from pipeline.tied import find_tied, share_quantized_table
@@ -91,5 +92,11 @@ def build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
     return imatrix.with_kv_cache(inputs, config.kv_cache, tmp, _build(inputs, config, tmp), "int4")
 
 
-STAGE = Stage(name="int4", section="int4", config=Int4, build=build, parents=("export", "fused"), uses=("imatrix",),
-              precision="int4", summary="INT4 weight-only, block-wise (MatMulNBits, the format onnxruntime-genai uses)")
+STAGE = OnnxStage(name="int4", verb="quantize", mode="int4", section="int4", config=Int4, build=build,
+                  parents=("export", "fused"), uses=("imatrix",),
+                  flags={"--block-size": ("block_size", "weights per quantization block"),
+                         "--symmetric": ("symmetric", "symmetric blocks", "--asymmetric"),
+                         "--algorithm": ("algorithm", "rtn | k_quant | imatrix | awq")},
+                  tunable=("algorithm", "block_size", "symmetric", "accuracy_level", "awq_alpha", "tied_bits",
+                           "int8_fraction"),
+                  precision="int4", summary="INT4 weight-only, block-wise (MatMulNBits, the format onnxruntime-genai uses)")

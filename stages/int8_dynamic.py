@@ -21,7 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import compat, onnx_io, store
-from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline.onnx_post import OnnxStage
+from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import Int8Dynamic
 from pipeline.tied import find_tied, share_quantized_table
 
@@ -52,17 +53,15 @@ def _qoperator(parent_dir: Path, config: Int8Dynamic, exclude: list[str], tmp: P
 
 
 def _build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
+    if config.smoothing.enabled:  # the default: it finds its own exclusions
+        return _smoothed(inputs, config, tmp)
     parent_dir = inputs.dir
-    model = onnx_io.load(parent_dir, load_external_data=False)
-    tied = config.quantize_tied and find_tied(model) is not None
-    exclude = list(config.nodes_to_exclude) + (onnx_io.lm_head_nodes(model) if tied else [])
-    del model
+    graph = onnx_io.load(parent_dir, load_external_data=False)  # the graph alone
+    tied = config.quantize_tied and find_tied(graph) is not None
+    exclude = list(config.nodes_to_exclude) + (onnx_io.lm_head_nodes(graph) if tied else [])
     compat.quiet_ort_quantizers()
     nbits = config.format == "matmulnbits"
-    if config.smoothing.enabled:
-        return _smoothed(inputs, config, tmp)
     if nbits:
-        graph = onnx_io.load(parent_dir, load_external_data=False)
         with onnx_io.weights_from(parent_dir):
             q = _matmulnbits(graph, config, exclude)
             shared = share_quantized_table(q, 8, config.tied_block_size, config.accuracy_level) \
@@ -112,6 +111,8 @@ def build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
     return imatrix.with_kv_cache(inputs, config.kv_cache, tmp, _build(inputs, config, tmp), "int8_dynamic")
 
 
-STAGE = Stage(name="int8-dynamic", section="int8_dynamic", config=Int8Dynamic, build=build, parents=("export", "fused"),
-              uses=("imatrix",),
-              precision="int8", summary="INT8 weights (MatMulNBits, 8-bit blocks), activations quantized inside the kernel")
+STAGE = OnnxStage(name="int8-dynamic", verb="quantize", mode="dynamic", section="int8_dynamic", config=Int8Dynamic,
+                  build=build, parents=("export", "fused"), uses=("imatrix",),
+                  flags={"--block-size": ("block_size", "weights per quantization block")},
+                  tunable=("block_size", "accuracy_level", "tied_block_size", "smoothing.enabled", "smoothing.alpha"),
+                  precision="int8", summary="INT8 weights (MatMulNBits, 8-bit blocks), activations quantized inside the kernel")

@@ -16,7 +16,8 @@ from calibration.reader import CalibrationReader, calibration_windows, covered_p
 from calibration.rounding import coarsen_maxima, coarsen_ranges
 from calibration.smoothquant import Weights, activation_channel_max, smooth, smoothing_groups
 from pipeline import compat, onnx_io, store
-from pipeline.runner import BuildResult, Inputs, Stage
+from pipeline.onnx_post import OnnxStage
+from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import Int8Static
 from pipeline.log import info
 from pipeline.runtime import GraphIO, session_options
@@ -174,5 +175,15 @@ def build(inputs: Inputs, config: Int8Static, tmp: Path) -> BuildResult:
                        params=covered_params(config, windows))
 
 
-STAGE = Stage(name="int8-static", section="int8_static", config=Int8Static, build=build, parents=("export", "fused"),
-              precision="int8", summary="INT8 static QDQ, calibrated with SmoothQuant (for execution providers that consume QDQ)")
+STAGE = OnnxStage(name="int8-static", verb="quantize", mode="static", section="int8_static", config=Int8Static,
+                  build=build, parents=("export", "fused"),
+                  flags={"--calibration": ("calibration.source", "calibration source (file, dir or dataset name)"),
+                         "--text-column": ("calibration.text_column", "text column of the calibration source"),
+                         "--samples": ("calibration.samples", "calibration windows"),
+                         "--seq-len": ("calibration.seq_len", "tokens per calibration window"),
+                         "--method": ("method", "calibration method: MinMax | Entropy | Percentile"),
+                         "--smoothquant": ("smoothquant.enabled", "SmoothQuant before calibration",
+                                           "--no-smoothquant"),
+                         "--alpha": ("smoothquant.alpha", "SmoothQuant alpha")},
+                  tunable=("method", "percentile", "per_channel", "smoothquant.enabled", "smoothquant.alpha"),
+                  precision="int8", summary="INT8 static QDQ, calibrated with SmoothQuant (for execution providers that consume QDQ)")

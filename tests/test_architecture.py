@@ -49,20 +49,27 @@ def test_dvc_yaml_is_generated_from_the_declarations():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_one_list_of_stages():
-    from pipeline import cli
+def test_the_stage_declarations_are_the_one_list_of_stages():
+    """The index read from stages/*.py equals the imported declarations, and the CLI, dvc.yaml and the
+    supervisor each offer exactly the declared stages."""
+    from pipeline import cli, supervise
 
-    assert set(dvcgen.VERBS) == set(registry.STAGES)
-    assert all(dvcgen.VERBS[name] == f"quantize --mode {mode}" for mode, name in cli.MODES.items())
+    registry.check_index()
     assert ARTIFACTS == registry.ARTIFACTS and set(registry.ONNX) <= set(registry.ARTIFACTS)
-    for name in registry.STAGES:
+    for name, entry in registry.index().items():
         stage = registry.load(name)
         assert stage.summary, name
         section = stage.section
         assert section is None or section in Params.model_fields, name
+        assert entry.verb in cli.cli.commands and entry.verb in supervise.verbs(), name
+        if entry.mode:
+            mode = next(p for p in cli.cli.commands[entry.verb].params if p.name == "mode")
+            assert entry.mode in mode.type.choices, name
     doc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     assert set(doc["stages"]) - {"evaluate", "report"} == set(registry.STAGES)
     assert set(doc["stages"]["evaluate"]["foreach"]) == set(registry.ONNX)
+    for name, entry in registry.index().items():
+        assert doc["stages"][name]["cmd"].startswith(f"pipeline {entry.command} "), name
 
 
 def test_scorer_fingerprint_covers_the_scoring_code():
@@ -119,7 +126,7 @@ def test_every_module_a_stage_executes_is_among_its_deps(stage, export_dir, fuse
     executed = _executed(proc.stderr)
     # (modules loaded by importlib.import_module, as registry.load does, bypass -X importtime's log; the
     # stage's own module is among its deps by construction)
-    assert {"pipeline.cli", "pipeline.evaluate"} <= executed
+    assert {"pipeline.cli", "pipeline.evaluate" if stage == "evaluate" else "pipeline.runner"} <= executed
     missing = {dvcgen.module_file(m) for m in executed} - _deps(stage)
     assert not missing, f"{stage} executes {sorted(missing)}, not among its deps in dvc.yaml"
 

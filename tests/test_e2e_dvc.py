@@ -87,6 +87,22 @@ def test_editing_a_module_reruns_every_stage_that_executes_it(publisher):
     assert json.loads(sh("dvc", "status", "--json", cwd=publisher).stdout) == {}
 
 
+def test_editing_the_model_card_reruns_the_stages_that_write_cards_and_not_training(publisher):
+    """The ONNX post-build (card, genai config, parity) is imported by the ONNX stages alone
+    (pipeline/onnx_post.py), so an edit to the card leaves the data and checkpoint stages up to date."""
+    card = publisher / "pipeline" / "card.py"
+    original = card.read_text()
+    try:
+        card.write_text(original + "\n# an edit to the model card\n")
+        status = json.loads(sh("dvc", "status", "--json", cwd=publisher).stdout)
+        changed = {k for k, v in status.items() if any("changed deps" in c for c in v if isinstance(c, dict))}
+        assert set(NAMES) <= changed, status
+        assert not {"data", "checkpoint"} & set(status), status
+    finally:
+        card.write_text(original)
+    assert json.loads(sh("dvc", "status", "--json", cwd=publisher).stdout) == {}
+
+
 def test_publish_and_consume_with_real_dvc(publisher, tmp_path):
     remote = tmp_path / "remote"
     sh("dvc", "remote", "add", "-d", "shared", str(remote), cwd=publisher)

@@ -12,12 +12,25 @@ from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
+from pydantic import Field
 
 from pipeline.errors import PipelineError
 from pipeline.log import Progress
 from pipeline.runtime import GraphIO
+from pipeline.schema import PosInt, Section
 
 from .sources import load_text_dataset, paragraphs
+
+
+class TextWindows(Section):
+    source: str = Field(min_length=1)
+    text_column: str = Field(min_length=1)
+    samples: int = PosInt
+    seq_len: int = Field(ge=8)
+    # ranges and statistics rounded to this many mantissa bits (calibration/rounding.py), so another
+    # CPU's last bits give the same artifact; 0 = as ORT computed them
+    round_bits: int = Field(4, ge=0, le=20)
+
 
 
 def calibration_windows(source: str, text_column: str, tokenizer_file: str | Path, samples: int, seq_len: int,

@@ -88,7 +88,7 @@ def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, n
     from .errors import BudgetExceeded
     from .evaluate import evaluate_artifact
 
-    params = load_params(params_file, overrides, required=False)
+    params = load_params(params_file, overrides, required=False, stages=())
     if text_file:
         if not Path(text_file).is_file():
             raise PipelineError(f"--text {text_file}: no such file")
@@ -202,7 +202,7 @@ def _run_verb(entry, params_file, overrides, input_dir=None, out=None, eval_afte
     """Every build verb: the stage's declaration run by the one runner, its figures written apart."""
     stage = registry.load(entry.name)
     uses = {name.removeprefix("use_"): rest.pop(name) for name in list(rest) if name.startswith("use_")}
-    params = load_params(params_file, overrides, _flag_values(entry, stage, rest))
+    params = load_params(params_file, overrides, _flag_values(entry, stage, rest), stages=(entry.name,))
     input_dir = input_dir or (_input_default(stage, params) if entry.parents else None)
     reference = input_dir if entry.scored_against_input else eval_reference
     scoring = _scoring(params, eval_after, reference, eval_data) if entry.precision else None
@@ -311,7 +311,7 @@ def gate(params_file, overrides, metrics_dir, baseline, baseline_file, summary):
     """Fail (exit 1) when an artifact is over its budget or regressed against a baseline."""
     from . import gate as g
 
-    params = load_params(params_file, overrides, required=False)
+    params = load_params(params_file, overrides, required=False, stages=())
     metrics = g.load_metrics(metrics_dir or params.gate.metrics_dir)
     if baseline and baseline_file:
         raise PipelineError("give --baseline or --baseline-file, not both")
@@ -341,7 +341,7 @@ def report(params_file, overrides, metrics_dir, bench, out):
     """Write reports/summary.md, summary.json and size_vs_drift.png."""
     from . import gate as g
 
-    params = load_params(params_file, overrides, required=False)
+    params = load_params(params_file, overrides, required=False, stages=())
     rows = g.judge(g.load_metrics(metrics_dir or params.gate.metrics_dir), params)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

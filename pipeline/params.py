@@ -17,11 +17,14 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 
 def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                values: dict[str, Any] | None = None, required: bool = True):
+                values: dict[str, Any] | None = None, required: bool = True,
+                stages: tuple[str, ...] | None = None):
     """The checked params. ``overrides``: ``key=value`` strings (values parsed as YAML, as DVC does);
-    ``values``: dotted keys with values already typed (from CLI flags). Without a params file and with
-    ``required`` false (evaluate, gate, report on a consumer's machine), the consumer sections' defaults."""
-    from .schema import ConsumerParams, Params, validate
+    ``values``: dotted keys with values already typed (from CLI flags). ``stages``: check the shared
+    sections and these stages' (a build verb: its own; evaluate, gate, report: none); None: the whole
+    file. Without a params file and with ``required`` false (evaluate, gate, report on a consumer's
+    machine), the consumer sections' defaults."""
+    from .schema import ConsumerParams, params_model, validate
 
     path = Path(path) if path else DEFAULT_PARAMS
     if not path.is_file():
@@ -33,7 +36,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise PipelineError(f"params file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        raw, schema, where = copy.deepcopy(raw), Params, str(path)
+        raw, schema, where = copy.deepcopy(raw), params_model(stages), str(path)
     for item in overrides:
         set_dotted(raw, item)
     for key, value in (values or {}).items():

@@ -13,17 +13,88 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
 
 from pipeline import manifest as mf
-from pipeline.errors import PipelineError
 from pipeline.child import in_child
+from pipeline.errors import PipelineError
 from pipeline.evaluate import checkpoint_metrics, make_windows, rounded, score
 from pipeline.log import info
 from pipeline.memory import check as check_memory
 from pipeline.runner import BuildResult, Inputs, Stage
-from pipeline.schema import CheckpointConfig, Eval, Model
+from pipeline.schema import Eval, PosInt, Section
+
+
+class Outliers(Section):
+    """Outlier activation channels moved into the model without changing its function
+    (pipeline/outliers.py): the hard case for quantization that real LLMs are and the built-in model
+    is not. ``channels: 0`` = none."""
+    channels: int = Field(0, ge=0)
+    scale: float = Field(64.0, gt=1)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("scale")
+    @classmethod
+    def _exact(cls, v: float) -> float:
+        import math
+
+        if 2.0 ** round(math.log2(v)) != v:
+            raise ValueError("must be a power of two (so the float model stays the same function, exactly)")
+        return v
+
+
+class Model(Section):
+    source: str = Field(min_length=1)
+    revision: str = "main"
+    # Pickled weights (pytorch_model.bin) can run arbitrary code when loaded: refused unless this says so.
+    allow_unsafe_pickle_weights: bool = False
+    # Code from the checkpoint's repository is never run unless this says so.
+    trust_remote_code: bool = False
+    outliers: Outliers = Outliers()
+
+
+class Tokenizer(Section):
+    vocab_size: int = Field(ge=260, le=1 << 20)  # the 256-byte alphabet + 3 special tokens, at least
+
+
+class Train(Section):
+    seed: int = Field(ge=0)
+    hidden_size: int = PosInt
+    intermediate_size: int = PosInt
+    layers: int = PosInt
+    heads: int = PosInt
+    kv_heads: int = PosInt
+    head_dim: int = Field(ge=2, multiple_of=2)
+    max_position_embeddings: int = Field(ge=8)
+    seq_len: int = Field(ge=8)
+    batch_size: int = PosInt
+    steps: int = PosInt
+    lr: float = Field(gt=0, le=1)
+    warmup: int = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    threads: int = PosInt
+    cpu_code_path: Literal["avx2", "portable", "native"]
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.seq_len > self.max_position_embeddings:
+            raise ValueError(f"seq_len ({self.seq_len}) must not exceed max_position_embeddings "
+                             f"({self.max_position_embeddings})")
+        return self
+
+class CheckpointConfig(Section):
+    """The checkpoint stage reads four sections: where the model comes from, the built-in model's
+    tokenizer and training, and the held-out scoring."""
+    model: Model
+    tokenizer: Tokenizer
+    train: Train
+    eval: Eval
+
 
 BUILTIN = "builtin:qwen3-tiny"
 EOS = "<|endoftext|>"

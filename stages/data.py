@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+from pydantic import Field, model_validator
+
 from calibration.sources import SPLITS, load_text_dataset, paragraphs, split_paragraphs
 from pipeline.errors import PipelineError
 from pipeline.runner import BuildResult, Inputs, Stage
-from pipeline.schema import Data
+from pipeline.schema import Section
+
+
+class Fractions(Section):
+    train: float = Field(gt=0, lt=1)
+    calibration: float = Field(gt=0, lt=1)
+    eval: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum(self):
+        if abs(self.train + self.calibration + self.eval - 1.0) > 1e-6:
+            raise ValueError("train + calibration + eval must sum to 1")
+        return self
+
+
+class Data(Section):
+    source: str = Field(min_length=1)
+    text_column: str = Field(min_length=1)
+    seed: int = Field(ge=0)
+    fractions: Fractions
+
 
 
 def build(_: Inputs, config: Data, tmp) -> BuildResult:

@@ -13,14 +13,23 @@ import json
 import time
 from pathlib import Path
 
+from pydantic import Field
+
 from pipeline import compat, onnx_io, store
 from pipeline.child import in_child
 from pipeline.errors import PipelineError
 from pipeline.log import info
 from pipeline.onnx_post import OnnxStage
 from pipeline.runner import BuildResult, Inputs
-from pipeline.schema import Export
+from pipeline.schema import PosInt, Section
 from pipeline.torch_ref import trusted
+
+
+class Export(Section):
+    opset: int = Field(ge=14, le=21)
+    greedy_tokens: int = PosInt
+    max_abs_logit_delta: float = Field(gt=0)
+
 
 TASK = "text-generation-with-past"
 PARAMS = "skeleton_params.json"  # the names of the parameters the child traced, beside its graph

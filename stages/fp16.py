@@ -13,7 +13,15 @@ from onnx import TensorProto
 from pipeline import compat, onnx_io
 from pipeline.onnx_post import OnnxStage
 from pipeline.runner import BuildResult, Inputs
-from pipeline.schema import FP16
+from pipeline.schema import PosInt, Section
+
+
+class FP16(Section):
+    keep_io_types: list[str]
+    op_block_list: list[str]
+    node_block_list: list[str]
+    greedy_tokens: int = PosInt
+
 
 
 def build(inputs: Inputs, config: FP16, tmp: Path) -> BuildResult:

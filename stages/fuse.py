@@ -18,16 +18,25 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from pipeline import compat, onnx_io, store
 from pipeline.errors import PipelineError
+from pipeline.fusions import fuse_attention, rotary_caches, select_logits
 from pipeline.onnx_post import OnnxStage
 from pipeline.runner import BuildResult, Inputs
-from pipeline.schema import Fused
-from pipeline.fusions import fuse_attention, rotary_caches, select_logits
+from pipeline.schema import PosInt, Section
 from pipeline.tied import retie_embedding
+
+
+class Fused(Section):
+    model_type: str
+    opt_level: Literal[0, 1, 2, 99]
+    attention: Literal["gqa", "none"]
+    greedy_tokens: int = PosInt
+
 
 FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
              "Attention", "MultiHeadAttention", "GroupQueryAttention")

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from calibration import imatrix
-from calibration.reader import calibration_windows, covered_params
+from calibration.reader import TextWindows, calibration_windows, covered_params
 from calibration.smoothquant import projection_groups
 from pipeline import onnx_io, store
 from pipeline.runner import BuildResult, Inputs, Stage
-from pipeline.schema import Imatrix
+from pipeline.schema import Section
 from pipeline.tied import find_tied
+
+
+class Imatrix(Section):
+    """The importance matrix: per projection input channel, mean x^2 and max |x| over calibration text."""
+    parent: Literal["export", "fused"]
+    calibration: TextWindows
+
 
 
 def build(inputs: Inputs, config: Imatrix, tmp: Path) -> BuildResult:

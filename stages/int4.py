@@ -11,13 +11,52 @@ the most sensitive share of projections at 8 bits (mixed precision, like llama.c
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
 
 from pipeline import compat, onnx_io
+from pipeline.errors import PipelineError
 from pipeline.onnx_post import OnnxStage
 from pipeline.runner import BuildResult, Inputs
-from pipeline.schema import CALIBRATED_INT4, Int4
-from pipeline.errors import PipelineError
+from pipeline.schema import PosInt, Section, power_of_two
 from pipeline.tied import find_tied, share_quantized_table
+
+# Algorithms that read the importance matrix (stage imatrix).
+CALIBRATED_INT4 = ("imatrix", "awq")
+
+
+class Int4(Section):
+    parent: Literal["export", "fused"]
+    # rtn / k_quant: ORT's MatMulNBitsQuantizer; imatrix / awq: pipeline/nbits.py with the importance
+    # matrix (awq also scales input channels by it first, folded into the graph)
+    algorithm: Literal["rtn", "k_quant", "imatrix", "awq"]
+    awq_alpha: float = Field(0.75, ge=0, le=1)
+    int8_fraction: float = Field(0.0, ge=0, le=1)  # imatrix/awq: this share of projections, the most sensitive, 8-bit
+    block_size: int
+    symmetric: bool
+    accuracy_level: Optional[Literal[0, 1, 2, 3, 4]]
+    quantize_tied: bool
+    tied_bits: Literal[4, 8] = 4
+    nodes_to_exclude: list[str]
+    kv_cache: Literal["float32", "int8"] = "float32"  # int8: ORT's quantized GQA cache, scales from the imatrix
+    greedy_tokens: int = PosInt
+
+    _block = field_validator("block_size")(power_of_two)
+
+    def inert(self) -> set[str]:
+        """Keys that change nothing given the others (see Int8Dynamic.inert)."""
+        return ({"awq_alpha"} if self.algorithm != "awq" else set()) | ({"tied_bits"} if not self.quantize_tied else set())
+
+    @model_validator(mode="after")
+    def _ours_symmetric(self):
+        if self.algorithm in CALIBRATED_INT4 and not self.symmetric:
+            raise ValueError(f"int4.algorithm {self.algorithm} quantizes symmetrically (set symmetric: true)")
+        if self.int8_fraction and self.algorithm not in CALIBRATED_INT4:
+            raise ValueError("int4.int8_fraction needs algorithm imatrix or awq (it ranks projections by the "
+                             "importance matrix)")
+        return self
+
 
 
 def _algo_config(config: Int4):

@@ -19,12 +19,49 @@ it stays FP32. Both were measured (README); quantizing it is what meets the size
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
 
 from pipeline import compat, onnx_io, store
 from pipeline.onnx_post import OnnxStage
 from pipeline.runner import BuildResult, Inputs
-from pipeline.schema import Int8Dynamic
+from pipeline.schema import PosInt, Section, power_of_two
 from pipeline.tied import find_tied, share_quantized_table
+
+
+class Smoothing(Section):
+    enabled: bool
+    alpha: float = Field(ge=0, le=1)
+
+
+class Int8Dynamic(Section):
+    parent: Literal["export", "fused"]
+    format: Literal["matmulnbits", "qoperator"]
+    smoothing: Smoothing = Smoothing(enabled=False, alpha=0.5)
+    block_size: int
+    accuracy_level: Optional[Literal[0, 1, 2, 3, 4]]
+    per_channel: bool
+    quantize_tied: bool
+    tied_block_size: int
+    nodes_to_exclude: list[str]
+    kv_cache: Literal["float32", "int8"] = "float32"  # int8: ORT's quantized GQA cache, scales from the imatrix
+    greedy_tokens: int = PosInt
+
+    _block = field_validator("tied_block_size", "block_size")(power_of_two)
+
+    def inert(self) -> set[str]:
+        """Keys (dotted) that change nothing given the others: `pipeline tune` drops them from a recipe."""
+        return ({"smoothing.alpha"} if not self.smoothing.enabled else set()) | (
+            {"tied_block_size"} if not self.quantize_tied else set()) | (
+            {"block_size", "accuracy_level"} if self.format != "matmulnbits" else {"per_channel"})
+
+    @model_validator(mode="after")
+    def _smoothing_needs_nbits(self):
+        if self.smoothing.enabled and self.format != "matmulnbits":
+            raise ValueError("int8_dynamic.smoothing applies to format matmulnbits only (set smoothing.enabled: false)")
+        return self
+
 
 
 def _matmulnbits(model, config: Int8Dynamic, exclude: list[str]):

@@ -11,17 +11,57 @@ import gc
 import json
 import shutil
 from pathlib import Path
+from typing import Literal, Optional
 
-from calibration.reader import CalibrationReader, calibration_windows, covered_params
+from pydantic import Field, field_validator
+
+from calibration.reader import CalibrationReader, TextWindows, calibration_windows, covered_params
 from calibration.rounding import coarsen_maxima, coarsen_ranges
 from calibration.smoothquant import Weights, activation_channel_max, smooth, smoothing_groups
 from pipeline import compat, onnx_io, store
+from pipeline.log import info
 from pipeline.onnx_post import OnnxStage
 from pipeline.runner import BuildResult, Inputs
-from pipeline.schema import Int8Static
-from pipeline.log import info
 from pipeline.runtime import GraphIO, session_options
+from pipeline.schema import PosInt, Section, power_of_two
 from pipeline.tied import find_tied, share_quantized_table
+
+
+class Calibration(TextWindows):
+    stride: int = PosInt
+
+class Exclude(Section):
+    lm_head: bool
+    activation_matmuls: bool
+    nodes: list[str]
+
+
+class SmoothQuant(Section):
+    enabled: bool
+    alpha: float = Field(ge=0, le=1)
+
+
+class Int8Static(Section):
+    parent: Literal["export", "fused"]
+    calibration: Calibration
+    method: Literal["MinMax", "Entropy", "Percentile"]
+    percentile: float = Field(gt=50, le=100)
+    per_channel: bool
+    exclude: Exclude
+    smoothquant: SmoothQuant
+    quantize_tied: bool
+    tied_block_size: int
+    tied_accuracy_level: Optional[Literal[0, 1, 2, 3, 4]]
+    greedy_tokens: int = PosInt
+
+    _block = field_validator("tied_block_size")(power_of_two)
+
+    def inert(self) -> set[str]:
+        """Keys that change nothing given the others (see Int8Dynamic.inert)."""
+        return ({"percentile"} if self.method != "Percentile" else set()) | (
+            {"smoothquant.alpha"} if not self.smoothquant.enabled else set()) | (
+            {"tied_block_size", "tied_accuracy_level"} if not self.quantize_tied else set())
+
 
 def _stride(n: int, wanted: int) -> int:
     """Largest divisor of n that is <= wanted (ORT requires the stride to divide the sample count)."""

@@ -17,8 +17,8 @@ import re
 from pathlib import Path
 
 from .compat import optimum_head_dim_fix
-from .manifest import CARD
-
+from .manifest import CARD, compared_with
+from .metrics import SCORED
 
 
 def base_model(manifest: dict) -> str:
@@ -56,10 +56,8 @@ def _quality(metrics: dict) -> list[str]:
         f"Scored on held-out text ({ev['tokens_scored']:,} tokens in {ev['windows']} windows of {ev['ctx']}, the "
         f"second half of each window scored, as llama.cpp's perplexity tool does) against {ref} "
         f"(`{ev['reference_id']}`):", "",
-        "| PPL | reference PPL | drift | KLD mean | KLD p99 | top-1 agreement |",
-        "|---|---|---|---|---|---|",
-        f"| {ev['ppl']:.4f} | {ev['ref_ppl']:.4f} | {ev['drift_pct']:+.4f} % | {ev['kld_mean']:.2e} | "
-        f"{ev['kld_p99']:.2e} | {ev['top1_agreement']:.2%} |", ""]
+        "| " + " | ".join(m.label for m in SCORED) + " |", "|" + "---|" * len(SCORED),
+        "| " + " | ".join(m.show(ev.get(m.key)) for m in SCORED) + " |", ""]
 
 
 def _parity(manifest: dict) -> list[str]:
@@ -67,7 +65,7 @@ def _parity(manifest: dict) -> list[str]:
     p = m.get("parity_vs_parent", m)
     if "max_abs_logit_delta" not in p:
         return []
-    vs = "PyTorch" if manifest["stage"] == "export" else (manifest.get("lineage") or [{}])[0].get("stage", "parent")
+    vs = compared_with(manifest)
     return [f"Parity with {vs}: max |Δlogit| {p['max_abs_logit_delta']:.2e} on {p.get('greedy_prompts', '?')} fixed "
             f"prompts; greedy {p.get('greedy_tokens', '?')} tokens "
             f"{'identical' if p.get('greedy_match') else 'match for ' + _fmt(p.get('greedy_prefix_match'), '.0%')}.", ""]

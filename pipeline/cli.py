@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from . import metrics as metric_table
 from . import registry, supervise
 from .errors import PipelineError
 from .log import info
@@ -98,11 +99,10 @@ def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, n
     metrics = evaluate_artifact(artifact, text, params, reference, name, provider, rescore=rescore)
     if out:
         _write_json(out, metrics)
-    summary = f"evaluate: {metrics['artifact']} ({metrics['artifact_id']}) ppl {metrics['ppl']:.4f}"
-    if "drift_pct" in metrics:
-        summary += (f", vs {metrics['reference']} ppl {metrics['ref_ppl']:.4f}: drift {metrics['drift_pct']:+.4f} %, "
-                    f"KLD mean {metrics['kld_mean']:.2e} p99 {metrics['kld_p99']:.2e}, top-1 {metrics['top1_agreement']:.2%}")
-    summary += f", size {metrics['size_bytes'] / 1e6:.1f} MB ({metrics['size_ratio']:.3f}x) [{metrics['budget']['status']}]"
+    versus = f" vs {metrics['reference']}" if "drift_pct" in metrics else ""
+    summary = (f"evaluate: {metrics['artifact']} ({metrics['artifact_id']}){versus}: "
+               f"{metric_table.summary(metrics, (*metric_table.SCORED, metric_table.BY_KEY['size_bytes']))}, "
+               f"{metrics['size_ratio']:.3f}x [{metrics['budget']['status']}]")
     click.echo(summary)
     if metrics["budget"]["status"] == "fail":
         raise BudgetExceeded(f"{metrics['artifact']} is outside its budget: {'; '.join(metrics['budget']['violations'])} "

@@ -15,6 +15,8 @@ from typing import Callable
 
 import numpy as np
 
+from . import manifest as mf
+from . import metrics as metric_table
 from . import outputs, parity
 from .errors import PipelineError
 from .log import info
@@ -28,7 +30,7 @@ from .verify import verify
 # tests/test_architecture.py checks that the list covers this module's import closure.
 SCORER_MODULES = ("pipeline.evaluate", "pipeline.outputs", "pipeline.runtime", "pipeline.torch_ref",
                   "pipeline.parity", "pipeline.verify", "pipeline.manifest", "pipeline.onnx_io", "pipeline.schema",
-                  "pipeline.registry", "pipeline.errors", "pipeline.log", "pipeline.memory")
+                  "pipeline.registry", "pipeline.errors", "pipeline.log", "pipeline.memory", "pipeline.metrics")
 
 
 def scorer_fingerprint() -> str:
@@ -241,7 +243,7 @@ def check_budget(metrics: dict, budget: dict | None) -> dict:
         if value is None:
             violations.append(f"{metric} missing")
             continue
-        value = abs(value) if metric == "drift_pct" else value
+        value = abs(value) if metric_table.BY_KEY[metric].by_magnitude else value
         if (bound == "max" and value > float(limit)) or (bound == "min" and value < float(limit)):
             violations.append(f"{metric} {metrics[metric]:.4g} {'>' if bound == 'max' else '<'} {limit}")
     status = "pass" if not violations else ("over budget (report-only)" if budget.get("report_only") else "fail")
@@ -259,7 +261,7 @@ def parity_metrics(manifest: dict) -> dict:
                                               "decode_max_abs_logit_delta", "decode_kld_mean", "decode_top1_agreement")
            if k in parity}
     if out:
-        out["parity_vs"] = "pytorch" if manifest["stage"] == "export" else (manifest.get("lineage") or [{}])[0].get("stage")
+        out["parity_vs"] = mf.compared_with(manifest).lower()
     return out
 
 

@@ -11,15 +11,16 @@ import json
 import subprocess
 from pathlib import Path
 
+from . import metrics as metric_table
 from .errors import PipelineError
 from .evaluate import check_budget
 from .registry import ONNX
 
 # Every ONNX artifact's budget bounds the distribution, not only the mean log-likelihood: an artifact
 # whose top-1 agreement collapses can keep its perplexity (llama.cpp's perplexity tool reports these).
-DISTRIBUTION_KEYS = ("max_kld_mean", "max_kld_p99", "min_top1_agreement")
+DISTRIBUTION_KEYS = metric_table.REQUIRED_BOUNDS
 
-COLUMNS = ("artifact", "PPL", "drift %", "KLD mean", "top-1", "size", "vs FP32", "status")
+COLUMNS = ("artifact", *(m.header or m.label for m in metric_table.COLUMNS), "status")
 
 
 def load_metrics(metrics_dir: str | Path) -> dict[str, dict]:
@@ -123,14 +124,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         m = r.get("metrics") or {}
         m = {**m, "ppl": m["heldout_ppl"]} if "heldout_ppl" in m and "ppl" not in m else m
-        drift = m.get("drift_pct")
-        cells = [r["artifact"],
-                 f"{m['ppl']:.3f}" if "ppl" in m else "—",
-                 f"{drift:+.4f}" if drift is not None else "—",
-                 f"{m['kld_mean']:.2e}" if "kld_mean" in m else "—",
-                 f"{m['top1_agreement']:.2%}" if "top1_agreement" in m else "—",
-                 f"{m['size_bytes'] / 1e6:.2f} MB" if "size_bytes" in m else "—",
-                 f"{m['size_ratio']:.3f}" if "size_ratio" in m else "—",
+        cells = [r["artifact"], *(c.cell(m.get(c.key)) for c in metric_table.COLUMNS),
                  ("✅ " if r["status"].startswith("pass") else "❌ " if r["status"] == "fail" else "⚠️ ") + r["status"]
                  + (": " + "; ".join(r["reasons"]) if r["reasons"] else "")]
         lines.append("| " + " | ".join(cells) + " |")

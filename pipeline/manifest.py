@@ -94,6 +94,14 @@ def tool_versions() -> dict:
     return versions
 
 
+def compared_with(manifest: dict) -> str:
+    """What an artifact's parity check compared it with: PyTorch for the export (the checkpoint's
+    weights), its parent artifact's stage for everything built on it."""
+    if manifest["stage"] == "export":
+        return "PyTorch"
+    return (manifest.get("lineage") or [{}])[0].get("stage", "parent")
+
+
 def build_manifest(directory: Path, *, stage: str, params: dict, source: dict, metrics: dict,
                    parent: dict | None = None, extra: dict | None = None) -> dict:
     files = list_files(directory)

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from . import card, evaluate, genai, onnx_io, outputs
+from . import metrics as metric_table
 from .errors import PipelineError
 from .evaluate import model_bytes
 from .log import info
@@ -79,6 +80,5 @@ class OnnxStage(Stage):
                 f"max |dlogit| vs {parent} {parity['max_abs_logit_delta']:.2e}, greedy prefix match "
                 f"{parity['greedy_prefix_match']:.0%}")
         if ev:
-            line += (f", ppl {ev['ppl']:.3f}, drift {ev['drift_pct']:+.3f} % vs {ev['reference']}, "
-                     f"KLD {ev['kld_mean']:.2e}, top-1 {ev['top1_agreement']:.2%}")
+            line += f", vs {ev['reference']}: {metric_table.summary(ev)}"
         return line + f", {measured['wall_seconds']:.1f} s, peak RSS {measured['peak_rss_mb'] / 1024:.2f} GB"

@@ -32,7 +32,9 @@ from typing import Callable
 
 import numpy as np
 
+from . import metrics as metric_table
 from .log import Progress, info
+from .metrics import kl_divergence
 
 CACHE = ".outputs"
 DECODE_POSITIONS = 256  # teacher-forced decode steps compared with the parent
@@ -272,8 +274,7 @@ def compare_prompts(candidate: Recorded, ref: Recorded) -> dict:
         kld, delta = [], 0.0
         for i in range(0, len(mine), 16):  # 16 positions at a time: a 151,936-token vocab in float64 is large
             a, b = mine[i:i + 16], theirs[i:i + 16]
-            lp, lq = log_softmax(b), log_softmax(a)
-            kld.append((np.exp(lp) * (lp - lq)).sum(-1))
+            kld.append(kl_divergence(log_softmax(b), log_softmax(a)))
             delta = max(delta, float(np.abs(a.astype(np.float64) - b).max()))
         kld = np.concatenate(kld)
         out.update({"decode_positions": int(len(mine)), "decode_max_abs_logit_delta": delta,
@@ -283,27 +284,14 @@ def compare_prompts(candidate: Recorded, ref: Recorded) -> dict:
 
 
 def compare_windows(candidate: Recorded, ref: Recorded | None) -> dict:
-    """Perplexity of the candidate; with ``ref`` also its PPL, KL(ref || cand) and top-1 agreement.
-    The scored token ids are the second half of the windows the candidate recorded."""
+    """Perplexity of the candidate; with ``ref`` also its PPL, KL(ref || cand) and top-1 agreement: the
+    scored metrics of pipeline/metrics.py's table. The scored token ids are the second half of the
+    windows the candidate recorded."""
     windows = np.load(candidate.dir / "windows.npy")
     ctx = windows.shape[1]
     targets = windows[:, ctx - candidate.meta.get("scored", ctx - ctx // 2):]
-    nll, ref_nll, kld, agree = [], [], [], []
-    for i, tgt in enumerate(targets):
-        lp = candidate.window_logprobs(i)
-        nll.append(-lp[np.arange(len(tgt)), tgt])
-        if ref is not None:
-            rlp = ref.window_logprobs(i)
-            ref_nll.append(-rlp[np.arange(len(tgt)), tgt])
-            kld.append(np.maximum((np.exp(rlp) * (rlp - lp)).sum(axis=-1), 0.0))
-            agree.append(rlp.argmax(-1) == lp.argmax(-1))
-    nll = np.concatenate(nll)
-    out = {"ppl": float(np.exp(nll.mean())), "tokens_scored": int(nll.size), "windows": int(len(targets)),
-           "ctx": int(windows.shape[1]), "eval_seconds": candidate.meta["seconds"]}
-    if ref is not None:
-        ref_ppl = float(np.exp(np.concatenate(ref_nll).mean()))
-        kld = np.concatenate(kld)
-        out.update({"ref_ppl": ref_ppl, "drift_pct": (out["ppl"] - ref_ppl) / ref_ppl * 100.0,
-                    "kld_mean": float(kld.mean()), "kld_p99": float(np.percentile(kld, 99)),
-                    "top1_agreement": float(np.concatenate(agree).mean())})
-    return out
+    per_window = ((candidate.window_logprobs(i), ref.window_logprobs(i) if ref is not None else None, tgt)
+                  for i, tgt in enumerate(targets))
+    scored = metric_table.score(per_window, ref is not None)
+    return {"ppl": scored.pop("ppl"), "tokens_scored": int(targets.size), "windows": int(len(targets)),
+            "ctx": int(windows.shape[1]), "eval_seconds": candidate.meta["seconds"], **scored}

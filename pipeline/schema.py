@@ -15,16 +15,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from . import metrics as metric_table
 from . import registry
 from .errors import PipelineError
 from .registry import ARTIFACTS, TUNABLE, index
 
 PosInt = Field(ge=1)
-# The metrics a budget can bound (max_<metric> / min_<metric>), as evaluate and the checkpoint write them.
-BUDGET_METRICS = ("drift_pct", "kld_mean", "kld_p99", "top1_agreement", "size_ratio", "ppl", "ref_ppl",
-                  "ppl_ratio_vs_unigram", "heldout_ppl", "parity_max_abs_logit_delta", "parity_greedy_prefix_match",
-                  "parity_batch_rows_prefix_match", "parity_decode_max_abs_logit_delta", "parity_decode_kld_mean",
-                  "parity_decode_top1_agreement")
+# The metrics a budget can bound (max_<metric> / min_<metric>): pipeline/metrics.py's table.
+BUDGET_METRICS = metric_table.BUDGETED
 
 
 class Section(BaseModel):
@@ -62,7 +60,7 @@ class Gate(Section):
 
 
 # The figures a tune budget can bound: the scored ones plus the decode rate tune measures itself.
-TUNE_METRICS = ("drift_pct", "kld_mean", "kld_p99", "top1_agreement", "size_ratio", "decode_tok_s")
+TUNE_METRICS = metric_table.TUNED
 Knobs = dict[str, list[str | int | float | bool]]
 
 

@@ -49,6 +49,7 @@ from .errors import PipelineError
 from .evaluate import check_budget
 from .log import info
 from .memory import available_memory
+from . import metrics as metric_table
 from .schema import TUNE_METRICS
 
 OUT = Path("reports/tune")
@@ -56,9 +57,8 @@ FIGURES = ("kld_mean", "kld_p99", "drift_pct", "top1_agreement", "size_ratio", "
 # the reference outputs, shared by every experiment's workspace (an efficiency only: a worker started
 # without it records them again)
 OUTPUTS_DIR = "PIPELINE_OUTPUTS_DIR"
-ALIASES = {"top1": "top1_agreement", "kld": "kld_mean", "drift": "drift_pct", "size": "size_ratio",
-           "decode": "decode_tok_s"}
-HIGHER_IS_BETTER = ("top1_agreement", "decode_tok_s")
+ALIASES = metric_table.ALIASES
+HIGHER_IS_BETTER = tuple(m.key for m in metric_table.METRICS if m.better == "higher")
 POLL_S = 5  # `dvc exp show` costs a second of CPU: polled no more often than this
 DVC_TIMEOUT_S = 600  # no DVC call of ours takes minutes on a working queue; one that does is stuck
 SHOW_TIMEOUT_S = 120  # `dvc exp show` waits on the experiments' lock: a poll that long is retried
@@ -89,10 +89,10 @@ def parse_budget(text: str | None) -> dict[str, float]:
         bound, _, metric = key.partition("_")
         if bound not in ("max", "min"):
             metric = ALIASES.get(key, key)
-            bound = "min" if metric in HIGHER_IS_BETTER else "max"
+            bound = metric_table.BY_KEY[metric].bound if metric in metric_table.BY_KEY else "max"
         if metric not in TUNE_METRICS:
             raise PipelineError(f"--budget {item!r}: unknown metric {metric!r} (valid: {', '.join(TUNE_METRICS)}, "
-                                f"or top1, kld, drift, size, decode)")
+                                f"or {', '.join(ALIASES)})")
         budget[f"{bound}_{metric}"] = number
     return budget
 

@@ -61,7 +61,7 @@ def test_cli_evaluate_writes_the_metrics_file_and_reproduces_it(export_dir, chec
     assert first["windows"] == 6 and first["budget"]["status"] == "pass"
     assert first["parity_vs"] == "pytorch" and first["parity_greedy_match"] is True
     assert first["parity_max_abs_logit_delta"] < 1e-3 and first["parity_vs"] == "pytorch"
-    assert "ppl" in proc.stdout and "drift" in proc.stdout
+    assert "PPL" in proc.stdout and "drift" in proc.stdout
     run_cli(*args, check=True)
     second = json.loads(out.read_text())
     assert second["ppl"] == first["ppl"] and second["kld_mean"] == first["kld_mean"]

@@ -33,6 +33,20 @@ def awq_factors(im: Imatrix, groups: dict, alpha: float) -> dict[str, np.ndarray
     return out
 
 
+def quantize_with_imatrix(inputs, tmp: Path, why: str, *, nodes_to_exclude: list[str], **options) -> tuple:
+    """:func:`quantize` with the importance matrix the stage was handed (``inputs.use``, for ``why``), as
+    int4 (imatrix, awq) and int8-dynamic (smoothing) run it: (its policy fields, the artifact's op
+    counts, the manifest's ``uses`` entry)."""
+    from . import imatrix
+
+    im_dir, im_manifest = inputs.use("imatrix", why)
+    im = imatrix.load(im_dir, im_manifest, inputs.manifest)
+    summary, q = quantize(inputs.dir, tmp, exclude=set(nodes_to_exclude), im=im, **options)
+    fields = {"tied_embedding": summary.pop("tied_embedding", "fp32 (not quantized)"), **summary,
+              "excluded_nodes": list(nodes_to_exclude)}
+    return fields, {"op_counts": onnx_io.op_counts(q)}, {"imatrix": im_manifest["artifact_id"]}
+
+
 def quantize(parent_dir: Path, tmp: Path, *, bits: int, block_size: int, accuracy_level: int | None,
              exclude: set[str], im: Imatrix, smooth_alpha: float | None = None,
              awq_alpha: float | None = None, weighted: bool = False, int8_fraction: float = 0.0,

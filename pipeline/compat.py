@@ -42,8 +42,8 @@ def optimum_export_in_bounded_memory():
       still alive: its check for external data answers no here, and ``onnx_io.save_ir`` streams the one
       data file tensor by tensor instead;
     - torch's ONNX shape inference allocates and frees weight-sized buffers; glibc's adaptive mmap
-      threshold then serves them from the heap, which keeps what was freed (+1.1 GB measured at
-      Qwen3-0.6B). A fixed threshold gives it back.
+      threshold then serves them from the heap, which keeps what was freed (docs/real-shapes.md). A fixed
+      threshold gives it back.
 
     Also silences optimum's logger and torch.jit's tracer warnings on every export."""
     import ctypes
@@ -96,14 +96,15 @@ def torch_exports_no_params():
     """torch's TorchScript exporter (``torch.onnx.export``, which optimum calls with no way to pass
     ``export_params``) would write every skeleton parameter out at its full float32 size, only for the
     export stage to replace it. With ``export_params=False`` the parameters become graph inputs named
-    by their state-dict names and no weight is written (Qwen3-0.6B: a 1.4 MB graph, no data file);
+    by their state-dict names and no weight is written (a graph of a few MB, no data file);
     ``stages.export.put_weights`` turns them into initializers.
 
     Even then the exporter hands the parameters' values to its ONNX shape inference (twice), which
-    makes a full copy of each broadcast parameter in C++: at Qwen3-0.6B the exporter's process peaked
-    at 2.39 GB and took 87 s for that alone. The private ``_get_named_param_dict`` is made to return no
-    values, so shape inference reads the parameters' traced shapes from the graph inputs: 1.15 GB and
-    13 s, and the same graph, byte for byte (test_the_skeleton_export_is_optimums_export_of_the_weights).
+    makes a full copy of each broadcast parameter in C++, in memory and time the size of the model. The
+    private ``_get_named_param_dict`` is made to return no values, so shape inference reads the
+    parameters' traced shapes from the graph inputs: the same graph, byte for byte
+    (test_the_skeleton_export_is_optimums_export_of_the_weights), in a fraction of the memory and time
+    (docs/real-shapes.md).
     What is left is the traced forward's lm_head (one float32 copy of the table, transient)."""
     import functools
 
@@ -182,8 +183,8 @@ def ort_quantization_on_graph_alone():
 @contextlib.contextmanager
 def ort_calibrator_session_options(options):
     """ORT's calibrator (``CalibraterBase.create_inference_session``) builds its session with default
-    options, so ORT packs every MatMul weight into an anonymous copy of its own: at Qwen3-4B FP32 that
-    copy and the activations collected made int8-static's 21.82 GB peak. The calibrator's session is
+    options, so ORT packs every MatMul weight into an anonymous copy of its own, which with the
+    activations collected made int8-static the largest stage at 4B (docs/real-shapes.md). The calibrator's session is
     given ``options`` (the runtime's, with prepacking off where the weights do not fit twice), keeping
     ORT's own choice of no graph optimizations. (No upstream option for it.)"""
     import onnxruntime as ort

@@ -65,8 +65,8 @@ def config_for(directory: Path) -> dict:
         },
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-            # onnxruntime-genai 0.18 prefills in chunks of this many tokens (measured on a 12k-token prompt of
-            # the micro model: peak RSS 102 MB against 437 MB without, same token): docs/long-context.md
+            # onnxruntime-genai 0.18 prefills in chunks of this many tokens, so a long prompt's activations
+            # stay the size of one chunk (docs/long-context.md)
             "chunk_size": DEFAULT_PREFILL_CHUNK,
             "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
             "num_return_sequences": 1, "past_present_share_buffer": uses_gqa(onnx.ModelProto(graph=graph)),

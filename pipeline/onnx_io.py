@@ -262,12 +262,6 @@ def embedding_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in init]
 
 
-def weight_matmuls(model) -> list[str]:
-    """MatMul nodes with a constant (initializer) weight: the projections; the rest are attention's."""
-    init = {t.name for t in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in init]
-
-
 def activation_matmuls(model) -> list[str]:
     init = {t.name for t in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in init]

@@ -67,11 +67,10 @@ def load_tokenizer(artifact_dir: str | Path):
 
 
 # ORT packs every constant MatMul weight into its GEMM layout when a session starts: a second copy of the
-# weights in anonymous memory (the originals are memory-mapped), and a slower start (0.6B FP32 fused,
-# benchmarks/session_memory_qwen3-0.6b.json: 11.5 s against 1.5 s to load; a 128-token window 0.94 s
-# packed, 1.34 s unpacked). Off where that copy would not leave room: weights over this fraction of the
-# memory available. The weights are then read in place from the mapped file, pages the kernel can drop
-# (4B FP32: 16 GB of file pages instead of 16 GB of heap).
+# weights in anonymous memory (the originals are memory-mapped), a slower start and faster windows
+# (docs/real-shapes.md, "sessions"). Off where that copy would not leave room: weights over this fraction
+# of the memory available. The weights are then read in place from the mapped file, pages the kernel
+# can drop instead of heap.
 PREPACK_MAX_FRACTION = 0.5
 
 
@@ -332,9 +331,8 @@ class Runtime:
         gqa = uses_gqa(onnx.load(str(model_path(self.dir)), load_external_data=False))
         # A concatenated KV cache grows every step, and ORT's CPU arena keeps each step's freed cache as a
         # chunk too small for the next step's: a growing Concat alone then holds three copies, not the two
-        # of past + present (measured, 1 GiB: 3.2 GiB with the arena, 2.0 without). Such graphs (the
-        # export) run without the arena: 0.47 GB less at the 0.6B shape's 8k prompt
-        # (benchmarks/arena_memory.py); GQA graphs bind buffers of a fixed size (SharedKV) and keep it.
+        # of past + present. Such graphs (the export) run without the arena (benchmarks/arena_memory.py
+        # measures both); GQA graphs bind buffers of a fixed size (SharedKV) and keep it.
         self.session = make_session(model_path(self.dir), provider, threads, arena=gqa)
         self.device = "cuda" if provider == "cuda" else "cpu"
         self.config = _read_json(self.dir / "config.json")

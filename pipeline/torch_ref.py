@@ -37,10 +37,10 @@ def compute_in_float32(model) -> None:
     it they are put back. The logits are those of the same weights loaded as float32, while the model
     stays in its stored bytes: the whole float32 copy never exists.
 
-    The upcasts go into float32 buffers kept one per parameter shape (Qwen3-4B: seven, 1.9 GB with the
-    tied table, the largest transient anyway). A fresh float32 copy per module and per call is a fresh
-    mapping the kernel must fault in and zero: at Qwen3-4B, 16 GB of page faults for every decoded
-    token, which made the export's reference decode spend 70 % of its time in the kernel."""
+    The upcasts go into float32 buffers kept one per parameter shape (a handful, the tied table's the
+    largest, a transient anyway). A fresh float32 copy per module and per call is a fresh mapping the
+    kernel must fault in and zero: the model's size in page faults for every decoded token, which kept
+    the export's reference decode mostly in the kernel."""
     import torch
 
     buffers: dict[tuple, torch.Tensor] = {}
@@ -121,9 +121,9 @@ class TorchModel:
     def decode_path_logits(self, ids, prefix: int = 1) -> np.ndarray:
         """The reference for the runtime's decode path (``prefix`` tokens prefilled, then one token a
         step through the KV cache): the same positions' logits from one causal pass over ``ids``. Run a
-        token a step here too, each step read the whole model: at Qwen3-4B bf16, 256 steps at the 2.9 s
-        a step measured there, 12 minutes of the export stage, for logits a causal pass gives at once (the candidate's own KV
-        cache path is what the comparison checks)."""
+        token a step here too, each step would read the whole model (minutes of the export stage at 4B)
+        for logits a causal pass gives at once (the candidate's own KV cache path is what the comparison
+        checks)."""
         ids = np.asarray(ids, dtype=np.int64)
         return self.logits(ids, last=len(ids) - prefix + 1)
 

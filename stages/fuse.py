@@ -118,11 +118,11 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
         # ORT's graph optimizations (constant folding, which its fusions need) run in an ORT session
         # that writes its result; the fusions then see the graph alone, and the weights stay on disk until
         # onnx-ir streams them into the artifact. (optimize_model would load every weight into a
-        # ModelProto, then copy them: 6x the model's bytes at 0.6B.) The session is given the graph with
+        # ModelProto, then copy them, several times the model's bytes.) The session is given the graph with
         # its projection and embedding tables withheld (graph inputs of the same type and shape): nothing
         # of ORT's basic level rewrites a weight matrix except by folding a copy of the tied table's
         # transpose, which the retie below removes again, and a session holding every weight copies
-        # them all (anonymous memory the size of the model, 18.4 GB at 4B). They are put back after.
+        # them all (anonymous memory the size of the model: docs/real-shapes.md). They are put back after.
         skeleton, withheld = withhold_weights(onnx_io.load(parent_dir, load_external_data=False))
         skeleton = onnx_io.beside_weights(skeleton, parent_dir, scratch / "in")  # the small ones are read from it
         optimized = optimize_by_onnxruntime(str(skeleton), use_gpu=False,

@@ -104,24 +104,19 @@ def _build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
 
 def _calibrated(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
     """``imatrix`` / ``awq``: our quantizer (pipeline/nbits.py) with the importance matrix."""
-    from calibration import imatrix, weight_only
+    from calibration.weight_only import quantize_with_imatrix
 
-    im_dir, im_manifest = inputs.use("imatrix", f"int4.algorithm {config.algorithm}")
-    im = imatrix.load(im_dir, im_manifest, inputs.manifest)
-    summary, q = weight_only.quantize(
-        inputs.dir, tmp, bits=4, block_size=config.block_size, accuracy_level=config.accuracy_level,
-        exclude=set(config.nodes_to_exclude), im=im, weighted=True,
+    fields, metrics, uses = quantize_with_imatrix(
+        inputs, tmp, f"int4.algorithm {config.algorithm}", nodes_to_exclude=config.nodes_to_exclude, bits=4,
+        block_size=config.block_size, accuracy_level=config.accuracy_level, weighted=True,
         awq_alpha=config.awq_alpha if config.algorithm == "awq" else None, int8_fraction=config.int8_fraction,
         tied=(config.tied_bits, config.block_size) if config.quantize_tied else None)
     policy = {"weights": f"int4 symmetric blocks of {config.block_size} ({config.algorithm}: importance-weighted "
                          "scales" + (f", input channels scaled by mean(x^2)^({config.awq_alpha}/2)"
                                      if config.algorithm == "awq" else "") + ")",
-              "activations": "float32", "accuracy_level": config.accuracy_level,
-              "tied_embedding": summary.pop("tied_embedding", "fp32 (not quantized)"), **summary,
-              "excluded_nodes": list(config.nodes_to_exclude)}
-    return BuildResult(metrics={"op_counts": onnx_io.op_counts(q)},
-                       extra={"precision": "int4", "kv_dtype": "float32", "quant_policy": policy,
-                              "uses": {"imatrix": im_manifest["artifact_id"]}})
+              "activations": "float32", "accuracy_level": config.accuracy_level, **fields}
+    return BuildResult(metrics=metrics, extra={"precision": "int4", "kv_dtype": "float32", "quant_policy": policy,
+                                               "uses": uses})
 
 
 

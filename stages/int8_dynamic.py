@@ -1,10 +1,10 @@
 """Stage `int8-dynamic`: 8-bit weights, activations quantized at run time.
 
-``format: matmulnbits`` (default): every projection MatMul becomes ``MatMulNBits`` with 8-bit
-symmetric blocks and ``accuracy_level`` 4 (int8 weights, activations quantized to int8 inside the
-kernel), the format onnxruntime-genai's builder emits for int8 and ORT's fast CPU path; measured
-2x the FP32 decode at the 0.6B shape, where ``quantize_dynamic``'s QOperator graph
-(``format: qoperator``: MatMulInteger + DynamicQuantizeLinear, per-channel) ran at a sixth of it.
+Every projection MatMul becomes ``MatMulNBits`` with 8-bit symmetric blocks and ``accuracy_level`` 4
+(int8 weights, activations quantized to int8 inside the kernel): the format onnxruntime-genai's builder
+emits for int8 and ORT's fast CPU path. (``quantize_dynamic``'s QOperator graph, MatMulInteger +
+DynamicQuantizeLinear, was an option here and is gone: it decoded several times slower,
+docs/choices.md.)
 
 ``smoothing`` (SmoothQuant for int8 compute): accuracy_level 4 quantizes each row of activations to
 int8 block by block along the input, so one outlier channel takes its whole block's range. With the
@@ -21,9 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from pipeline import compat, onnx_io, store
+from pipeline import compat, onnx_io
 from pipeline.onnx_post import OnnxStage
 from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import PosInt, Section, power_of_two
@@ -37,11 +37,9 @@ class Smoothing(Section):
 
 class Int8Dynamic(Section):
     parent: Literal["export", "fused"]
-    format: Literal["matmulnbits", "qoperator"]
     smoothing: Smoothing = Smoothing(enabled=False, alpha=0.5)
     block_size: int
     accuracy_level: Optional[Literal[0, 1, 2, 3, 4]]
-    per_channel: bool
     quantize_tied: bool
     tied_block_size: int
     nodes_to_exclude: list[str]
@@ -53,14 +51,7 @@ class Int8Dynamic(Section):
     def inert(self) -> set[str]:
         """Keys (dotted) that change nothing given the others: `pipeline tune` drops them from a recipe."""
         return ({"smoothing.alpha"} if not self.smoothing.enabled else set()) | (
-            {"tied_block_size"} if not self.quantize_tied else set()) | (
-            {"block_size", "accuracy_level"} if self.format != "matmulnbits" else {"per_channel"})
-
-    @model_validator(mode="after")
-    def _smoothing_needs_nbits(self):
-        if self.smoothing.enabled and self.format != "matmulnbits":
-            raise ValueError("int8_dynamic.smoothing applies to format matmulnbits only (set smoothing.enabled: false)")
-        return self
+            {"tied_block_size"} if not self.quantize_tied else set())
 
 
 
@@ -77,18 +68,6 @@ def _matmulnbits(model, config: Int8Dynamic, exclude: list[str]):
     return quant.model.model
 
 
-def _qoperator(parent_dir: Path, config: Int8Dynamic, exclude: list[str], tmp: Path):
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with store.scratch_dir(tmp, "int8d") as scratch:
-        quantize_dynamic(str(parent_dir / onnx_io.MODEL), str(Path(scratch) / "model.onnx"),
-                         per_channel=config.per_channel, weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude, use_external_data_format=True,
-                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
-        return onnx_io.load(scratch)
-
-
 def _build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
     if config.smoothing.enabled:  # the default: it finds its own exclusions
         return _smoothed(inputs, config, tmp)
@@ -97,48 +76,30 @@ def _build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
     tied = config.quantize_tied and find_tied(graph) is not None
     exclude = list(config.nodes_to_exclude) + (onnx_io.lm_head_nodes(graph) if tied else [])
     compat.quiet_ort_quantizers()
-    nbits = config.format == "matmulnbits"
-    if nbits:
-        with onnx_io.weights_from(parent_dir):
-            q = _matmulnbits(graph, config, exclude)
-            shared = share_quantized_table(q, 8, config.tied_block_size, config.accuracy_level) \
-                if tied else None
-        onnx_io.save_ir(onnx_io.to_ir(q, parent_dir.resolve()), tmp)  # the weights it kept, from the parent
-    else:
-        q = _qoperator(parent_dir, config, exclude, tmp)
-        shared = share_quantized_table(q, 8, config.tied_block_size, config.accuracy_level) \
-            if tied else None
-        onnx_io.save(q, tmp)
-    if nbits:
-        policy = {"weights": f"int8 symmetric blocks of {config.block_size} (MatMulNBits)",
-                  "activations": f"quantized inside the kernel (accuracy_level {config.accuracy_level})"
-                  if config.accuracy_level == 4 else "float32", "ops": ["MatMulNBits"]}
-    else:
-        policy = {"weights": "int8 symmetric" + (" per-channel" if config.per_channel else " per-tensor"),
-                  "activations": "uint8 dynamic (per tensor, at run time)", "ops": ["MatMul (constant B)"]}
-    policy.update({"format": config.format, "tied_embedding": shared or "fp32 (not quantized)",
-                   "excluded_nodes": exclude})
+    with onnx_io.weights_from(parent_dir):
+        q = _matmulnbits(graph, config, exclude)
+        shared = share_quantized_table(q, 8, config.tied_block_size, config.accuracy_level) if tied else None
+    onnx_io.save_ir(onnx_io.to_ir(q, parent_dir.resolve()), tmp)  # the weights it kept, from the parent
+    policy = {"format": "matmulnbits", "weights": f"int8 symmetric blocks of {config.block_size} (MatMulNBits)",
+              "activations": f"quantized inside the kernel (accuracy_level {config.accuracy_level})"
+              if config.accuracy_level == 4 else "float32", "ops": ["MatMulNBits"],
+              "tied_embedding": shared or "fp32 (not quantized)", "excluded_nodes": exclude}
     return BuildResult(metrics={"op_counts": onnx_io.op_counts(q)},
                        extra={"precision": "int8-dynamic", "kv_dtype": "float32", "quant_policy": policy})
 
 
 def _smoothed(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
-    from calibration import imatrix, weight_only
+    from calibration.weight_only import quantize_with_imatrix
 
-    im_dir, im_manifest = inputs.use("imatrix", "int8_dynamic.smoothing")
-    im = imatrix.load(im_dir, im_manifest, inputs.manifest)
-    summary, q = weight_only.quantize(
-        inputs.dir, tmp, bits=8, block_size=config.block_size, accuracy_level=config.accuracy_level,
-        exclude=set(config.nodes_to_exclude), im=im, smooth_alpha=config.smoothing.alpha,
+    fields, metrics, uses = quantize_with_imatrix(
+        inputs, tmp, "int8_dynamic.smoothing", nodes_to_exclude=config.nodes_to_exclude, bits=8,
+        block_size=config.block_size, accuracy_level=config.accuracy_level, smooth_alpha=config.smoothing.alpha,
         tied=(8, config.tied_block_size) if config.quantize_tied else None)
     policy = {"format": "matmulnbits", "weights": f"int8 symmetric blocks of {config.block_size} (MatMulNBits)",
               "activations": f"quantized inside the kernel (accuracy_level {config.accuracy_level})"
-              if config.accuracy_level == 4 else "float32", "ops": ["MatMulNBits"],
-              "tied_embedding": summary.pop("tied_embedding", "fp32 (not quantized)"), **summary,
-              "excluded_nodes": list(config.nodes_to_exclude)}
-    return BuildResult(metrics={"op_counts": onnx_io.op_counts(q)},
-                       extra={"precision": "int8-dynamic", "kv_dtype": "float32", "quant_policy": policy,
-                              "uses": {"imatrix": im_manifest["artifact_id"]}})
+              if config.accuracy_level == 4 else "float32", "ops": ["MatMulNBits"], **fields}
+    return BuildResult(metrics=metrics, extra={"precision": "int8-dynamic", "kv_dtype": "float32",
+                                               "quant_policy": policy, "uses": uses})
 
 
 

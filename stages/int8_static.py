@@ -92,8 +92,8 @@ def _calibrate(model_path: Path, config: dict, windows, method: str, stride: int
     calibrated = model_path
     if lm_head_float:
         # The calibrator runs every graph output, on a session without graph optimizations: there a
-        # tied lm_head transposes the embedding table on every run (Qwen3-4B: 1.56 GB of anonymous
-        # memory), computes logits no range is taken of, and costs a tenth of the forward's work.
+        # tied lm_head transposes the embedding table on every run (a table-sized anonymous copy:
+        # docs/real-shapes.md), computes logits no range is taken of, and costs a tenth of the forward's work.
         calibrated = model_path.parent / "calibrate.onnx"
         onnx.save_model(onnx_io.without_lm_head(onnx.load(str(model_path), load_external_data=False)),
                         str(calibrated))

@@ -31,7 +31,7 @@ def _leftovers(directory: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------- params
 @pytest.mark.parametrize("override, needles", [
     ("eval.ctx=abc", ("eval.ctx", "'abc'", "integer")),
-    ("int8_dynamic.per_chanel=false", ("unknown key int8_dynamic.per_chanel", "did you mean int8_dynamic.per_channel")),
+    ("int8_static.per_chanel=false", ("unknown key int8_static.per_chanel", "did you mean int8_static.per_channel")),
     ("eval.max_windows=-1", ("eval.max_windows", "-1", "greater than or equal to 0")),
     ("eval.ctx=-5", ("eval.ctx", "-5", "greater than or equal to 4")),
     ("int8_static.calibration.samples=0", ("int8_static.calibration.samples", "greater than or equal to 1")),
@@ -44,7 +44,7 @@ def _leftovers(directory: Path) -> list[str]:
     ("int4.algorithm=gptq", ("int4.algorithm", "'rtn', 'k_quant', 'imatrix' or 'awq'")),
     ("int4.symmetric=false", ("int4.algorithm awq quantizes symmetrically",)),
     ("int4.int8_fraction=1.5", ("int4.int8_fraction", "less than or equal to 1")),
-    ("int8_dynamic.format=qoperator", ("smoothing applies to format matmulnbits only",)),
+    ("int8_dynamic.format=qoperator", ("unknown key int8_dynamic.format",)),
 ])
 def test_bad_params_are_refused_before_any_work(override, needles):
     assert_clean_failure(run_cli("check-params", "-S", override), *needles)

@@ -1,7 +1,7 @@
 """Peak memory of a long prompt through a graph whose KV cache is concatenated (the export), with ONNX
-Runtime's CPU memory arena on and off (pipeline/runtime.py turns it off for such graphs): each variant
+Runtime's CPU memory arena on and off (pipeline/consumer/runtime.py turns it off for such graphs): each variant
 in a fresh process scores the last position of one window of ``--ctx`` tokens through the runtime's
-chunked prefill (the peaks of pipeline/memory.py's sampler, every 0.05 s), beside what past + present
+chunked prefill (the peaks of pipeline/ops/memory.py's sampler, every 0.05 s), beside what past + present
 (two copies of the cache at its last step) and the weights come to.
 
     python benchmarks/arena_memory.py ARTIFACT_DIR --ctx 8192 [--out benchmarks/arena_memory_<shape>.json]
@@ -24,8 +24,8 @@ def measure(artifact: str, ctx: int, arena: bool) -> dict:
     """One variant, in this process."""
     import numpy as np
 
-    from pipeline.memory import Sampler
-    from pipeline.runtime import Runtime, make_session, model_path
+    from pipeline.consumer.runtime import Runtime, make_session, model_path
+    from pipeline.ops.memory import Sampler
 
     sampler = Sampler(os.getpid(), every_s=0.05).start()
     rt = Runtime(artifact)
@@ -50,8 +50,9 @@ def main() -> None:
     if args.arena:
         print(json.dumps(measure(args.artifact, args.ctx, args.arena == "on")))
         return
-    from pipeline.runtime import kv_cache_bytes, weight_bytes
     from session_memory import record, variants
+
+    from pipeline.consumer.runtime import kv_cache_bytes, weight_bytes
 
     rows = variants(__file__, [args.artifact, "--ctx", str(args.ctx)], "--arena", ("on", "off"))
     config = json.loads((Path(args.artifact) / "config.json").read_text())

@@ -40,13 +40,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pipeline.registry import ONNX as NAMES  # noqa: E402  (every ONNX artifact)
+
 BUILDER = ("fp32", "int8", "int4")
 
 
 # ------------------------------------------------------------------------------------------------ workers
 def _ours(path: str):
     sys.path.insert(0, str(REPO))
-    from pipeline.runtime import Runtime
+    from pipeline.consumer.runtime import Runtime
 
     rt = Runtime(path)
 
@@ -325,8 +326,8 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO))
-    from pipeline.manifest import machine
-    from pipeline.runtime import Runtime
+    from pipeline.consumer.manifest import machine
+    from pipeline.consumer.runtime import Runtime
 
     art = Path(args.artifacts)
     only = set(filter(None, args.only.split(",")))
@@ -425,7 +426,7 @@ def derive_long(r: dict, path: Path, config: dict, length: int, new_tokens: int,
     g = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
     kv_type = next(i.type.tensor_type.elem_type for i in g.input if i.name.startswith("past_key_values"))
     itemsize = {onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT8: 1}.get(kv_type, 4)
-    from pipeline.runtime import kv_cache_bytes
+    from pipeline.consumer.runtime import kv_cache_bytes
 
     kv = kv_cache_bytes(config, length + new_tokens, itemsize)
     model = sum(p.stat().st_size for p in path.glob("model.onnx*"))
@@ -458,7 +459,7 @@ def long_context(args) -> None:
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from pipeline.manifest import machine
+    from pipeline.consumer.manifest import machine
 
     art = Path(args.artifacts)
     lengths = [int(x) for x in args.long.split(",")]

@@ -54,7 +54,7 @@ for nh, kvh in ((16, 8), (8, 8), (16, 16)):
     rows.append({"q_heads": nh, "kv_heads": kvh, "ms_per_layer": round(ms, 3), "kv_mb": round(kv / 1e6, 1),
                  "kv_gb_s": round(kv / (ms / 1e3) / 1e9, 2)})
 if args.out:
-    from pipeline.manifest import machine
+    from pipeline.consumer.manifest import machine
     with open(args.out, "w") as f:
         json.dump({"depth": L, "threads": args.threads, "head_dim": 128, "machine": machine(), "median_of": 20,
                    "runs": rows}, f, indent=2)

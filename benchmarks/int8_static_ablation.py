@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.evaluate import evaluate_artifact  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
 from pipeline import runner  # noqa: E402
+from pipeline.params import load_params  # noqa: E402
+from pipeline.scoring.evaluate import evaluate_artifact  # noqa: E402
 from stages import int8_static  # noqa: E402
 
 VARIANTS = {

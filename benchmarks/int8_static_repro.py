@@ -30,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import onnx_io, runtime  # noqa: E402
+from pipeline.consumer import runtime  # noqa: E402
+from pipeline.graph import onnx_io
 from pipeline.params import load_params  # noqa: E402
 from pipeline.runner import run_stage  # noqa: E402
 

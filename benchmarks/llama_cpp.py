@@ -116,8 +116,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import bench
-    from pipeline.evaluate import encoder
-    from pipeline.manifest import machine
+
+    from pipeline.consumer.manifest import machine
+    from pipeline.scoring.evaluate import encoder
 
     bins = args.llama / "build" / "bin"
     work = args.work

@@ -37,10 +37,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "outlier_sweep.json")
     args = ap.parse_args()
 
-    from pipeline.evaluate import Scoring
-    from pipeline.manifest import machine
+    from pipeline.consumer.manifest import machine
     from pipeline.params import load_params
     from pipeline.runner import run_stage
+    from pipeline.scoring.evaluate import Scoring
 
     art = args.artifacts.resolve()
     data = art / "data"

@@ -65,7 +65,7 @@ def figures(a: Path, stage: str, fp32_bytes: int, build: Path | None = None) -> 
     row = {"stage": stage, "artifact_id": m["artifact_id"], "wall_s": run.get("wall_seconds"),
            "peak_rss_gb": round(peak / 1e9, 2), "peak_vs_fp32": round(peak / fp32_bytes, 2),
            "size_mb": round(size / 1e6, 1), "target_gb": round(target / 1e9, 2), "within_target": peak <= target}
-    sampled = run.get("sampled_rss_mb")  # the process tree's peaks, sampled (pipeline/supervise.py)
+    sampled = run.get("sampled_rss_mb")  # the process tree's peaks, sampled (pipeline/ops/supervise.py)
     if sampled:
         row["sampled_gb"] = {k: round(sampled[k] * 2**20 / 1e9, 2) for k in ("anon", "file", "shmem", "total")}
     ev = met.get("eval") or {}
@@ -131,17 +131,17 @@ MACHINES_GB = (16, 24, 32, 48, 64, 96, 128, 192, 256)  # RAM sizes machines come
 
 def project(paths: list[Path], shapes=("qwen3-8b", "qwen3-14b")) -> dict:
     """What each stage needs at a larger shape: peak RSS by the measured memory model
-    (pipeline/memory_model.json), wall time on a line through the full-depth runs given (time per FP32
+    (pipeline/ops/memory_model.json), wall time on a line through the full-depth runs given (time per FP32
     byte, least squares with an intercept), artifact size by the ratio to the FP32 weights the largest
     run measured, disk for the DAG's artifacts (one copy with reflinks, two with DVC's copy), and the
     smallest usual machine whose RAM holds the largest peak with 10 % to spare."""
     import numpy as np
 
-    from pipeline.memory import estimate, weight_bytes
+    from pipeline.ops.memory import estimate, weight_bytes
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
     largest = max(runs, key=lambda r: r["fp32_weight_bytes"])
-    out = {"from": [str(p) for p in paths], "memory_model": "pipeline/memory_model.json", "shapes": []}
+    out = {"from": [str(p) for p in paths], "memory_model": "pipeline/ops/memory_model.json", "shapes": []}
     for name in shapes:
         cfg = LARGER[name]
         fp32 = weight_bytes(cfg)["total"]
@@ -172,7 +172,7 @@ def project(paths: list[Path], shapes=("qwen3-8b", "qwen3-14b")) -> dict:
 def shape_config(shape: str, layers: int | None = None) -> dict:
     """config.json's sizes for ``random:<shape>`` (what stages/checkpoint.py writes: transformers'
     Qwen3Config defaults head_dim to 128, the vocab is the real one, the table is tied)."""
-    from stages.checkpoint import QWEN3_SHAPES, QWEN3_VOCAB
+    from pipeline.checkpoints.shapes import QWEN3_SHAPES, QWEN3_VOCAB
 
     name = shape.partition("?")[0]
     config = {"head_dim": 128, **QWEN3_SHAPES[name], "vocab_size": QWEN3_VOCAB, "tie_word_embeddings": True}
@@ -182,7 +182,7 @@ def shape_config(shape: str, layers: int | None = None) -> dict:
 
 
 def fit(paths: list[Path]) -> dict:
-    """The memory model the stages check themselves against (pipeline/memory.py): per stage, peak RSS =
+    """The memory model the stages check themselves against (pipeline/ops/memory.py): per stage, peak RSS =
     a x layer weights + b x embedding table + c (FP32 bytes), non-negative least squares over the runs
     given; a stage needs three runs of differing shapes to be modelled. A half-precision checkpoint's run
     counts for every stage after the checkpoint (they all hold FP32 graphs). A later file's run of a
@@ -190,7 +190,7 @@ def fit(paths: list[Path]) -> dict:
     import numpy as np
     from scipy.optimize import nnls
 
-    from pipeline.memory import weight_bytes
+    from pipeline.ops.memory import weight_bytes
 
     points: dict[str, dict] = {}
     for path in paths:
@@ -223,7 +223,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--extrapolate", nargs=2, type=Path, metavar="JSON")
     ap.add_argument("--fit", nargs="+", type=Path, metavar="JSON",
-                    help="fit the stages' memory model (pipeline/memory_model.json) to these runs")
+                    help="fit the stages' memory model (pipeline/ops/memory_model.json) to these runs")
     ap.add_argument("--project", nargs="+", type=Path, metavar="JSON",
                     help="full-depth runs: what Qwen3-8B and 14B need (memory model, wall and size slopes)")
     ap.add_argument("--layers", type=int, default=36, help="with --extrapolate: the depth to extrapolate to")
@@ -288,7 +288,7 @@ def main() -> int:
             if proc.returncode:
                 print(f"== {stage} failed (exit {proc.returncode}) after {time.perf_counter() - t0:.0f} s", flush=True)
                 return proc.returncode
-    from pipeline.memory import weight_bytes
+    from pipeline.ops.memory import weight_bytes
 
     config = json.loads((a / "checkpoint" / "config.json").read_text())
     fp32 = weight_bytes(config)["total"]  # the weights in FP32, whatever dtype the checkpoint stores

@@ -67,11 +67,12 @@ def main() -> None:
     out = args.out or REPO / "benchmarks" / f"scoreboard_{args.label}.json"
 
     import bench
-    from pipeline.evaluate import Scoring, encoder, make_windows, model_bytes, score
-    from pipeline.manifest import machine
+
+    from pipeline.consumer.manifest import machine
+    from pipeline.consumer.runtime import Runtime
     from pipeline.params import load_params
     from pipeline.runner import run_stage
-    from pipeline.runtime import Runtime
+    from pipeline.scoring.evaluate import Scoring, encoder, make_windows, model_bytes, score
 
     work = args.work.resolve()
     cal = str(work / "data" / "calibration.txt")

@@ -1,7 +1,7 @@
 """What an ONNX Runtime session over an FP32 artifact holds, with ORT's weight prepacking on and off
-(pipeline/runtime.py turns it off where the weights exceed half the memory available): load time, the
+(pipeline/consumer/runtime.py turns it off where the weights exceed half the memory available): load time, the
 time of a 128-token window, and the anonymous and file-backed resident memory, each variant in a fresh
-process (the peaks of pipeline/memory.py's sampler, every 0.05 s).
+process (the peaks of pipeline/ops/memory.py's sampler, every 0.05 s).
 
     python benchmarks/session_memory.py ARTIFACT_DIR [--out benchmarks/session_memory_<name>.json]
 """
@@ -24,8 +24,8 @@ def measure(artifact: str, prepack: bool) -> dict:
     """One variant, in this process."""
     import numpy as np
 
-    from pipeline.memory import Sampler, tree_rss
-    from pipeline.runtime import GraphIO, make_session
+    from pipeline.consumer.runtime import GraphIO, make_session
+    from pipeline.ops.memory import Sampler, tree_rss
 
     sampler = Sampler(os.getpid(), every_s=0.05).start()
     path = Path(artifact) / "model.onnx"
@@ -82,7 +82,7 @@ def main() -> None:
     if args.variant:
         print(json.dumps(measure(args.artifact, args.variant == "packed")))
         return
-    from pipeline.runtime import weight_bytes
+    from pipeline.consumer.runtime import weight_bytes
 
     rows = variants(__file__, [args.artifact], "--variant", ("packed", "in-place"))
     record(args.artifact, args.out, rows, weights_bytes=weight_bytes(Path(args.artifact) / "model.onnx"))

@@ -8,7 +8,7 @@ this script re-renders each from FILE (relative to the repository root).
 Kinds: ``artifacts`` (FILE: a metrics directory, with its ``build/`` run figures), ``bench`` and
 ``ratios`` (a benchmarks/results*.json), ``stages`` (a benchmarks/real_shapes_*.json),
 ``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scoreboard`` (a benchmarks/scoreboard_*.json), ``sweep`` (benchmarks/outlier_sweep.json), ``llama`` (a benchmarks/llama_cpp_*.json), ``long`` and ``longtargets`` (a benchmarks/long_context_*.json), ``kvmemory``
-(FILE: stages/checkpoint.py, whose shapes it tabulates with pipeline/runtime.py's memory formula)."""
+(FILE: pipeline/checkpoints/shapes.py, whose shapes it tabulates with pipeline/consumer/runtime.py's memory formula)."""
 
 from __future__ import annotations
 
@@ -176,12 +176,12 @@ def longacc(path: Path) -> str:
 
 
 def memorymodel(path: Path) -> str:
-    """The stages' measured memory model (pipeline/memory_model.json) and what it says at each
+    """The stages' measured memory model (pipeline/ops/memory_model.json) and what it says at each
     published Qwen3 shape."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from real_shapes import shape_config
 
-    from pipeline.memory import estimate, weight_bytes
+    from pipeline.ops.memory import estimate, weight_bytes
 
     shapes = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b")
     doc = json.loads(path.read_text())
@@ -364,13 +364,13 @@ def longtargets(path: Path) -> str:
 
 
 def kvmemory(path: Path) -> str:
-    """The memory formula (pipeline/runtime.py request_memory) at the published shapes (FILE: the module
+    """The memory formula (pipeline/consumer/runtime.py request_memory) at the published shapes (FILE: the module
     that declares them), one sequence, default prefill chunk, per KV dtype."""
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from pipeline.runtime import prefill_chunk, request_memory
-    from stages.checkpoint import QWEN3_SHAPES, QWEN3_VOCAB
+    from pipeline.consumer.runtime import prefill_chunk, request_memory
+    from pipeline.checkpoints.shapes import QWEN3_SHAPES, QWEN3_VOCAB
 
     rows = ["| shape | context | KV float32 | KV float16 | KV int8 | attention workspace (chunk) | logits: last position "
             "/ every position |", "|---|---:|---:|---:|---:|---:|---:|"]

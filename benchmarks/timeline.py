@@ -4,8 +4,8 @@
     python benchmarks/timeline.py phases T.json "SmoothQuant statistics=smoothquant stats" \
         "calibration=weight prepacking off|calibrate 1/" ... [--into RESULTS.json --stage int8-static]
 
-``run`` samples the command's process tree with ``pipeline.memory.Sampler``, the sampler
-``pipeline/supervise.py`` uses (anonymous and file-backed pages apart), every 0.25 s, and records
+``run`` samples the command's process tree with ``pipeline.ops.memory.Sampler``, the sampler
+``pipeline/ops/supervise.py`` uses (anonymous and file-backed pages apart), every 0.25 s, and records
 each output line with its time. ``phases`` splits the run at the first line matching each mark (a
 regular expression; a phase lasts until the next one starts) and gives each phase's peak total and
 what it was made of, and each kind's own peak; ``--into`` adds them to a real-shapes results file
@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 
 def run(cmd: list[str], out: Path, every_s: float = 0.25) -> int:
-    from pipeline.memory import Sampler
+    from pipeline.ops.memory import Sampler
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     sampler = Sampler(proc.pid, every_s, series=True).start()

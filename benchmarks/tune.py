@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     out = args.out or REPO / "benchmarks" / f"tune_{args.label}.json"
-    from pipeline.manifest import machine
+    from pipeline.consumer.manifest import machine
 
     work = args.work.resolve()
     repro_s = project(work, args.sets, f"evaluate@{args.artifact}", args.reuse)

@@ -17,8 +17,8 @@ import re
 from pathlib import Path
 
 from .compat import optimum_head_dim_fix
-from .manifest import CARD, compared_with
-from .metrics import SCORED
+from .consumer.manifest import CARD, compared_with
+from .scoring.metrics import SCORED
 
 
 def base_model(manifest: dict) -> str:
@@ -109,7 +109,7 @@ def _run(manifest: dict, has_genai: bool, config: dict) -> list[str]:
     name = manifest["stage"]
     out = [
         "**Our reference runtime** (numpy + onnxruntime + tokenizers; `pip install qwen-onnx-pipeline`):", "",
-        "```bash", "pipeline verify .", f'pipeline generate --artifact . "The for statement" --max-new-tokens 64',
+        "```bash", "pipeline verify .", 'pipeline generate --artifact . "The for statement" --max-new-tokens 64',
         "```", "",
         "**optimum** (`pip install optimum-onnx`):", "",
         "```python",
@@ -193,7 +193,7 @@ def render(manifest: dict, directory: Path, summary: str = "", precision: str = 
 
 def write(directory: Path, manifest: dict, summary: str = "", precision: str = "") -> dict:
     """Write the card into ``directory``; return its manifest file entry."""
-    from .manifest import sha256_file
+    from .consumer.manifest import sha256_file
 
     path = directory / CARD
     path.write_text(render(manifest, directory, summary, precision))

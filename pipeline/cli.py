@@ -10,11 +10,12 @@ from pathlib import Path
 
 import click
 
-from . import metrics as metric_table
-from . import registry, supervise
+from . import registry
 from .errors import PipelineError
 from .log import info
+from .ops import supervise
 from .params import load_params
+from .scoring import metrics as metric_table
 
 PARAMS_OPT = click.option("--params", "params_file", default=None, type=click.Path(dir_okay=False),
                           help="params file [default: ./params.yaml]")
@@ -43,8 +44,8 @@ def cli():
 
 def _build(name: str, params, input_dir, out, scoring, run_metrics, uses: dict | None = None) -> dict:
     """The stage run by the one runner, its run figures written apart."""
-    from .manifest import machine
-    from .memory import tell_supervisor
+    from .consumer.manifest import machine
+    from .ops.memory import tell_supervisor
     from .runner import run_stage
 
     if run_metrics:  # the supervisor adds its sampled anonymous / file-backed peaks to it
@@ -58,7 +59,7 @@ def _build(name: str, params, input_dir, out, scoring, run_metrics, uses: dict |
 
 def _scoring(params, eval_after: bool, reference: str, data_dir: str):
     """What a stage scores its artifact against when it builds it (None: not scored, and why)."""
-    from .evaluate import Scoring
+    from .scoring.evaluate import Scoring
 
     if not eval_after:
         return None
@@ -84,10 +85,9 @@ def _scoring(params, eval_after: bool, reference: str, data_dir: str):
                                               "and text, by this scoring code")
 def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, name, out, provider, rescore):
     """Perplexity (llama.cpp style), and vs a reference: drift, KL divergence, top-1 agreement."""
-    from calibration.sources import read_split
-
     from .errors import BudgetExceeded
-    from .evaluate import evaluate_artifact
+    from .scoring.evaluate import evaluate_artifact
+    from .text.sources import read_split
 
     params = load_params(params_file, overrides, required=False, stages=())
     if text_file:
@@ -260,15 +260,15 @@ def generate(artifact, prompts, max_new_tokens, temperature, top_k, top_p, seed,
     """Stream a continuation of PROMPT from an artifact (verified first); with --chat, the assistant's reply.
 
     Several PROMPTs run as one padded batch and print when all are done."""
-    from .runtime import Runtime
-    from .verify import verify
+    from .consumer.runtime import Runtime
+    from .consumer.verify import verify
 
     if system is not None and not chat:
         raise PipelineError("--system applies to --chat only")
     verify(artifact, load=False)  # files, hashes, id, external data; opening the session is the load check
     texts = list(prompts)
     if chat:
-        from .chat import render
+        from .consumer.chat import render
 
         head = [{"role": "system", "content": system}] if system is not None else []
         texts = [render(artifact, head + [{"role": "user", "content": p}]) for p in prompts]
@@ -378,12 +378,14 @@ def report(params_file, overrides, metrics_dir, bench, out):
 def tune(params_file, overrides, artifact, budget, objective, strategy, workers, max_candidates, slice_, remote,
          collect, apply_, recipe):
     """Search the smallest (or fastest) recipe inside a budget; each candidate is a DVC experiment."""
-    from . import tune as t
+    from .tune.queue import tune as run_tune
+    from .tune.report import apply as apply_recipe
+    from .tune.search import Options, fmt, parse_budget
 
     params_path = Path(params_file or "params.yaml")
     if apply_:
-        values = t.apply(Path(recipe), params_path)
-        info(f"tune --apply: {params_path} now sets {', '.join(f'{k}={t.fmt(v)}' for k, v in values.items())}; "
+        values = apply_recipe(Path(recipe), params_path)
+        info(f"tune --apply: {params_path} now sets {', '.join(f'{k}={fmt(v)}' for k, v in values.items())}; "
              f"`dvc repro` builds it (from DVC's run-cache when tune ran it) and `pipeline gate` checks it")
         return
     foreign = [o for o in overrides if not o.startswith("tune.")]
@@ -400,17 +402,17 @@ def tune(params_file, overrides, artifact, budget, objective, strategy, workers,
         raise PipelineError(f"--slice {slice_!r}: expected K/N with 1 <= K <= N, e.g. 1/2") from None
     merged = {key: v for key, v in (params.budgets.get(artifact) or {}).items() if key != "report_only"}
     merged.update(cfg.budget)
-    merged.update(t.parse_budget(budget))
+    merged.update(parse_budget(budget))
     if not merged:
         raise PipelineError(f"tune: no budget for {artifact}: give --budget kld_mean=... or set budgets.{artifact}")
     space = cfg.space.get(artifact) or {}
     if not space:
         raise PipelineError(f"tune: tune.space.{artifact} is empty: nothing to search")
-    opts = t.Options(artifact=artifact, objective=objective or cfg.objective, strategy=strategy or cfg.strategy,
+    opts = Options(artifact=artifact, objective=objective or cfg.objective, strategy=strategy or cfg.strategy,
                      budget=merged, space=space, promote=cfg.promote.get(artifact) or {},
                      max_candidates=max_candidates or cfg.max_candidates, workers=workers or cfg.workers,
                      seed=cfg.seed, decode_tokens=cfg.decode_tokens, slice=(k, n), remote=remote, collect=collect)
-    t.tune(Path.cwd(), params_path, params, opts)
+    run_tune(Path.cwd(), params_path, params, opts)
 
 
 @cli.command("check-params")
@@ -444,7 +446,7 @@ def dvc_yaml(check, out):
 @click.argument("directory", type=click.Path())
 def verify_cmd(directory):
     """Check an artifact's manifest, hashes, id, external data and that ORT loads it; print its lineage."""
-    from .verify import lineage, verify
+    from .consumer.verify import lineage, verify
 
     manifest = verify(directory)
     click.echo(f"verified: {directory} ({manifest['stage']}, {len(manifest['files'])} files, "
@@ -453,7 +455,7 @@ def verify_cmd(directory):
 
 
 def main():
-    if supervise.wanted(sys.argv):  # a stage verb: run it in a watched child (pipeline/supervise.py)
+    if supervise.wanted(sys.argv):  # a stage verb: run it in a watched child (pipeline/ops/supervise.py)
         sys.exit(supervise.run(sys.argv))
     if os.environ.get(supervise.ENV):
         supervise.as_child()

@@ -17,7 +17,7 @@ import yaml
 from . import registry
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "stages", "calibration")
+PACKAGES = ("pipeline", "stages")
 BENCH_RESULTS = "benchmarks/results.json"  # the report's tok/s panel (python benchmarks/bench.py)
 
 
@@ -51,13 +51,23 @@ def cli_base() -> set[str]:
     tree = ast.parse((ROOT / "pipeline" / "cli.py").read_text())
     top = set()
     for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and not node.module:  # from . import x
-            top |= {f"pipeline.{alias.name}" for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 1:
-            top.add(f"pipeline.{node.module}")
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
-            top.add(node.module)
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 1:
+            module = "pipeline" + (f".{node.module}" if node.module else "")
+        elif node.module and node.module.split(".")[0] in PACKAGES:
+            module = node.module
+        else:
+            continue
+        top.add(module)
+        # `from .ops import supervise`: a name that is a module of the package is imported too
+        top |= {f"{module}.{a.name}" for a in node.names if _is_module(f"{module}.{a.name}")}
     return {"pipeline.__main__", "pipeline.cli"} | closure(*top)
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def module_file(name: str) -> str:
@@ -126,7 +136,7 @@ def render() -> str:
         "do": {"cmd": "pipeline evaluate --artifact artifacts/${key} --reference ${item.reference} --name ${key} "
                       "--out metrics/${key}.json",
                "deps": ["artifacts/${key}", "${item.reference}", "artifacts/data",
-                        *code_deps("pipeline.evaluate", "calibration.sources")],
+                        *code_deps("pipeline.scoring.evaluate", "pipeline.text.sources")],
                "params": ["eval", "budgets.${key}"],
                "metrics": [{"metrics/${key}.json": {"cache": False}}]}}
     stages["report"] = {

@@ -11,10 +11,10 @@ import json
 import subprocess
 from pathlib import Path
 
-from . import metrics as metric_table
 from .errors import PipelineError
-from .evaluate import check_budget
 from .registry import ONNX
+from .scoring import metrics as metric_table
+from .scoring.evaluate import check_budget
 
 # Every ONNX artifact's budget bounds the distribution, not only the mean log-likelihood: an artifact
 # whose top-1 agreement collapses can keep its perplexity (llama.cpp's perplexity tool reports these).
@@ -137,7 +137,7 @@ def summary_json(rows: list[dict]) -> dict:
 
 
 # What makes the artifacts and their speed: a benchmark from a commit where these are unchanged still holds.
-BENCH_CODE = ("pipeline", "stages", "calibration", "benchmarks/bench.py", "params.yaml", "dvc.yaml")
+BENCH_CODE = ("pipeline", "stages", "benchmarks/bench.py", "params.yaml", "dvc.yaml")
 
 
 def bench_for_plot(doc: dict | None, cwd: str | Path = ".") -> tuple[dict | None, str]:

@@ -11,12 +11,15 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from . import card, evaluate, genai, onnx_io, outputs
-from . import metrics as metric_table
+from . import card
+from .consumer import genai
 from .errors import PipelineError
-from .evaluate import model_bytes
+from .graph import onnx_io
 from .log import info
 from .runner import Inputs, Stage
+from .scoring import evaluate, outputs
+from .scoring import metrics as metric_table
+from .scoring.evaluate import model_bytes
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,14 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from . import memory, onnx_io, registry, store
-from . import manifest as mf
-from .child import peak_rss_mb
+from . import registry
+from .consumer import manifest as mf
+from .consumer.verify import verify
 from .errors import PipelineError
+from .graph import onnx_io
 from .log import heartbeat, info
-from .verify import verify
+from .ops import memory, store
+from .ops.child import peak_rss_mb
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def _verified_uses(stage: Stage, uses: dict | None) -> dict:
 
 def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str | Path,
         scoring=None, uses: dict | None = None) -> Built:
-    """``scoring``: what an ONNX artifact is scored against when built (pipeline.evaluate.Scoring)."""
+    """``scoring``: what an ONNX artifact is scored against when built (pipeline.scoring.evaluate.Scoring)."""
     t0 = time.perf_counter()
     parent = None
     if stage.parents:

@@ -15,13 +15,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from . import metrics as metric_table
 from . import registry
 from .errors import PipelineError
 from .registry import ARTIFACTS, TUNABLE, index
+from .scoring import metrics as metric_table
 
 PosInt = Field(ge=1)
-# The metrics a budget can bound (max_<metric> / min_<metric>): pipeline/metrics.py's table.
+# The metrics a budget can bound (max_<metric> / min_<metric>): pipeline/scoring/metrics.py's table.
 BUDGET_METRICS = metric_table.BUDGETED
 
 
@@ -65,7 +65,7 @@ Knobs = dict[str, list[str | int | float | bool]]
 
 
 class Tune(Section):
-    """`pipeline tune` (pipeline/tune.py): the smallest or fastest recipe for one artifact inside a budget,
+    """`pipeline tune` (pipeline/tune/): the smallest or fastest recipe for one artifact inside a budget,
     each candidate a DVC experiment. ``space`` and ``promote`` are per artifact: knob (a key of that
     artifact's params section, dotted below it) -> the values to try."""
     artifact: str = "int4"  # a stage that declares ``tunable`` knobs

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from calibration.sources import SPLITS, load_text_dataset, paragraphs, split_paragraphs
 from pipeline.errors import PipelineError
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import Section
+from pipeline.text.sources import SPLITS, load_text_dataset, paragraphs, split_paragraphs
 
 
 class Fractions(Section):

@@ -15,14 +15,16 @@ from pathlib import Path
 
 from pydantic import Field
 
-from pipeline import compat, onnx_io, store
-from pipeline.child import in_child
+from pipeline import compat
 from pipeline.errors import PipelineError
+from pipeline.graph import onnx_io
 from pipeline.log import info
 from pipeline.onnx_post import OnnxStage
+from pipeline.ops import store
+from pipeline.ops.child import in_child
 from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import PosInt, Section
-from pipeline.torch_ref import trusted
+from pipeline.scoring.torch_ref import trusted
 
 
 class Export(Section):
@@ -52,11 +54,11 @@ def _check_exportable(config: dict) -> None:
 
 def optimum_export(checkpoint_dir: str, raw: str, opset: int, trust_remote_code: bool) -> None:
     """optimum-onnx's export of the checkpoint's weightless skeleton, run by :func:`build` in a child
-    process (``pipeline.child.in_child``): torch's exporter keeps what it allocated after it returns,
+    process (``pipeline.ops.child.in_child``): torch's exporter keeps what it allocated after it returns,
     and the parity check that follows loads PyTorch and an ORT session, one after the other."""
     from optimum.exporters.onnx import main_export
 
-    from pipeline.torch_ref import skeleton
+    from pipeline.scoring.torch_ref import skeleton
 
     model, names = skeleton(checkpoint_dir, trust_remote_code)
     try:
@@ -83,7 +85,7 @@ def put_weights(model, names: list[str], checkpoint_dir: Path) -> None:
     Every parameter must be there once, with the checkpoint's shape."""
     import onnx_ir as ir
 
-    from pipeline.torch_ref import checkpoint_tensors, read_float32
+    from pipeline.scoring.torch_ref import checkpoint_tensors, read_float32
 
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from onnx import TensorProto
 
-from pipeline import compat, onnx_io
+from pipeline import compat
+from pipeline.graph import onnx_io
 from pipeline.onnx_post import OnnxStage
 from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import PosInt, Section

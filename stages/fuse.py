@@ -1,10 +1,10 @@
 """Stage `fused`: ORT's transformer optimizer (model_type qwen3) fuses the RMSNorms (SimplifiedLayerNorm,
-SkipSimplifiedLayerNorm); then our rewrite pattern (pipeline/fusions.py) turns each layer's attention,
+SkipSimplifiedLayerNorm); then our rewrite pattern (pipeline/graph/fusions.py) turns each layer's attention,
 QK-norm'd, into one GroupQueryAttention with the rotary embedding inside (caches of
 ``max_position_embeddings`` rows) and a KV cache that past and present can share.
 
 The rotary caches follow the config's ``rope_scaling`` (YaRN, linear; another type is refused in one
-line before any work). The lm_head gets an optional ``logits_to_keep`` input (pipeline/fusions.py
+line before any work). The lm_head gets an optional ``logits_to_keep`` input (pipeline/graph/fusions.py
 ``select_logits``), so every artifact built on this one can compute logits for the last position of a
 prompt only.
 
@@ -22,13 +22,15 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline import compat, onnx_io, store
+from pipeline import compat
 from pipeline.errors import PipelineError
-from pipeline.fusions import fuse_attention, rotary_caches, select_logits
+from pipeline.graph import onnx_io
+from pipeline.graph.fusions import fuse_attention, rotary_caches, select_logits
+from pipeline.graph.tied import retie_embedding
 from pipeline.onnx_post import OnnxStage
+from pipeline.ops import store
 from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import PosInt, Section
-from pipeline.tied import retie_embedding
 
 
 class Fused(Section):
@@ -144,12 +146,12 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
             model, gqa = fuse_attention(model, model_config, int(model_config["max_position_embeddings"]))
         if config.attention == "gqa" and gqa != layers:
             raise PipelineError(f"fused {gqa} of {layers} attention blocks into GroupQueryAttention: the export's "
-                                f"attention is not the pattern pipeline/fusions.py knows (set fused.attention: none)")
+                                f"attention is not the pattern pipeline/graph/fusions.py knows (set fused.attention: none)")
         trimmed = trim_rotary_caches(model, int(model_config["max_position_embeddings"]))
         selected = select_logits(model)
         if not selected:
             raise PipelineError("the lm_head (the MatMul making `logits`) was not found: the export is not the "
-                                "causal-LM graph pipeline/fusions.py knows")
+                                "causal-LM graph pipeline/graph/fusions.py knows")
         retied = retie_embedding(model)
         onnx_io.save_ir(model, tmp)
         del model

@@ -1,4 +1,4 @@
-"""Stage `imatrix`: the importance matrix of the parent graph on calibration text (calibration/imatrix.py):
+"""Stage `imatrix`: the importance matrix of the parent graph on calibration text (pipeline/quant/imatrix.py):
 per projection input channel, mean x^2 and max |x|, and the KV cache's max |x| per layer. Read by int4 (``algorithm: imatrix | awq``) and
 int8-dynamic (``smoothing``); built once, versioned and cached like any artifact."""
 
@@ -8,13 +8,14 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from calibration import imatrix
-from calibration.reader import TextWindows, calibration_windows, covered_params
-from calibration.smoothquant import projection_groups
-from pipeline import onnx_io, store
+from pipeline.graph import onnx_io
+from pipeline.graph.tied import find_tied
+from pipeline.ops import store
+from pipeline.quant import imatrix
+from pipeline.quant.smoothquant import projection_groups
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import Section
-from pipeline.tied import find_tied
+from pipeline.text.reader import TextWindows, calibration_windows, covered_params
 
 
 class Imatrix(Section):
@@ -36,7 +37,7 @@ def build(inputs: Inputs, config: Imatrix, tmp: Path) -> BuildResult:
     groups = {x: [m.input[1] for m in members] for x, members in projection_groups(graph, heads).items()}
     tensors = list(groups)
     tied = find_tied(graph)
-    if tied is not None:  # the lm_head's input weighs the shared table's rounding (pipeline/tied.py)
+    if tied is not None:  # the lm_head's input weighs the shared table's rounding (pipeline/graph/tied.py)
         gather, head, table = tied
         tensors.append(head.input[0])
         groups[head.input[0]] = [table]

@@ -5,7 +5,7 @@ GatherBlockQuantized + MatMulNBits.
 Algorithms: ``rtn`` and ``k_quant`` are ORT's MatMulNBitsQuantizer (scales from the weights alone);
 ``imatrix`` weighs each block's rounding by the importance matrix (stage imatrix), as llama.cpp does;
 ``awq`` first scales each projection's input channels by mean(x^2)^(alpha/2), folded exactly into the
-RMSNorm gammas and up_proj (calibration/weight_only.py), then does the same. ``int8_fraction`` keeps
+RMSNorm gammas and up_proj (pipeline/quant/weight_only.py), then does the same. ``int8_fraction`` keeps
 the most sensitive share of projections at 8 bits (mixed precision, like llama.cpp's Q4_K_M)."""
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline import compat, onnx_io
+from pipeline import compat
 from pipeline.errors import PipelineError
+from pipeline.graph import onnx_io
+from pipeline.graph.tied import find_tied, share_quantized_table
 from pipeline.onnx_post import OnnxStage
 from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import PosInt, Section, power_of_two
-from pipeline.tied import find_tied, share_quantized_table
 
 # Algorithms that read the importance matrix (stage imatrix).
 CALIBRATED_INT4 = ("imatrix", "awq")
@@ -28,7 +29,7 @@ CALIBRATED_INT4 = ("imatrix", "awq")
 
 class Int4(Section):
     parent: Literal["export", "fused"]
-    # rtn / k_quant: ORT's MatMulNBitsQuantizer; imatrix / awq: pipeline/nbits.py with the importance
+    # rtn / k_quant: ORT's MatMulNBitsQuantizer; imatrix / awq: pipeline/quant/nbits.py with the importance
     # matrix (awq also scales input channels by it first, folded into the graph)
     algorithm: Literal["rtn", "k_quant", "imatrix", "awq"]
     awq_alpha: float = Field(0.75, ge=0, le=1)
@@ -103,8 +104,8 @@ def _build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
 
 
 def _calibrated(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
-    """``imatrix`` / ``awq``: our quantizer (pipeline/nbits.py) with the importance matrix."""
-    from calibration.weight_only import quantize_with_imatrix
+    """``imatrix`` / ``awq``: our quantizer (pipeline/quant/nbits.py) with the importance matrix."""
+    from pipeline.quant.weight_only import quantize_with_imatrix
 
     fields, metrics, uses = quantize_with_imatrix(
         inputs, tmp, f"int4.algorithm {config.algorithm}", nodes_to_exclude=config.nodes_to_exclude, bits=4,
@@ -121,7 +122,7 @@ def _calibrated(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
 
 
 def build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
-    from calibration import imatrix
+    from pipeline.quant import imatrix
 
     return imatrix.with_kv_cache(inputs, config.kv_cache, tmp, _build(inputs, config, tmp), "int4")
 

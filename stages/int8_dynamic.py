@@ -10,10 +10,10 @@ docs/choices.md.)
 int8 block by block along the input, so one outlier channel takes its whole block's range. With the
 importance matrix's per-channel maxima (stage imatrix), ``s = max|x|^alpha / max|w|^(1-alpha)`` moves
 the outliers into the weights, folded exactly into the RMSNorm gammas and up_proj's columns: the same
-graph and ops, so the same speed (calibration/weight_only.py; measured in docs/choices.md).
+graph and ops, so the same speed (pipeline/quant/weight_only.py; measured in docs/choices.md).
 
 Embedding / tied lm_head policy (``quantize_tied``): the table is stored once as 8-bit blocks and
-shared by GatherBlockQuantized + MatMulNBits (see pipeline/tied.py); with ``quantize_tied: false``
+shared by GatherBlockQuantized + MatMulNBits (see pipeline/graph/tied.py); with ``quantize_tied: false``
 it stays FP32. Both were measured (README); quantizing it is what meets the size budget."""
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
-from pipeline import compat, onnx_io
+from pipeline import compat
+from pipeline.graph import onnx_io
+from pipeline.graph.tied import find_tied, share_quantized_table
 from pipeline.onnx_post import OnnxStage
 from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import PosInt, Section, power_of_two
-from pipeline.tied import find_tied, share_quantized_table
 
 
 class Smoothing(Section):
@@ -89,7 +90,7 @@ def _build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
 
 
 def _smoothed(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
-    from calibration.weight_only import quantize_with_imatrix
+    from pipeline.quant.weight_only import quantize_with_imatrix
 
     fields, metrics, uses = quantize_with_imatrix(
         inputs, tmp, "int8_dynamic.smoothing", nodes_to_exclude=config.nodes_to_exclude, bits=8,
@@ -104,7 +105,7 @@ def _smoothed(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
 
 
 def build(inputs: Inputs, config: Int8Dynamic, tmp: Path) -> BuildResult:
-    from calibration import imatrix
+    from pipeline.quant import imatrix
 
     return imatrix.with_kv_cache(inputs, config.kv_cache, tmp, _build(inputs, config, tmp), "int8_dynamic")
 

@@ -15,16 +15,18 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
-from calibration.reader import CalibrationReader, TextWindows, calibration_windows, covered_params
-from calibration.rounding import coarsen_maxima, coarsen_ranges
-from calibration.smoothquant import Weights, activation_channel_max, smooth, smoothing_groups
-from pipeline import compat, onnx_io, store
+from pipeline import compat
+from pipeline.consumer.runtime import GraphIO, session_options
+from pipeline.graph import onnx_io
+from pipeline.graph.tied import find_tied, share_quantized_table
 from pipeline.log import info
 from pipeline.onnx_post import OnnxStage
+from pipeline.ops import store
+from pipeline.quant.rounding import coarsen_maxima, coarsen_ranges
+from pipeline.quant.smoothquant import Weights, activation_channel_max, smooth, smoothing_groups
 from pipeline.runner import BuildResult, Inputs
-from pipeline.runtime import GraphIO, session_options
 from pipeline.schema import PosInt, Section, power_of_two
-from pipeline.tied import find_tied, share_quantized_table
+from pipeline.text.reader import CalibrationReader, TextWindows, calibration_windows, covered_params
 
 
 class Calibration(TextWindows):

@@ -54,7 +54,7 @@ def calibrated(data_dir: Path, *extra: str):
 
 
 def scoring(params, data_dir: Path, reference: Path):
-    from pipeline.evaluate import Scoring
+    from pipeline.scoring.evaluate import Scoring
 
     return Scoring(text=(data_dir / "eval.txt").read_text(), reference=reference, eval=params.eval)
 

@@ -64,8 +64,8 @@ def test_truncated_onnx_file(export_dir, data_dir, tmp_path):
     assert not (tmp_path / "f").exists()
     no_partial(tmp_path)
     # without a manifest to compare with, the ONNX reader itself names the damage
-    from pipeline import onnx_io
     from pipeline.errors import PipelineError
+    from pipeline.graph import onnx_io
 
     with pytest.raises(PipelineError, match="truncated or damaged"):
         onnx_io.load(bad)

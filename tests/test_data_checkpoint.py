@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from calibration.sources import load_text_dataset, paragraphs, split_paragraphs
-from pipeline import manifest as mf
+from pipeline.consumer import manifest as mf
 from pipeline.errors import PipelineError
+from pipeline.text.sources import load_text_dataset, paragraphs, split_paragraphs
 from tests.conftest import build, small_params
 
 
@@ -62,7 +62,7 @@ def test_builtin_checkpoint_is_a_real_qwen3(checkpoint_dir):
     metrics = m["metrics"]
     # even the tiny test budget must beat the unigram model on held-out text
     assert metrics["heldout_ppl"] < metrics["unigram_ppl"]
-    # stored to 6 significant digits (pipeline.evaluate.rounded)
+    # stored to 6 significant digits (pipeline.scoring.evaluate.rounded)
     assert metrics["ppl_ratio_vs_unigram"] == pytest.approx(metrics["heldout_ppl"] / metrics["unigram_ppl"], rel=1e-5)
 
 

@@ -9,15 +9,14 @@ import pytest
 import yaml
 
 from pipeline import card as model_card
-from pipeline import chat
 from pipeline import gate as g
-from pipeline import manifest as mf
-from pipeline.runtime import Runtime
 from pipeline import registry
+from pipeline.consumer import chat
+from pipeline.consumer import manifest as mf
+from pipeline.consumer.runtime import Runtime
 from pipeline.registry import ONNX as ARTIFACTS
 from tests.conftest import REPO, assert_clean_failure, build, run_cli, scoring
 from tests.test_verify import rehash
-
 
 
 @pytest.fixture
@@ -114,7 +113,7 @@ def test_batches_under_optimum_and_genai_give_each_row_its_own_tokens_or_refuse(
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
 
-    from pipeline.fusions import LEFT_PADDING_REFUSED
+    from pipeline.graph.fusions import LEFT_PADDING_REFUSED
 
 
     d = artifact(name)
@@ -186,7 +185,7 @@ def test_generate_chat_applies_the_template(export_dir):
 
 def _republish(src, dst, drop: str):
     """A valid artifact like ``src`` without the file ``drop`` (as a tool that ships no template makes)."""
-    from pipeline import store
+    from pipeline.ops import store
 
     m = mf.read_manifest(src)
     with store.staging_dir(dst) as tmp:

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.consumer.runtime import Runtime
 from pipeline.errors import PipelineError
-from pipeline.evaluate import check_budget, log_softmax, make_windows, score
-from pipeline.runtime import Runtime
-from pipeline.torch_ref import TorchModel
+from pipeline.scoring.evaluate import check_budget, log_softmax, make_windows, score
+from pipeline.scoring.torch_ref import TorchModel
 from tests.conftest import run_cli
 
 

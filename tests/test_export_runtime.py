@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline import manifest as mf
-from pipeline.runtime import GraphIO, Runtime, sample
-from pipeline.torch_ref import TorchModel
+from pipeline.consumer import manifest as mf
+from pipeline.consumer.runtime import GraphIO, Runtime, sample
+from pipeline.scoring.torch_ref import TorchModel
 
 
 def _weight_matmuls(model) -> list[str]:
@@ -48,7 +48,7 @@ def test_lazy_folding_gives_torchs_folded_graph(export_dir, checkpoint_dir, tmp_
 
     from optimum.exporters.onnx import main_export
 
-    from pipeline import onnx_io
+    from pipeline.graph import onnx_io
 
     with contextlib.redirect_stdout(io.StringIO()):
         main_export(str(checkpoint_dir), output=tmp_path, task="text-generation-with-past", opset=17, device="cpu",
@@ -71,7 +71,7 @@ def test_the_export_traces_a_weightless_skeleton(checkpoint_dir):
     no copy of the weights."""
     from safetensors import safe_open
 
-    from pipeline.torch_ref import skeleton
+    from pipeline.scoring.torch_ref import skeleton
 
     model, names = skeleton(checkpoint_dir, False)
     params = dict(model.named_parameters())
@@ -92,7 +92,7 @@ def test_the_skeleton_export_is_optimums_export_of_the_weights(export_dir, check
     from onnx import numpy_helper
     from optimum.exporters.onnx import main_export
 
-    from pipeline import onnx_io
+    from pipeline.graph import onnx_io
 
     with contextlib.redirect_stdout(io.StringIO()):
         main_export(str(checkpoint_dir), output=tmp_path / "raw", task="text-generation-with-past", opset=17,
@@ -112,8 +112,8 @@ def test_a_checkpoint_short_of_a_weight_is_refused_by_name(checkpoint_dir, tmp_p
 
     from safetensors.numpy import load_file, save_file
 
-    from pipeline import onnx_io
     from pipeline.errors import PipelineError
+    from pipeline.graph import onnx_io
     from stages import export
 
     short = tmp_path / "short"
@@ -160,9 +160,9 @@ def test_kv_cache_decode_matches_full_recompute(export_dir):
 
 
 def test_weights_read_in_place_give_the_packed_sessions_logits(export_dir):
-    """ORT's weight prepacking, off where the weights would not fit twice (pipeline/runtime.py), changes
+    """ORT's weight prepacking, off where the weights would not fit twice (pipeline/consumer/runtime.py), changes
     only how the GEMMs read the weights."""
-    from pipeline.runtime import make_session, prepack_fits
+    from pipeline.consumer.runtime import make_session, prepack_fits
 
     path = export_dir / "model.onnx"
     assert prepack_fits(path)  # the built-in model is small: packed by default

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from pipeline import manifest as mf
-from pipeline.evaluate import checkpoint_metrics, evaluate_artifact
+from pipeline.consumer import manifest as mf
 from pipeline.registry import ONNX
+from pipeline.scoring.evaluate import checkpoint_metrics, evaluate_artifact
 from tests.conftest import REPO, assert_clean_failure, run_cli
 
 NAMES = ONNX[1:]  # every ONNX artifact but the export (pipeline/registry.py)

@@ -8,9 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from safetensors import safe_open
-
 from conftest import REPO, assert_clean_failure, run_cli
+from safetensors import safe_open
 
 PARAMS = ("--params", str(REPO / "params.yaml"))
 
@@ -51,7 +50,7 @@ def test_a_half_checkpoint_scores_as_its_float32_copy_without_holding_one(bf16, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.torch_ref import TorchModel
+    from pipeline.scoring.torch_ref import TorchModel
 
     half = tmp_path / dtype
     m = AutoModelForCausalLM.from_pretrained(str(bf16 / "checkpoint"), dtype=getattr(torch, dtype))

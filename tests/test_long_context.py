@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, assert_clean_failure, run_cli
 
 SOURCE = "random:qwen3-micro?context=16384&yarn=4"
@@ -35,8 +34,8 @@ def ids_of(n: int) -> np.ndarray:
 
 
 def test_yarn_rotary_caches_match_pytorch_past_the_original_window(micro):
-    from pipeline.runtime import Runtime
-    from pipeline.torch_ref import TorchModel
+    from pipeline.consumer.runtime import Runtime
+    from pipeline.scoring.torch_ref import TorchModel
 
     config = json.loads((micro / "fused" / "config.json").read_text())
     assert config["rope_scaling"]["rope_type"] == "yarn" and config["rope_scaling"]["original_max_position_embeddings"] == 4096
@@ -60,7 +59,7 @@ def test_yarn_rotary_caches_match_pytorch_past_the_original_window(micro):
 
 def test_unsupported_rope_scaling_is_refused_in_one_line():
     from pipeline.errors import PipelineError
-    from pipeline.fusions import rotary_caches
+    from pipeline.graph.fusions import rotary_caches
 
     cfg = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "hidden_size": 128,
            "rope_theta": 1e6, "max_position_embeddings": 8192, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
@@ -69,7 +68,7 @@ def test_unsupported_rope_scaling_is_refused_in_one_line():
 
 
 def test_chunked_prefill_gives_the_tokens_and_logits_of_one_pass(micro):
-    from pipeline.runtime import Runtime
+    from pipeline.consumer.runtime import Runtime
 
     for name in ("fused", "export"):
         whole = Runtime(micro / name, prefill_chunk=16384)
@@ -88,7 +87,7 @@ def test_logits_to_keep_is_optional_and_every_derived_artifact_has_it(micro, der
     every position's logits by default, the last N when fed; inherited by every artifact built on it."""
     import onnxruntime as ort
 
-    from pipeline.runtime import LOGITS_TO_KEEP, Runtime
+    from pipeline.consumer.runtime import LOGITS_TO_KEEP, Runtime
 
     dirs = [micro / "fused"] + [derived(n) for n in ("fp16", "int8-dynamic", "int8-static", "int4")]
     for d in dirs:
@@ -144,8 +143,8 @@ def test_int8_kv_cache_runs_on_cpu_chunked_and_stays_close_at_long_context(micro
     from the imatrix; against the same int4 with a float32 cache over 6k positions."""
     import onnx
 
-    from pipeline.outputs import log_softmax
-    from pipeline.runtime import Runtime
+    from pipeline.consumer.runtime import Runtime
+    from pipeline.scoring.outputs import log_softmax
 
     common = ("--input", str(micro / "fused"), "--imatrix", str(micro / "imatrix"), "--reference", str(micro / "export"),
               "--data", str(data_dir))

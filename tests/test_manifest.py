@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline import manifest as mf
-from pipeline import store
+from pipeline.consumer import manifest as mf
 from pipeline.errors import PipelineError
+from pipeline.ops import store
 from tests.conftest import no_partial
 
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, assert_clean_failure, no_partial
 
 
@@ -88,7 +87,7 @@ def test_a_supervised_stage_records_anonymous_and_file_backed_peaks(export_dir, 
 
 
 def test_the_shipped_memory_model_is_the_fit_of_the_recorded_runs(tmp_path):
-    """pipeline/memory_model.json is what `benchmarks/real_shapes.py --fit` makes of the results files
+    """pipeline/ops/memory_model.json is what `benchmarks/real_shapes.py --fit` makes of the results files
     it names (refit after a real-shape run changes one of them)."""
     shipped = json.loads((REPO / "pipeline" / "memory_model.json").read_text())
     runs = shipped["source"].split("--fit ", 1)[1].split()
@@ -102,7 +101,7 @@ def test_the_shipped_memory_model_is_the_fit_of_the_recorded_runs(tmp_path):
 def test_the_sampler_keeps_a_series_whose_peak_is_its_own():
     """A real child that holds 400 MB of anonymous memory, then frees it: the series sees it rise and
     fall in time order, and the sampler's anonymous peak is the series' largest sample."""
-    from pipeline.memory import Sampler
+    from pipeline.ops.memory import Sampler
 
     code = "import numpy as np, time; a = np.ones(50 * 2**20); time.sleep(1.5); del a; time.sleep(1.0)"
     proc = subprocess.Popen([sys.executable, "-c", code])

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.evaluate import check_budget
-from pipeline.runtime import Runtime
+from pipeline.consumer.runtime import Runtime
+from pipeline.scoring.evaluate import check_budget
 from tests.conftest import build, calibrated, scoring
 
 # 4 channels x256 in every norm output and MLP intermediate. (On the 40-step test model, whose distributions
@@ -29,7 +29,7 @@ def hard(checkpoint_dir, data_dir, work):
 
 def test_outliers_keep_the_function_and_make_the_activations_hard(hard, checkpoint_dir, export_dir, derived):
     p, root = hard
-    from pipeline import manifest as mf
+    from pipeline.consumer import manifest as mf
 
     orig, moved = mf.read_manifest(checkpoint_dir), mf.read_manifest(root / "checkpoint")
     assert moved["source"]["outliers"]["channels"] == 4 and moved["artifact_id"] != orig["artifact_id"]

@@ -1,19 +1,19 @@
 """One model in memory at a time: a reference's outputs are recorded once beside it and reused by every
 artifact checked against it, and the figures are those of running the two models side by side."""
 
-import pytest
 import json
 import shutil
 
 import numpy as np
+import pytest
 
-from pipeline.evaluate import log_softmax, make_windows
-from pipeline.runtime import Runtime
+from pipeline.consumer.runtime import Runtime
+from pipeline.scoring.evaluate import log_softmax, make_windows
 from tests.conftest import run_cli
 
 
 def _side_by_side(candidate: Runtime, reference: Runtime, windows: np.ndarray) -> dict:
-    """Drift, KLD and top-1 the plain way, both sessions open (independent of pipeline/outputs.py)."""
+    """Drift, KLD and top-1 the plain way, both sessions open (independent of pipeline/scoring/outputs.py)."""
     first = windows.shape[1] // 2
     nll, rnll, kld, agree = [], [], [], []
     for w in windows:
@@ -52,7 +52,7 @@ def test_reference_outputs_recorded_once_and_exact(export_dir, data_dir, tmp_pat
     windows = make_windows(cand.encode((data_dir / "eval.txt").read_text()), recorded["ctx"], 6)
     plain = _side_by_side(cand, ref, windows)
     for key, value in plain.items():
-        # the manifest stores 6 significant digits (pipeline.evaluate.rounded)
+        # the manifest stores 6 significant digits (pipeline.scoring.evaluate.rounded)
         assert recorded[key] == pytest.approx(value, rel=1e-5, abs=1e-12), (key, recorded[key], value)
 
     # a rebuilt artifact's old entry goes when its new one is stored
@@ -65,7 +65,7 @@ def test_reference_outputs_recorded_once_and_exact(export_dir, data_dir, tmp_pat
 def test_windows_of_one_stream_cut_two_ways_have_two_keys():
     """80 windows of 128 and 20 of 512 from one token stream are the same bytes; a reference recorded
     for one must never be read back for the other (it scored other positions)."""
-    from pipeline.outputs import windows_key
+    from pipeline.scoring.outputs import windows_key
 
     stream = np.arange(10240, dtype=np.int64) % 4000
     assert windows_key(stream.reshape(80, 128)) != windows_key(stream.reshape(20, 512))

@@ -7,10 +7,10 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline import manifest as mf
-from pipeline import onnx_io
-from pipeline.evaluate import evaluate_artifact, model_bytes
-from pipeline.runtime import Runtime
+from pipeline.consumer import manifest as mf
+from pipeline.consumer.runtime import Runtime
+from pipeline.graph import onnx_io
+from pipeline.scoring.evaluate import evaluate_artifact, model_bytes
 
 
 def _evaluate(artifact, name, params, export_dir, data_dir):
@@ -119,7 +119,7 @@ def test_the_calibrators_own_session_takes_our_session_options(fused_dir, tmp_pa
     from onnxruntime.quantization import calibrate, create_calibrator
 
     from pipeline import compat
-    from pipeline.runtime import session_options
+    from pipeline.consumer.runtime import session_options
 
     model = tmp_path / "m"
     shutil.copytree(fused_dir, model)  # the augmented graph is saved beside the weights it reads
@@ -142,7 +142,7 @@ def test_calibrating_without_the_lm_head_takes_the_same_ranges(fused_dir, params
 
     from onnxruntime.quantization.calibrate import load_tensors_data
 
-    from calibration.reader import calibration_windows
+    from pipeline.text.reader import calibration_windows
     from stages.int8_static import _calibrate, _with_types
 
     cal = params.int8_static.calibration
@@ -191,8 +191,8 @@ def test_shared_tied_table_matches_its_dequantized_values(bits):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from pipeline.nbits import dequantize_blocks, quantize_blocks
-    from pipeline.tied import find_tied, share_quantized_table
+    from pipeline.graph.tied import find_tied, share_quantized_table
+    from pipeline.quant.nbits import dequantize_blocks, quantize_blocks
 
     rng = np.random.default_rng(bits)
     table = rng.normal(size=(64, 32)).astype(np.float32)
@@ -221,13 +221,13 @@ def test_shared_tied_table_matches_its_dequantized_values(bits):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_our_matmulnbits_blocks_run_in_onnxruntime_and_weighting_lowers_the_weighted_error(bits, tmp_path):
-    """pipeline/nbits.py's layout is what ORT's MatMulNBits reads, and the importance-weighted scales give a
+    """pipeline/quant/nbits.py's layout is what ORT's MatMulNBits reads, and the importance-weighted scales give a
     lower importance-weighted error than round-to-nearest on weights whose inputs have outlier channels."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from calibration.smoothquant import Weights
-    from pipeline import nbits
+    from pipeline.quant import nbits
+    from pipeline.quant.smoothquant import Weights
 
     rng = np.random.default_rng(bits)
     k, n = 64, 24

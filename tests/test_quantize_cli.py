@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from pipeline import manifest as mf
+from pipeline.consumer import manifest as mf
 from tests.conftest import REPO, assert_clean_failure, no_partial, run_cli
 
 SMALL = ["-S", "int8_static.calibration.samples=4", "-S", "int8_static.calibration.seq_len=32",

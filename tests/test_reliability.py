@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import manifest as mf
+from pipeline.consumer import manifest as mf
+from pipeline.consumer.runtime import Runtime
+from pipeline.consumer.verify import verify
 from pipeline.errors import PipelineError
-from pipeline.runtime import Runtime
-from pipeline.verify import verify
 from tests.conftest import REPO, assert_clean_failure, run_cli
 
 

@@ -1,11 +1,11 @@
-"""Calibration statistics on a coarse grid (calibration/rounding.py): last-bit differences between two
+"""Calibration statistics on a coarse grid (pipeline/quant/rounding.py): last-bit differences between two
 CPUs' kernels do not reach the quantization scales."""
 
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from calibration.rounding import coarsen_maxima, coarsen_ranges, outward
+from pipeline.quant.rounding import coarsen_maxima, coarsen_ranges, outward
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, width=32).filter(lambda v: abs(v) > 1e-30)
 

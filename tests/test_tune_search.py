@@ -3,7 +3,7 @@ the searches for real, on DVC's queue)."""
 
 import pytest
 
-from pipeline.tune import parse_budget
+from pipeline.tune.search import parse_budget
 
 
 def test_budget_syntax():
@@ -15,7 +15,7 @@ def test_budget_syntax():
 def _search(strategy="greedy", **kw):
     from pathlib import Path
 
-    from pipeline.tune import Search
+    from pipeline.tune.search import Search
     from tests.conftest import REPO
 
     space = kw.pop("space", {"algorithm": ["rtn", "awq"], "block_size": [128, 256], "tied_bits": [4, 8]})
@@ -25,7 +25,7 @@ def _search(strategy="greedy", **kw):
 
 
 def _record(search, cands, figures):
-    from pipeline.tune import Result
+    from pipeline.tune.search import Result
 
     for c in cands:
         size, kld = figures[c.label()]

@@ -9,7 +9,7 @@ import sys
 import onnx
 import pytest
 
-from pipeline import manifest as mf
+from pipeline.consumer import manifest as mf
 from tests.conftest import REPO, assert_clean_failure, run_cli
 
 

@@ -1,1 +1,0 @@
-"""Text sources (through `datasets`) and calibration readers for static quantization."""

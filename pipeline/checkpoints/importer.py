@@ -1,0 +1,92 @@
+"""A checkpoint from outside: a local Hugging Face directory or a hub id (networked machines only).
+Only what a causal LM needs is copied, weights as safetensors (pickled weights only when
+``model.allow_unsafe_pickle_weights`` says so, converted), and every file is hashed into the source."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pipeline.consumer import manifest as mf
+from pipeline.errors import PipelineError
+from pipeline.log import info
+from pipeline.ops.memory import check as check_memory
+
+# Files copied from a local or hub checkpoint; weights only as safetensors (never pickle).
+CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.json", "*.txt")
+
+
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _check_causal_lm(directory: Path, label: str, allow_pickle: bool = False) -> dict:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise PipelineError(f"{label} has no config.json: not a Hugging Face checkpoint directory")
+    config = json.loads(cfg_path.read_text())
+    check_memory("checkpoint", config)
+    archs = config.get("architectures") or []
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise PipelineError(f"{label} is not a causal LM (architectures: {archs or 'none'}); "
+                            f"the pipeline needs a *ForCausalLM checkpoint")
+    if not (directory / "tokenizer.json").is_file():
+        raise PipelineError(f"{label} has no tokenizer.json; the pipeline needs the model's fast tokenizer "
+                            f"(save it with AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
+    if not list(directory.glob("*.safetensors")):
+        pickles = sorted(p.name for pat in PICKLE_WEIGHTS for p in directory.glob(pat))
+        if not pickles:
+            raise PipelineError(f"{label} has no weights (no .safetensors file)")
+        if not allow_pickle:
+            raise PipelineError(
+                f"{label} has only pickled weights ({', '.join(pickles)}): loading a pickle can run arbitrary code. "
+                f"Convert them to safetensors where you trust the file, or set "
+                f"model.allow_unsafe_pickle_weights=true to accept that risk (they are converted to safetensors once)")
+    return config
+
+
+def _convert_pickle(directory: Path, tmp: Path, trust_remote_code: bool) -> None:
+    """Load pickled weights once (the user accepted the risk) and store them as safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    info(f"checkpoint: loading pickled weights from {directory} (model.allow_unsafe_pickle_weights) ...")
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, use_safetensors=False,
+                                                 trust_remote_code=trust_remote_code)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+
+
+def import_checkpoint(model, tmp: Path) -> dict:
+    source, revision = model.source, model.revision
+    allow_pickle, trust = model.allow_unsafe_pickle_weights, model.trust_remote_code
+    path = Path(source).expanduser()
+    if path.exists() or source.startswith(("/", ".", "~")):
+        if not path.is_dir():
+            raise PipelineError(f"model.source {source}: no such checkpoint directory")
+        _check_causal_lm(path, source, allow_pickle)
+        hashes = {p.name: mf.sha256_file(p) for pat in PICKLE_WEIGHTS for p in path.glob(pat)}
+        for pattern in CHECKPOINT_PATTERNS:
+            for f in path.glob(pattern):
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        if not list(tmp.glob("*.safetensors")):
+            _convert_pickle(path, tmp, trust)
+        hashes.update({f.name: mf.sha256_file(f) for f in sorted(tmp.iterdir())})
+        src = {"model": str(path.resolve()), "kind": "local", "file_sha256": hashes,
+               **({"converted_from_pickle": True} if allow_pickle and not list(path.glob("*.safetensors")) else {})}
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = snapshot_download(source, revision=revision, allow_patterns=list(CHECKPOINT_PATTERNS))
+        except Exception as exc:  # offline: LocalEntryNotFoundError, ConnectionError, ...
+            raise PipelineError(
+                f"could not fetch {source!r} from the Hugging Face hub ({type(exc).__name__}): offline or not a "
+                f"model id. Download it on a networked machine and set model.source to the local directory") from None
+        _check_causal_lm(Path(local), source)  # the hub path fetches safetensors only
+        for f in Path(local).iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        src = {"model": source, "kind": "hub", "revision": Path(local).name,
+               "file_sha256": {f.name: mf.sha256_file(f) for f in sorted(tmp.iterdir())}}
+    return {"source": src, "metrics": {}}

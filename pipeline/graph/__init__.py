@@ -1,0 +1,1 @@
+"""ONNX graphs: saving and loading with external data, the attention rewrites, the tied embedding."""

@@ -1,0 +1,1 @@
+"""Running stages: memory limits and sampling, supervision, child processes, the artifact store."""

@@ -1,0 +1,1 @@
+"""Quantizers and their statistics: block quantization, the importance matrix, SmoothQuant, rounding."""

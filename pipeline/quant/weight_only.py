@@ -1,0 +1,115 @@
+"""Calibrated weight-only quantization to ``MatMulNBits``: the projections' input channels optionally
+rescaled first (SmoothQuant for int8 compute, AWQ-style for int4), then every projection quantized in
+blocks by pipeline/quant/nbits.py, its rounding weighted by the importance matrix.
+
+Scaling ``X W = (X / s)(diag(s) W)`` is folded exactly into the graph (RMSNorm gamma, up_proj's
+columns: pipeline/quant/smoothquant.py), never as a new op by default, so the artifact keeps the parent's
+graph and speed. Weights are read one tensor at a time from the parent's data file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.graph import onnx_io
+from pipeline.graph.tied import find_tied, share_quantized_table
+from pipeline.log import Progress, info
+from pipeline.quant import nbits
+from pipeline.quant.imatrix import Imatrix
+from pipeline.quant.smoothquant import Weights, projection_groups, scale_inputs, smoothquant_factors
+
+
+def awq_factors(im: Imatrix, groups: dict, alpha: float) -> dict[str, np.ndarray]:
+    """s_j = mean(x_j^2)^(alpha/2), normalised to a geometric mean of 1: channels that carry large
+    activations get finer weights (their weights grow by s, their activations shrink by it)."""
+    out = {}
+    for x in groups:
+        if x not in im.mean_sq or alpha == 0:
+            continue
+        rms = np.sqrt(np.maximum(im.mean_sq[x].astype(np.float64), 1e-12))
+        s = np.power(rms, alpha)
+        out[x] = np.clip(s / np.exp(np.log(s).mean()), 1e-3, 1e3)
+    return out
+
+
+def quantize_with_imatrix(inputs, tmp: Path, why: str, *, nodes_to_exclude: list[str], **options) -> tuple:
+    """:func:`quantize` with the importance matrix the stage was handed (``inputs.use``, for ``why``), as
+    int4 (imatrix, awq) and int8-dynamic (smoothing) run it: (its policy fields, the artifact's op
+    counts, the manifest's ``uses`` entry)."""
+    from pipeline.quant import imatrix
+
+    im_dir, im_manifest = inputs.use("imatrix", why)
+    im = imatrix.load(im_dir, im_manifest, inputs.manifest)
+    summary, q = quantize(inputs.dir, tmp, exclude=set(nodes_to_exclude), im=im, **options)
+    fields = {"tied_embedding": summary.pop("tied_embedding", "fp32 (not quantized)"), **summary,
+              "excluded_nodes": list(nodes_to_exclude)}
+    return fields, {"op_counts": onnx_io.op_counts(q)}, {"imatrix": im_manifest["artifact_id"]}
+
+
+def quantize(parent_dir: Path, tmp: Path, *, bits: int, block_size: int, accuracy_level: int | None,
+             exclude: set[str], im: Imatrix, smooth_alpha: float | None = None,
+             awq_alpha: float | None = None, weighted: bool = False, int8_fraction: float = 0.0,
+             tied: tuple[int, int] | None = None) -> tuple[dict, object]:
+    """Write the quantized artifact's model into ``tmp``; returns (policy summary, the graph for op counts).
+    ``tied``: (bits, block size) of the shared embedding / lm_head table, or None to leave it float."""
+    parent_dir = Path(parent_dir).resolve()
+    graph = onnx_io.load(parent_dir, load_external_data=False)
+    tied = tied if tied and find_tied(graph) is not None else None
+    if tied:
+        exclude = exclude | set(onnx_io.lm_head_nodes(graph))
+    weights = Weights(graph, parent_dir)
+    groups = projection_groups(graph, exclude)
+    summary: dict = {}
+    factors: dict[str, np.ndarray] = {}
+    if smooth_alpha is not None or awq_alpha is not None:
+        if smooth_alpha is not None:
+            kind, alpha = "smoothquant", smooth_alpha
+            factors = smoothquant_factors(graph, weights, im.max, alpha, exclude)
+        else:
+            kind, alpha = "awq", awq_alpha
+            factors = awq_factors(im, groups, alpha)
+        done = scale_inputs(graph, weights, factors, exclude, fold_only=True)
+        factors = {x: factors[x] for x in done.pop("scaled")}  # groups with no exact fold stay unscaled
+        summary[kind] = {"alpha": alpha, **done}
+    importance = None
+    if weighted:  # each channel's energy after the scaling: mean((x / s)^2)
+        importance = {}
+        for x, members in groups.items():
+            if x in im.mean_sq:
+                imp = im.mean_sq[x].astype(np.float64) / (factors[x] ** 2 if x in factors else 1.0)
+                for m in members:
+                    importance[m.input[1]] = imp.astype(np.float32)
+    names = [m.input[1] for members in groups.values() for m in members]
+    bits_of = {n: bits for n in names}
+    if int8_fraction > 0:
+        bits_of.update({n: 8 for n in _most_sensitive(weights, names, bits, block_size, importance, int8_fraction)})
+        summary["int8_projections"] = sorted(n for n, b in bits_of.items() if b == 8)
+    info(f"quantizing {len(names)} projections to {bits} bits in blocks of {block_size}"
+         + (" (importance-weighted scales)" if importance else ""))
+    counts = nbits.to_matmulnbits(graph, weights, bits_of, block_size, accuracy_level, importance)
+    summary["matmulnbits"] = {str(b): c for b, c in sorted(counts.items())}
+    if tied:
+        graph_head = find_tied(graph)[1]
+        imp = im.mean_sq.get(graph_head.input[0]) if weighted else None
+        with onnx_io.weights_from(parent_dir):
+            summary["tied_embedding"] = share_quantized_table(graph, tied[0], tied[1], accuracy_level, imp)
+    model = onnx_io.to_ir(graph, parent_dir)
+    weights.lazy(model)  # rescaled gammas / up_proj columns, written as the model is saved
+    onnx_io.save_ir(model, tmp)
+    return summary, graph
+
+
+def _most_sensitive(weights: Weights, names: list[str], bits: int, block_size: int, importance: dict | None,
+                    fraction: float) -> list[str]:
+    """The ``fraction`` of projections whose ``bits``-bit rounding disturbs their output most under the
+    calibration activations (importance-weighted relative error, pipeline/nbits.weighted_error)."""
+    progress = Progress("ranking projections", len(names))
+    errors = {}
+    for i, n in enumerate(names):
+        w = weights.current(n)
+        errors[n] = nbits.weighted_error(np.ascontiguousarray(w.T), bits, block_size,
+                                         None if importance is None else importance.get(n))
+        progress.update(i + 1)
+    k = int(round(fraction * len(names)))
+    return sorted(errors, key=errors.get, reverse=True)[:k]

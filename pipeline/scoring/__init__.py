@@ -1,0 +1,1 @@
+"""Scoring an artifact: the metric table, recorded outputs, evaluation, parity prompts, the PyTorch reference."""

@@ -1,0 +1,1 @@
+"""Text sources and the token windows cut from them (the data splits, calibration)."""

@@ -240,7 +240,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.fit:
         model = fit(args.fit)
-        out = args.out or REPO / "pipeline" / "memory_model.json"
+        out = args.out or REPO / "pipeline" / "ops" / "memory_model.json"
         out.write_text(json.dumps(model, indent=2) + "\n")
         for stage, f in model["stages"].items():
             print(f"{stage}: {f['a']:.3f} x layers + {f['b']:.3f} x table + {f['c'] / 1e9:.2f} GB "

@@ -74,33 +74,33 @@ def test_a_forced_rebuild_gives_the_same_bytes_and_the_same_lock(publisher):
     assert (publisher / "dvc.lock").read_text() == lock
 
 
-def test_editing_a_module_reruns_every_stage_that_executes_it(publisher):
-    tied = publisher / "pipeline" / "tied.py"
-    original = tied.read_text()
+def _status_after_editing(publisher, module: str) -> dict:
+    """`dvc status` with a comment appended to ``module`` (put back after; the project is then clean)."""
+    path = publisher / module
+    original = path.read_text()
     try:
-        tied.write_text(original + "\n# an edit\n")
-        status = json.loads(sh("dvc", "status", "--json", cwd=publisher).stdout)
-        changed = {k for k, v in status.items() if any("changed deps" in c for c in v if isinstance(c, dict))}
-        assert {"fused", "int8-dynamic", "int8-static", "int4"} <= changed, status
+        path.write_text(original + "\n# an edit\n")
+        return json.loads(sh("dvc", "status", "--json", cwd=publisher).stdout)
     finally:
-        tied.write_text(original)
-    assert json.loads(sh("dvc", "status", "--json", cwd=publisher).stdout) == {}
+        path.write_text(original)
+        assert json.loads(sh("dvc", "status", "--json", cwd=publisher).stdout) == {}
+
+
+def _changed(status: dict) -> set[str]:
+    return {k for k, v in status.items() if any("changed deps" in c for c in v if isinstance(c, dict))}
+
+
+def test_editing_a_module_reruns_every_stage_that_executes_it(publisher):
+    status = _status_after_editing(publisher, "pipeline/graph/tied.py")
+    assert {"fused", "int8-dynamic", "int8-static", "int4"} <= _changed(status), status
 
 
 def test_editing_the_model_card_reruns_the_stages_that_write_cards_and_not_training(publisher):
     """The ONNX post-build (card, genai config, parity) is imported by the ONNX stages alone
     (pipeline/onnx_post.py), so an edit to the card leaves the data and checkpoint stages up to date."""
-    card = publisher / "pipeline" / "card.py"
-    original = card.read_text()
-    try:
-        card.write_text(original + "\n# an edit to the model card\n")
-        status = json.loads(sh("dvc", "status", "--json", cwd=publisher).stdout)
-        changed = {k for k, v in status.items() if any("changed deps" in c for c in v if isinstance(c, dict))}
-        assert set(NAMES) <= changed, status
-        assert not {"data", "checkpoint"} & set(status), status
-    finally:
-        card.write_text(original)
-    assert json.loads(sh("dvc", "status", "--json", cwd=publisher).stdout) == {}
+    status = _status_after_editing(publisher, "pipeline/card.py")
+    assert set(NAMES) <= _changed(status), status
+    assert not {"data", "checkpoint"} & set(status), status
 
 
 def test_publish_and_consume_with_real_dvc(publisher, tmp_path):

@@ -89,7 +89,7 @@ def test_a_supervised_stage_records_anonymous_and_file_backed_peaks(export_dir, 
 def test_the_shipped_memory_model_is_the_fit_of_the_recorded_runs(tmp_path):
     """pipeline/ops/memory_model.json is what `benchmarks/real_shapes.py --fit` makes of the results files
     it names (refit after a real-shape run changes one of them)."""
-    shipped = json.loads((REPO / "pipeline" / "memory_model.json").read_text())
+    shipped = json.loads((REPO / "pipeline" / "ops" / "memory_model.json").read_text())
     runs = shipped["source"].split("--fit ", 1)[1].split()
     out = tmp_path / "model.json"
     subprocess.run([sys.executable, "benchmarks/real_shapes.py", "--fit", *runs, "--out", str(out)], cwd=REPO,

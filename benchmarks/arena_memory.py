@@ -52,12 +52,12 @@ def main() -> None:
         return
     from session_memory import record, variants
 
-    from pipeline.consumer.runtime import kv_cache_bytes, weight_bytes
+    from pipeline.consumer.runtime import kv_cache_bytes, model_file_bytes
 
     rows = variants(__file__, [args.artifact, "--ctx", str(args.ctx)], "--arena", ("on", "off"))
     config = json.loads((Path(args.artifact) / "config.json").read_text())
     kv = kv_cache_bytes(config, args.ctx, 4)
-    weights = weight_bytes(Path(args.artifact) / "model.onnx")
+    weights = model_file_bytes(Path(args.artifact) / "model.onnx")
     record(args.artifact, args.out, rows, ctx=args.ctx, weights_gb=round(weights / 1e9, 2),
            kv_cache_gb=round(kv / 1e9, 2), weights_plus_two_caches_gb=round((weights + 2 * kv) / 1e9, 2))
 

@@ -205,7 +205,7 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - t
 
 
-def weight_bytes(directory: Path) -> int:
+def decode_read_bytes(directory: Path) -> int:
     """Bytes of weights a decode step reads: every initializer of the graph except tables read only by
     ``Gather`` (an embedding lookup reads one row; the builder keeps its FP32 embedding so, beside a
     separate lm_head), or the checkpoint's safetensors. A tied table shared by GatherBlockQuantized and
@@ -361,7 +361,7 @@ def main() -> None:
             else:
                 python = str(peer) if kind == "builder" else sys.executable
                 engines[label] = run_worker(python, kind, Path(path), f.name, args)
-                bytes_per_token[label] = weight_bytes(Path(path))
+                bytes_per_token[label] = decode_read_bytes(Path(path))
             print(f"  {label}: {engines[label]}", file=sys.stderr, flush=True)
     finally:
         os.unlink(f.name)
@@ -432,7 +432,7 @@ def derive_long(r: dict, path: Path, config: dict, length: int, new_tokens: int,
     model = sum(p.stat().st_size for p in path.glob("model.onnx*"))
     r.update({"kv_dtype": {2: "float16", 1: "int8"}.get(itemsize, "float32"), "kv_cache_mb": round(kv / 2**20, 1),
               "model_mb": round(model / 2**20, 1), "rss_target_mb": round((model + kv) / 2**20 + 1536, 1),
-              "decode_bound_tok_s": round(bandwidth * 1e9 / (weight_bytes(path) + kv), 2)})
+              "decode_bound_tok_s": round(bandwidth * 1e9 / (decode_read_bytes(path) + kv), 2)})
     r["within_rss_target"] = r["peak_rss_mb"] <= r["rss_target_mb"]
     r["decode_vs_bound"] = round(r["decode_tok_s_at_depth"] / r["decode_bound_tok_s"], 2)
 

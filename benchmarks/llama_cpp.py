@@ -156,7 +156,7 @@ def main() -> None:
             ev = m.get("metrics", {}).get("eval", {})
             rows[f"ours {name}"] = {**({k: r[k] for k in ("decode_tok_s", "prefill_tok_s", "decode_tok_s_runs")}
                                        if isinstance(r, dict) else {"decode_tok_s": r}),
-                                    "file_bytes": bench.weight_bytes(Path(directory)), "artifact_id": m["artifact_id"],
+                                    "file_bytes": bench.decode_read_bytes(Path(directory)), "artifact_id": m["artifact_id"],
                                     **{k: ev.get(k) for k in ("kld_mean", "kld_p99", "top1_agreement", "drift_pct")}}
             print(f"  ours {name}: {json.dumps(rows[f'ours {name}'])}", file=sys.stderr, flush=True)
     finally:

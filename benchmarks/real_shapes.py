@@ -137,14 +137,14 @@ def project(paths: list[Path], shapes=("qwen3-8b", "qwen3-14b")) -> dict:
     smallest usual machine whose RAM holds the largest peak with 10 % to spare."""
     import numpy as np
 
-    from pipeline.ops.memory import estimate, weight_bytes
+    from pipeline.ops.memory import estimate, fp32_weight_bytes
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
     largest = max(runs, key=lambda r: r["fp32_weight_bytes"])
     out = {"from": [str(p) for p in paths], "memory_model": "pipeline/ops/memory_model.json", "shapes": []}
     for name in shapes:
         cfg = LARGER[name]
-        fp32 = weight_bytes(cfg)["total"]
+        fp32 = fp32_weight_bytes(cfg)["total"]
         rows, artifacts = [], 0.0
         for ref in largest["stages"]:
             stage = ref["stage"]
@@ -190,12 +190,12 @@ def fit(paths: list[Path]) -> dict:
     import numpy as np
     from scipy.optimize import nnls
 
-    from pipeline.ops.memory import weight_bytes
+    from pipeline.ops.memory import fp32_weight_bytes
 
     points: dict[str, dict] = {}
     for path in paths:
         run = json.loads(Path(path).read_text())
-        w = weight_bytes(shape_config(run["shape"], run["layers"]))
+        w = fp32_weight_bytes(shape_config(run["shape"], run["layers"]))
         half = run.get("checkpoint_dtype", "float32") != "float32"
         for row in run["stages"]:
             if half and row["stage"] == "checkpoint":
@@ -288,10 +288,10 @@ def main() -> int:
             if proc.returncode:
                 print(f"== {stage} failed (exit {proc.returncode}) after {time.perf_counter() - t0:.0f} s", flush=True)
                 return proc.returncode
-    from pipeline.ops.memory import weight_bytes
+    from pipeline.ops.memory import fp32_weight_bytes
 
     config = json.loads((a / "checkpoint" / "config.json").read_text())
-    fp32 = weight_bytes(config)["total"]  # the weights in FP32, whatever dtype the checkpoint stores
+    fp32 = fp32_weight_bytes(config)["total"]  # the weights in FP32, whatever dtype the checkpoint stores
     rows = [figures(a, s, fp32, build) for s in stages if (a / s / "manifest.json").is_file()]
     result = {"shape": args.shape, "fp32_weight_bytes": fp32,
               "checkpoint_dtype": config.get("torch_dtype") or config.get("dtype") or "float32",

@@ -82,10 +82,10 @@ def main() -> None:
     if args.variant:
         print(json.dumps(measure(args.artifact, args.variant == "packed")))
         return
-    from pipeline.consumer.runtime import weight_bytes
+    from pipeline.consumer.runtime import model_file_bytes
 
     rows = variants(__file__, [args.artifact], "--variant", ("packed", "in-place"))
-    record(args.artifact, args.out, rows, weights_bytes=weight_bytes(Path(args.artifact) / "model.onnx"))
+    record(args.artifact, args.out, rows, weights_bytes=model_file_bytes(Path(args.artifact) / "model.onnx"))
 
 if __name__ == "__main__":
     main()

@@ -181,12 +181,12 @@ def memorymodel(path: Path) -> str:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from real_shapes import shape_config
 
-    from pipeline.ops.memory import estimate, weight_bytes
+    from pipeline.ops.memory import estimate, fp32_weight_bytes
 
     shapes = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b")
     doc = json.loads(path.read_text())
     rows = [f"`{doc['source']}`\n", "| stage | a (× layer weights) | b (× table) | c | worst fit | "
-            + " | ".join(f"{s[6:].upper()} ({weight_bytes(shape_config(s))['total'] / 1e9:.1f} GB FP32)" for s in shapes)
+            + " | ".join(f"{s[6:].upper()} ({fp32_weight_bytes(shape_config(s))['total'] / 1e9:.1f} GB FP32)" for s in shapes)
             + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(shapes)]
     for name, f in doc["stages"].items():
         need = [estimate(name, shape_config(s))["bytes"] / 1e9 for s in shapes]

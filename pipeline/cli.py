@@ -340,16 +340,17 @@ def gate(params_file, overrides, metrics_dir, baseline, baseline_file, summary):
 def report(params_file, overrides, metrics_dir, bench, out):
     """Write reports/summary.md, summary.json and size_vs_drift.png."""
     from . import gate as g
+    from . import report as r
 
     params = load_params(params_file, overrides, required=False, stages=())
     rows = g.judge(g.load_metrics(metrics_dir or params.gate.metrics_dir), params)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    bench_data, bench_label = g.bench_for_plot(
+    bench_data, bench_label = r.bench_for_plot(
         json.loads(Path(bench).read_text()) if bench and Path(bench).is_file() else None)
     (out / "summary.md").write_text("# Artifacts\n\n" + g.markdown(rows))
-    (out / "summary.json").write_text(json.dumps(g.summary_json(rows), indent=2) + "\n")
-    g.plot(rows, out / "size_vs_drift.png", bench_data, bench_label)
+    (out / "summary.json").write_text(json.dumps(r.summary_json(rows), indent=2) + "\n")
+    r.plot(rows, out / "size_vs_drift.png", bench_data, bench_label)
     info(f"report: {out}/summary.md, summary.json, size_vs_drift.png ({len(rows)} artifacts; {bench_label})")
 
 

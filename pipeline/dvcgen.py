@@ -141,7 +141,7 @@ def render() -> str:
                "metrics": [{"metrics/${key}.json": {"cache": False}}]}}
     stages["report"] = {
         "cmd": "pipeline report --out reports",
-        "deps": [f"metrics/{n}.json" for n in registry.ARTIFACTS] + [BENCH_RESULTS] + code_deps("pipeline.gate"),
+        "deps": [f"metrics/{n}.json" for n in registry.ARTIFACTS] + [BENCH_RESULTS] + code_deps("pipeline.report", "pipeline.gate"),
         "params": ["budgets", "gate"],
         "outs": [{"reports/summary.md": {"cache": False}}, {"reports/summary.json": {"cache": False}}],
         "plots": [{"reports/size_vs_drift.png": {"cache": False}}]}

@@ -10,7 +10,7 @@ depend on them: editing the model card re-runs the stages that write cards, not 
 
 Everything a stage writes into the artifact is a function of its inputs, so rebuilding gives the same
 bytes; what a run measures (wall time, peak RSS, decode speed, the machine) comes back separately, as
-:attr:`Built.run`, for ``metrics/build/`` (the CLI's ``--run-metrics``), never into the artifact."""
+:attr:`Published.run`, for ``metrics/build/`` (the CLI's ``--run-metrics``), never into the artifact."""
 
 from __future__ import annotations
 
@@ -118,13 +118,15 @@ def default_input(stage: Stage, config: BaseModel) -> str | None:
 
 
 @dataclass(frozen=True)
-class Built:
+class Published:
+    """What `pipeline <verb>` made: the published artifact's manifest and this run's figures (beside the
+    stage's own :class:`BuildResult`)."""
     manifest: dict
     run: dict
 
 
 def run_stage(name: str, params, parent_dir: str | Path | None, out: str | Path,
-              scoring=None, uses: dict | None = None) -> Built:
+              scoring=None, uses: dict | None = None) -> Published:
     """Build the registered stage ``name`` with its section of the checked ``params``: what every
     `pipeline <verb>` runs."""
     stage = registry.load(name)
@@ -148,7 +150,7 @@ def _verified_uses(stage: Stage, uses: dict | None) -> dict:
 
 
 def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str | Path,
-        scoring=None, uses: dict | None = None) -> Built:
+        scoring=None, uses: dict | None = None) -> Published:
     """``scoring``: what an ONNX artifact is scored against when built (pipeline.scoring.evaluate.Scoring)."""
     t0 = time.perf_counter()
     parent = None
@@ -183,7 +185,7 @@ def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str
     measured["wall_seconds"] = round(time.perf_counter() - t0, 2)
     measured["peak_rss_mb"] = max(peak_rss_mb(), measured.get("child_peak_rss_mb", 0))
     info(stage.closing_line(manifest, Path(out), parent_dir, measured))
-    return Built(manifest, measured)
+    return Published(manifest, measured)
 
 
 def _loadable_by_onnx(parent_dir: Path) -> None:

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from pipeline import card as model_card
-from pipeline import gate as g
 from pipeline import registry
+from pipeline import report as r
 from pipeline.consumer import chat
 from pipeline.consumer import manifest as mf
 from pipeline.consumer.runtime import Runtime
@@ -264,10 +264,10 @@ def test_verify_checks_the_card(artifact, tmp_path):
 def test_report_never_draws_throughput_from_other_code(tmp_path):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     doc = {"machine": {"cpu": "Test CPU", "cores": 2}, "artifacts": {"int4": {"decode_tok_s": 1.0}}}
-    assert g.bench_for_plot(doc, cwd=REPO)[0] is None  # no commit named
-    data, label = g.bench_for_plot({**doc, "commit": head}, cwd=REPO)
+    assert r.bench_for_plot(doc, cwd=REPO)[0] is None  # no commit named
+    data, label = r.bench_for_plot({**doc, "commit": head}, cwd=REPO)
     assert data == doc["artifacts"] and "Test CPU" in label and head[:8] in label
     root = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=REPO, capture_output=True,
                           text=True).stdout.split()[0]
-    data, label = g.bench_for_plot({**doc, "commit": root}, cwd=REPO)
+    data, label = r.bench_for_plot({**doc, "commit": root}, cwd=REPO)
     assert data is None and "left out" in label and root[:8] in label

@@ -74,14 +74,14 @@ def load_tokenizer(artifact_dir: str | Path):
 PREPACK_MAX_FRACTION = 0.5
 
 
-def weight_bytes(path: str | Path) -> int:
+def model_file_bytes(path: str | Path) -> int:
     """The model file and the external data beside it."""
     path = Path(path)
     return sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file() and f.name.startswith(path.name))
 
 
 def prepack_fits(path: str | Path) -> bool:
-    free, size = available_memory(), weight_bytes(path)
+    free, size = available_memory(), model_file_bytes(path)
     if free is None or size <= PREPACK_MAX_FRACTION * free:
         return True
     info(f"onnxruntime: weight prepacking off for {Path(path).parent.name} ({size / 1e9:.1f} GB of weights, "

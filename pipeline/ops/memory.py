@@ -184,7 +184,7 @@ class Sampler:
 
 # ---- the measured memory model --------------------------------------------------------------
 
-def weight_bytes(config: dict) -> dict[str, int]:
+def fp32_weight_bytes(config: dict) -> dict[str, int]:
     """FP32 bytes of a Qwen3 / Llama-style decoder from its config.json: the whole model, and the
     embedding table's share (one table when tied; the lm_head is a second one when not)."""
     h, v = config["hidden_size"], config["vocab_size"]
@@ -211,7 +211,7 @@ def estimate(stage: str, config: dict) -> dict | None:
     fit = model.get("stages", {}).get(stage)
     if not fit:
         return None
-    w = weight_bytes(config)
+    w = fp32_weight_bytes(config)
     need = fit["a"] * (w["total"] - w["table"]) + fit["b"] * w["table"] + fit["c"]
     return {"bytes": int(max(need, 0)), "fp32_weight_bytes": w["total"], "fit": fit,
             "source": model.get("source", str(MODEL_FILE.name))}

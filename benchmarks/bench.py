@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from pipeline.project import head_commit  # noqa: E402
 from pipeline.registry import ONNX as NAMES  # noqa: E402  (every ONNX artifact)
 
 BUILDER = ("fp32", "int8", "int4")
@@ -367,7 +368,7 @@ def main() -> None:
         os.unlink(f.name)
     if not peer.is_file():
         engines["builder"] = f"left out: no peer venv at {peer} (see this file's docstring)"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    commit = head_commit(REPO)
     doc = {"machine": {**machine(), "provider": "CPUExecutionProvider"}, "commit": commit or None,
            "settings": {"artifacts": str(art), "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
                         "repeats": args.repeats, "statistic": "median",
@@ -519,7 +520,7 @@ def long_context(args) -> None:
                     r["read_bandwidth_gb_s"] = bandwidth  # this invocation's: several may fill one file
                     derive_long(r, Path(path), config, length, args.new_tokens, bandwidth)
                 print(f"  {label}: {r}", file=sys.stderr, flush=True)
-                commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+                commit = head_commit(REPO)
                 doc["commit"] = commit
                 out.write_text(json.dumps(doc, indent=2) + "\n")  # after every run: a long bench may be cut short
         finally:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from pipeline.project import head_commit  # noqa: E402
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 QUANTS = ("Q8_0", "Q4_0", "Q4_K_M")
@@ -171,7 +172,7 @@ def main() -> None:
         return round(a / b, 2) if a and b else None
 
     bound = {k: round(bandwidth * 1e9 / r["file_bytes"], 1) for k, r in rows.items() if r.get("file_bytes")}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    commit = head_commit(REPO)
     doc = {"machine": machine(), "commit": commit, "checkpoint_id": ckpt_id,
            "settings": {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                         "repeats": args.repeats, "ctx": args.ctx, "chunks": args.chunks, "llama_cpp": str(args.llama),

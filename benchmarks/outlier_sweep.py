@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from pipeline.project import head_commit  # noqa: E402
 
 SETTINGS = [(0, 64), (4, 64), (4, 256), (16, 256), (4, 1024), (32, 1024)]  # (channels per layer, scale)
 METHODS = {
@@ -69,7 +69,7 @@ def main() -> None:
                 shutil.rmtree(w / "candidate")
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    commit = head_commit(REPO)
     doc = {"commit": commit, "machine": machine(), "model": "builtin:qwen3-tiny (artifacts/checkpoint)",
            "how": "model.outliers: `channels` hidden and intermediate channels per layer scaled by `scale` (function "
                   "unchanged); each method with default params, scored against that model's FP32 export on the "

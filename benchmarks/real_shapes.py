@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from pipeline.project import head_commit  # noqa: E402
 from pipeline.registry import STAGES as ALL  # noqa: E402
 
 STAGES = tuple(n for n in ALL if n != "data")  # every stage after the text split, in DAG order (pipeline/registry.py)
@@ -303,8 +304,7 @@ def main() -> int:
                           "python": sys.version.split()[0]},
               "date": time.strftime("%Y-%m-%d"), "stages": rows,
               "dag_wall_s": round(sum(r["wall_s"] or 0 for r in rows)),  # the stages' own wall times, summed
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                       text=True).stdout.strip() or None}
+              "commit": head_commit(REPO, short=True) or None}
     if args.repo:
         result["disk"] = disk(args.repo)
     out = args.out or REPO / "benchmarks" / f"real_shapes_{args.shape.replace('?', '_').replace('=', '')}.json"

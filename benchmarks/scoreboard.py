@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from pipeline.project import head_commit  # noqa: E402
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 # name -> (stage, overrides): the defaults first, then what they are measured against.
@@ -138,7 +138,7 @@ def main() -> None:
     finally:
         os.unlink(f.name)
     im = json.loads((work / "imatrix" / "manifest.json").read_text())["metrics"]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    commit = head_commit(REPO)
     ckpt = json.loads((work / "checkpoint" / "manifest.json").read_text())
     doc = {"label": args.label, "commit": commit, "machine": machine(),
            "model": {"source": ckpt["source"].get("model"), "outliers": ckpt["source"].get("outliers"),

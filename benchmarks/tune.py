@@ -26,17 +26,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return proc
+from pipeline import project as vcs  # noqa: E402
+from pipeline.project import head_commit  # noqa: E402
 
 
 def git(*args: str, cwd: Path) -> None:
-    sh("git", "-c", "user.email=bench@example.com", "-c", "user.name=bench", *args, cwd=cwd)
+    vcs.git("-c", "user.email=bench@example.com", "-c", "user.name=bench", *args, cwd=cwd)
 
 
 def project(work: Path, sets: list[str], target: str, reuse: bool = False) -> float:
@@ -51,14 +46,14 @@ def project(work: Path, sets: list[str], target: str, reuse: bool = False) -> fl
             set_dotted(params, item)
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         t0 = time.perf_counter()
-        sh("dvc", "repro", target, cwd=work)
+        vcs.dvc("repro", target, cwd=work, timeout=None)
         git("add", "-A", cwd=work)
         git("commit", "-q", "--allow-empty", "-m", "built", cwd=work)
         return time.perf_counter() - t0
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    for f in sh("git", "ls-files", cwd=REPO).stdout.split():
+    for f in vcs.git("ls-files", cwd=REPO).split():
         if (REPO / f).is_file() and not f.startswith(("metrics/", "reports/")) and f != "dvc.lock":
             (work / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, work / f)
@@ -70,7 +65,7 @@ def project(work: Path, sets: list[str], target: str, reuse: bool = False) -> fl
     git("add", "-A", cwd=work)
     git("commit", "-qm", "project", cwd=work)
     t0 = time.perf_counter()
-    sh("dvc", "repro", target, cwd=work)
+    vcs.dvc("repro", target, cwd=work, timeout=None)
     seconds = time.perf_counter() - t0
     git("add", "-A", cwd=work)
     git("commit", "-qm", "built", cwd=work)
@@ -79,8 +74,8 @@ def project(work: Path, sets: list[str], target: str, reuse: bool = False) -> fl
 
 def fresh(work: Path) -> None:
     """No experiment, no run-cache entry, no recorded outputs: the search starts from nothing."""
-    subprocess.run(["dvc", "queue", "remove", "--all"], cwd=work, capture_output=True)
-    subprocess.run(["dvc", "exp", "remove", "-A"], cwd=work, capture_output=True)
+    vcs.dvc("queue", "remove", "--all", cwd=work, check=False)
+    vcs.dvc("exp", "remove", "-A", cwd=work, check=False)
     shutil.rmtree(work / ".dvc" / "cache" / "runs", ignore_errors=True)
     shutil.rmtree(work / "artifacts" / ".outputs", ignore_errors=True)
     shutil.rmtree(work / "reports" / "tune", ignore_errors=True)
@@ -138,7 +133,7 @@ def main() -> None:
                   "size_vs_start": round(win["size_bytes"] / start["size_bytes"], 4),
                   "candidates": [{k: r[k] for k in keep if k in r} for r in rows],
                   "machine": machine(), "cores": __import__("os").cpu_count(),
-                  "commit": sh("git", "rev-parse", "--short", "HEAD", cwd=REPO).stdout.strip()}
+                  "commit": head_commit(REPO, short=True)}
         out.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {out}: winner {win['recipe']} size {win['size_ratio']:.3f}x (start {start['size_ratio']:.3f}x), "
               f"KLD {win['kld_mean']:.3g} (start {start['kld_mean']:.3g})")

@@ -8,9 +8,9 @@ markdown table for a CI job summary or PR comment."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
+from . import project
 from .errors import PipelineError
 from .registry import ONNX
 from .scoring import metrics as metric_table
@@ -41,7 +41,7 @@ def load_metrics(metrics_dir: str | Path) -> dict[str, dict]:
 
 def baseline_from_rev(rev: str, metrics: dict[str, dict], cwd: str | Path = ".") -> dict[str, dict]:
     """Old values at ``rev`` through ``dvc metrics diff --json``; unchanged values equal today's."""
-    proc = subprocess.run(["dvc", "metrics", "diff", "--json", rev], cwd=cwd, capture_output=True, text=True)
+    proc = project.dvc("metrics", "diff", "--json", rev, cwd=cwd, check=False)
     if proc.returncode != 0:
         msg = (proc.stderr.strip().splitlines() or ["dvc metrics diff failed"])[-1]
         raise PipelineError(f"baseline revision {rev!r} cannot be read: {msg.removeprefix('ERROR: ')}")

@@ -3,8 +3,9 @@ the benchmark's decode speed beside them only where it was measured on this code
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
+
+from . import project
 
 
 def summary_json(rows: list[dict]) -> dict:
@@ -25,10 +26,9 @@ def bench_for_plot(doc: dict | None, cwd: str | Path = ".") -> tuple[dict | None
     commit = doc.get("commit")
     if not commit:
         return None, "throughput left out: the benchmark results name no commit (re-run python benchmarks/bench.py)"
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True).stdout.strip()
+    head = project.head_commit(cwd)
     if commit != head:
-        same = subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", *BENCH_CODE], cwd=cwd,
-                              capture_output=True).returncode == 0
+        same = project.unchanged_since(commit, BENCH_CODE, cwd)
         if not same:
             return None, (f"throughput left out: measured on commit {commit[:8]}, whose pipeline code differs from "
                           f"this checkout's ({head[:8] or 'no git'}); re-run python benchmarks/bench.py")

@@ -3,10 +3,8 @@ the decode measurement, and the run loop (:func:`tune`)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 from ..errors import PipelineError
 from ..log import info
 from ..ops.memory import available_memory
+from ..project import dvc, dvc_detached, git
 from .report import OUT, report
 from .search import Candidate, Options, Result, Search, in_budget, judge, start_values
 
@@ -22,7 +21,6 @@ FIGURES = ("kld_mean", "kld_p99", "drift_pct", "top1_agreement", "size_ratio", "
 # without it records them again)
 OUTPUTS_DIR = "PIPELINE_OUTPUTS_DIR"
 POLL_S = 5  # `dvc exp show` costs a second of CPU: polled no more often than this
-DVC_TIMEOUT_S = 600  # no DVC call of ours takes minutes on a working queue; one that does is stuck
 SHOW_TIMEOUT_S = 120  # `dvc exp show` waits on the experiments' lock: a poll that long is retried
 # Candidates all still queued this long after the last change, with a worker said to be alive: DVC's
 # worker has stopped taking tasks (treeverse/dvc#10562, #10829); its workers are stopped and started again.
@@ -30,26 +28,6 @@ STALL_S = 180
 
 
 # --------------------------------------------------------------------------------------------- DVC
-
-def dvc(*args: str, cwd: Path, env: dict | None = None, check: bool = True,
-        timeout: float = DVC_TIMEOUT_S) -> subprocess.CompletedProcess:
-    try:
-        proc = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise PipelineError(f"dvc {' '.join(args[:3])} did not answer in {timeout:.0f} s (a DVC lock held by a "
-                            f"stuck queue worker? `dvc queue status`, `dvc queue stop --kill`)") from None
-    if check and proc.returncode != 0:
-        last = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        raise PipelineError(f"dvc {' '.join(args[:3])} failed: {last[-1] if last else proc.returncode}")
-    return proc
-
-
-def git(*args: str, cwd: Path) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise PipelineError(f"git {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return proc.stdout
-
 
 def check_workspace(root: Path, artifact: str) -> str:
     """HEAD's sha, once the workspace is a committed, built DVC project: every candidate is HEAD plus its
@@ -258,16 +236,10 @@ def tune(root: Path, params_file: Path, params, opts: Options) -> dict:
 
 
 def start_workers(root: Path, workers: int, env: dict, stop_first: bool = False) -> None:
-    # the workers it spawns keep the fds they were given until they leave: not our pipes
-    run = functools.partial(subprocess.run, cwd=root, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, timeout=DVC_TIMEOUT_S)
-    try:
-        if stop_first:  # workers that are alive but take no task: none is running one, so none is lost
-            run(["dvc", "queue", "stop"])
-        if run(["dvc", "queue", "start", "-j", str(workers)]).returncode:
-            raise PipelineError("dvc queue start failed (run it by hand to see why)")
-    except subprocess.TimeoutExpired:
-        raise PipelineError(f"dvc queue start/stop did not answer in {DVC_TIMEOUT_S} s (`dvc queue status`)") from None
+    if stop_first:  # workers that are alive but take no task: none is running one, so none is lost
+        dvc_detached("queue", "stop", cwd=root, env=env)
+    if dvc_detached("queue", "start", "-j", str(workers), cwd=root, env=env):
+        raise PipelineError("dvc queue start failed (run it by hand to see why)")
 
 
 RESTARTS = 3

@@ -13,9 +13,10 @@ from tests.conftest import run_cli
 
 
 def _side_by_side(candidate: Runtime, reference: Runtime, windows: np.ndarray) -> dict:
-    """Drift, KLD and top-1 the plain way, both sessions open (independent of pipeline/scoring/outputs.py)."""
+    """Drift, KLD, top-1 and RMS Δp the plain way, both sessions open (independent of pipeline/scoring/outputs.py
+    and the metric table)."""
     first = windows.shape[1] // 2
-    nll, rnll, kld, agree = [], [], [], []
+    nll, rnll, kld, agree, dp = [], [], [], [], []
     for w in windows:
         lp = log_softmax(candidate.logits(w)[first - 1:-1])
         rlp = log_softmax(reference.logits(w)[first - 1:-1])
@@ -24,9 +25,10 @@ def _side_by_side(candidate: Runtime, reference: Runtime, windows: np.ndarray) -
         rnll += list(-rlp[np.arange(len(t)), t])
         kld += list(np.maximum((np.exp(rlp) * (rlp - lp)).sum(-1), 0))
         agree += list(lp.argmax(-1) == rlp.argmax(-1))
+        dp += [np.exp(lp[j, tok]) - np.exp(rlp[j, tok]) for j, tok in enumerate(t)]
     ppl, rppl = float(np.exp(np.mean(nll))), float(np.exp(np.mean(rnll)))
     return {"ppl": ppl, "drift_pct": (ppl - rppl) / rppl * 100, "kld_mean": float(np.mean(kld)),
-            "top1_agreement": float(np.mean(agree))}
+            "top1_agreement": float(np.mean(agree)), "delta_p_rms": 100 * float(np.sqrt(np.mean(np.square(dp))))}
 
 
 def test_reference_outputs_recorded_once_and_exact(export_dir, data_dir, tmp_path):

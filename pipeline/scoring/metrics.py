@@ -35,8 +35,14 @@ def _agree(lp, rlp, tgt):
     return rlp.argmax(-1) == lp.argmax(-1)
 
 
+def _delta_p(lp, rlp, tgt):
+    """The change in the probability of the right token (llama.cpp's perplexity tool: Δp)."""
+    i = np.arange(len(tgt))
+    return np.exp(lp[i, tgt]) - np.exp(rlp[i, tgt])
+
+
 PER_POSITION = {"nll": (_nll, False), "ref_nll": (_ref_nll, True), "kld": (lambda lp, rlp, tgt: kl_divergence(rlp, lp), True),
-                "agree": (_agree, True)}
+                "agree": (_agree, True), "delta_p": (_delta_p, True)}
 
 
 def _exp_mean(v):
@@ -49,6 +55,10 @@ def _mean(v):
 
 def _p99(v):
     return float(np.percentile(v, 99))
+
+
+def _rms_pct(v):
+    return float(np.sqrt(np.mean(np.square(v))) * 100.0)
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,7 @@ METRICS = (
     Metric("kld_p99", "KLD p99", ".2e", scored=True, required=True, tune=True, of="kld", reduce=_p99),
     Metric("top1_agreement", "top-1", ".2%", better="higher", alias="top1", scored=True, column=True, required=True,
            tune=True, of="agree", reduce=_mean),
+    Metric("delta_p_rms", "RMS Δp", ".3f", scored=True, of="delta_p", reduce=_rms_pct, unit=" %"),
     Metric("size_bytes", "size", ".2f", column=True, budget=False, scale=1e-6, unit=" MB"),
     Metric("size_ratio", "vs FP32", ".3f", alias="size", column=True, tune=True),
     Metric("decode_tok_s", "decode", ".1f", better="higher", alias="decode", tune=True, budget=False, unit=" tok/s"),

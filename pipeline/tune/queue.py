@@ -143,7 +143,7 @@ def fit_workers(root: Path, artifact: str, wanted: int) -> int:
 def measure_decode(root: Path, result: Result, tokens: int) -> float:
     """Decode tok/s of a candidate's artifact on this machine: fetched with `dvc get` at its experiment's
     revision, our runtime with every core, best of 3 after a 16-token prompt."""
-    from .consumer.runtime import Runtime
+    from ..consumer.runtime import Runtime
 
     with tempfile.TemporaryDirectory(prefix="tune-decode-") as tmp:
         dest = Path(tmp) / result.candidate.artifact

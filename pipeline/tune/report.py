@@ -33,7 +33,7 @@ def report(root: Path, head: str, opts: Options, search: Search, seconds: float,
                      "front_size": r.candidate.name in fronts["size_ratio"],
                      "front_decode": r.candidate.name in fronts["decode_tok_s"],
                      "start": r.candidate.name == start_name, "winner": winner is not None and r is winner})
-    from .consumer.manifest import machine
+    from ..consumer.manifest import machine
 
     summary = {"artifact": opts.artifact, "objective": opts.objective, "strategy": opts.strategy,
                "budget": opts.budget, "baseline_commit": head, "candidates": len(results),
@@ -157,7 +157,7 @@ def apply(recipe: Path, params_file: Path) -> dict[str, Any]:
     checked against the schema first."""
     from dvc.utils.serialize import modify_yaml
 
-    from .params import load_params
+    from ..params import load_params
 
     if not recipe.is_file():
         raise PipelineError(f"no recipe at {recipe}: run `pipeline tune` first")

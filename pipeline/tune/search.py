@@ -107,7 +107,7 @@ class Result:
 def check(artifact: str, knobs: dict[str, Any], params_file: Path) -> tuple[set[str], str | None]:
     """(the knobs that change nothing given the others, e.g. awq_alpha without awq; why these overrides
     are not a valid recipe: the schema's one line, or None)."""
-    from .params import load_params
+    from ..params import load_params
 
     try:
         params = load_params(params_file, [f"{section_of(artifact)}.{k}={fmt(v)}" for k, v in knobs.items()])

@@ -141,10 +141,6 @@ ARTIFACTS = tuple(name for name, e in index().items() if e.writes_metrics or e.p
 TUNABLE = tuple(name for name, e in index().items() if e.tunable)
 
 
-def by_command(verb: str, mode: str | None = None) -> Entry | None:
-    return next((e for e in index().values() if e.verb == verb and e.mode == mode), None)
-
-
 def modes(verb: str) -> dict[str, Entry]:
     """``--mode`` value -> stage, for a verb that builds several stages."""
     return {e.mode: e for e in index().values() if e.verb == verb and e.mode}

@@ -160,13 +160,16 @@ def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str
         parent_dir = Path(parent_dir)
         parent = verify(parent_dir, load=False)
         mf.expect_stage(parent, stage.parents, parent_dir)
-        _loadable_by_onnx(parent_dir)
     used = _verified_uses(stage, uses)
     memory.tell_supervisor(stage=stage.name, out=str(Path(out).resolve()))
     if parent_dir is not None and (parent_dir / "config.json").is_file():
         memory.check(stage.name, json.loads((parent_dir / "config.json").read_text()))
     measured: dict = {}
     with store.staging_dir(out) as tmp, store.scratch_dir(tmp, "outputs") as scratch:
+        # Under the output's lock: a concurrent run on the same output links the parent's weights into its
+        # scratch, which would read here as a DVC hard link instead of the lock's one-line refusal.
+        if parent_dir is not None:
+            _loadable_by_onnx(parent_dir, Path(out).parent)
         with heartbeat(stage.name):
             made = stage.build(Inputs(parent_dir, parent, used), config, tmp)
         gc.collect()  # the build's graph and weights are gone before any model is loaded
@@ -188,13 +191,33 @@ def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str
     return Published(manifest, measured)
 
 
-def _loadable_by_onnx(parent_dir: Path) -> None:
+def _loadable_by_onnx(parent_dir: Path, out_parent: Path) -> None:
     """onnx (1.23) and onnx-ir (1.1) refuse external data that has several hard links or resolves outside
     the model's directory, and every stage loads its parent through them: say so in one line, before the
-    build, instead of a library's error halfway through (DVC's hardlink / symlink cache types do this)."""
+    build, instead of a library's error halfway through (DVC's hardlink / symlink cache types do this).
+    Links that our own runs' scratch folders hold (onnx_io.beside_weights, another stage reading the same
+    parent) are not DVC's: they are counted out."""
     data = parent_dir / onnx_io.DATA
-    if data.is_symlink() or (data.is_file() and data.stat().st_nlink > 1):
-        how = "a symlink" if data.is_symlink() else f"a file with {data.stat().st_nlink} hard links"
-        raise PipelineError(f"{data} is {how} (DVC cache.type hardlink or symlink?): onnx refuses to load such "
-                            f"external data. Use cache.type reflink,copy (this repo's .dvc/config) and run "
-                            f"`dvc checkout --relink`")
+    if data.is_symlink():
+        how = "a symlink"
+    elif data.is_file() and data.stat().st_nlink > 1 + _scratch_links(data, {parent_dir.parent, out_parent}):
+        how = f"a file with {data.stat().st_nlink} hard links"
+    else:
+        return
+    raise PipelineError(f"{data} is {how} (DVC cache.type hardlink or symlink?): onnx refuses to load such "
+                        f"external data. Use cache.type reflink,copy (this repo's .dvc/config) and run "
+                        f"`dvc checkout --relink`")
+
+
+def _scratch_links(data: Path, folders: set[Path]) -> int:
+    st = data.stat()
+    found = 0
+    for folder in folders:
+        for scratch in folder.glob(".*.tmp-*"):
+            for other in scratch.rglob(onnx_io.DATA):
+                try:
+                    o = other.lstat()
+                except OSError:
+                    continue
+                found += (o.st_ino, o.st_dev) == (st.st_ino, st.st_dev)
+    return found

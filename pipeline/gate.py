@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from . import project
+from .consumer import untrusted
 from .errors import PipelineError
 from .registry import ONNX
 from .scoring import metrics as metric_table
@@ -29,11 +30,11 @@ def load_metrics(metrics_dir: str | Path) -> dict[str, dict]:
         raise PipelineError(f"metrics directory {metrics_dir} not found: run `dvc repro` (or pipeline evaluate --out) first")
     out = {}
     for path in sorted(metrics_dir.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise PipelineError(f"{path} is not valid JSON") from None
-        out[data.get("artifact", path.stem)] = data
+        data = untrusted.load_json(path, "metrics file")
+        name = data.get("artifact", path.stem)
+        if not isinstance(name, str):
+            raise PipelineError(f"metrics file {path}: 'artifact' is a {type(name).__name__}, not a name")
+        out[name] = data
     if not out:
         raise PipelineError(f"no metrics files in {metrics_dir}")
     return out
@@ -63,13 +64,10 @@ def baseline_from_file(path: str | Path) -> dict[str, dict]:
         return load_metrics(path)
     if not path.is_file():
         raise PipelineError(f"baseline file {path} not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise PipelineError(f"baseline file {path} is not valid JSON") from None
-    if isinstance(data, dict) and isinstance(data.get("artifacts"), dict):
+    data = untrusted.load_json(path, "baseline file")
+    if isinstance(data.get("artifacts"), dict) and all(isinstance(m, dict) for m in data["artifacts"].values()):
         return data["artifacts"]  # a gate/report summary.json
-    if isinstance(data, dict) and "artifact" in data:
+    if isinstance(data.get("artifact"), str):
         return {data["artifact"]: data}  # one metrics file
     raise PipelineError(f"baseline file {path} is neither a metrics file nor a pipeline report summary.json")
 
@@ -104,18 +102,27 @@ def judge(metrics: dict[str, dict], params, baseline: dict[str, dict] | None = N
 
 
 def _regressions(new: dict, old: dict, tol: dict) -> list[str]:
+    """What got worse than the baseline by more than the tolerances. The baseline is read from outside
+    (another deployment's file, an old revision): a figure of it that is not a finite number is a reason
+    to fail, never a comparison that silently passes."""
     out = []
     checks = (("ppl", "max_ppl_regression_pct", lambda n, o: (n - o) / o * 100, "PPL"),
-              ("size_bytes", "max_size_regression_pct", lambda n, o: (n - o) / o * 100, "size"))
+              ("size_bytes", "max_size_regression_pct", lambda n, o: (n - o) / o * 100, "size"),
+              ("drift_pct", "max_drift_regression_pct", lambda n, o: abs(n) - abs(o), "|drift|"))
     for key, limit, change, label in checks:
-        if key in new and old.get(key) and limit in tol:
-            delta = change(float(new[key]), float(old[key]))
-            if delta > float(tol[limit]):
+        if key not in new or old.get(key) is None or limit not in tol:
+            continue
+        if not untrusted.finite_number(old[key]) or (key != "drift_pct" and old[key] <= 0):
+            out.append(f"baseline {key} is {str(old[key])[:40]!r}: not a figure to compare with")
+            continue
+        if not untrusted.finite_number(new[key]):
+            continue  # reported by the budget check
+        delta = change(float(new[key]), float(old[key]))
+        if delta > float(tol[limit]):
+            if key == "drift_pct":
+                out.append(f"|drift| +{delta:.3f} points vs baseline > {tol[limit]}")
+            else:
                 out.append(f"{label} +{delta:.3f} % vs baseline ({old[key]:.6g} -> {new[key]:.6g}) > {tol[limit]} %")
-    if "drift_pct" in new and old.get("drift_pct") is not None and "max_drift_regression_pct" in tol:
-        delta = abs(float(new["drift_pct"])) - abs(float(old["drift_pct"]))
-        if delta > float(tol["max_drift_regression_pct"]):
-            out.append(f"|drift| +{delta:.3f} points vs baseline > {tol['max_drift_regression_pct']}")
     return out
 
 

@@ -9,8 +9,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .consumer import untrusted
 from .errors import PipelineError
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -32,10 +31,9 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise PipelineError(f"params file {path} not found: run from the project root or pass --params")
         raw, schema, where = {}, ConsumerParams, "defaults (no params.yaml)"
     else:
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise PipelineError(f"params file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raw = untrusted.parse_yaml(untrusted.read_text(path, "params file", limit=1 << 20), f"params file {path}") or {}
+        if not isinstance(raw, dict):
+            raise PipelineError(f"params file {path} holds a {type(raw).__name__}, not a mapping of sections")
         raw, schema, where = copy.deepcopy(raw), params_model(stages), str(path)
     for item in overrides:
         set_dotted(raw, item)
@@ -49,17 +47,18 @@ def set_dotted(params: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise PipelineError(f"override {assignment!r} must look like section.key=value")
     key, raw = assignment.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        raise PipelineError(f"override {assignment!r}: the value is not valid YAML") from None
+    value = untrusted.parse_yaml(raw, f"override {assignment!r}") if raw else ""
     _assign(params, key, value)
 
 
 def _assign(params: dict, key: str, value: Any) -> None:
     node = params
     parts = key.strip().split(".")
+    if not all(parts):
+        raise PipelineError(f"override {key!r}: an empty key")
     for part in parts[:-1]:
+        if not isinstance(node, dict):
+            raise PipelineError(f"override {key!r}: {part!r} is not inside a section")
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise PipelineError(f"override {key!r}: {part!r} is not a section")

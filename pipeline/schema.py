@@ -26,7 +26,8 @@ BUDGET_METRICS = metric_table.BUDGETED
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a NaN bound compares false with every figure: it would switch its check off, so it is refused
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def power_of_two(v: int) -> int:
@@ -200,8 +201,15 @@ def _model_at(loc: tuple, schema: type[BaseModel]) -> type[BaseModel] | None:
     return model
 
 
+UNION_TAGS = ("float", "bool", "int", "str")  # pydantic names a union's member in the error's location
+
+
 def _message(err: dict, source: str, schema: type[BaseModel]) -> str:
     loc = tuple(str(p) for p in err["loc"])
+    while len(loc) > 1 and loc[-1] in UNION_TAGS:
+        loc = loc[:-1]
+    if not loc:  # about a key itself (one pydantic cannot read as text)
+        return f"{source}: a key {str(err.get('input'))[:40]!r}: {err['msg']}"
     key = ".".join(loc)
     if err["type"] == "extra_forbidden":
         model = _model_at(loc, schema)

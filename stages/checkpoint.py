@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.checkpoints.builtin import BUILTIN, train_pinned
 from pipeline.checkpoints.importer import import_checkpoint
 from pipeline.checkpoints.shapes import RANDOM_PREFIX, random_qwen3
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import Eval, PosInt, Section
 from pipeline.scoring.evaluate import checkpoint_metrics, make_windows, rounded, score
@@ -121,7 +121,7 @@ def score_checkpoint(directory: Path, data_dir: Path, ev: Eval, trust_remote_cod
         model = TorchModel(directory, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for unloadable checkpoints
         raise PipelineError(f"{directory} cannot be loaded with transformers ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200]})") from None
+                            f"{first_line(exc, 200)})") from None
     held_out = score(model, windows, label="held-out ppl", scored=ev.scored)
     uni = unigram_ppl(encode(read_split(data_dir, "train")), windows, tok.get_vocab_size(), ev.scored)
     return rounded({"heldout_ppl": held_out["ppl"], "unigram_ppl": uni, "ppl_ratio_vs_unigram": held_out["ppl"] / uni,

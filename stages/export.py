@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import Field
 
 from pipeline import compat
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.graph import onnx_io
 from pipeline.log import info
 from pipeline.onnx_post import OnnxStage
@@ -74,7 +74,7 @@ def optimum_export(checkpoint_dir: str, raw: str, opset: int, trust_remote_code:
                         do_constant_folding=False)
     except Exception as exc:
         raise PipelineError(f"optimum-onnx export of {checkpoint_dir} failed: "
-                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+                            f"{type(exc).__name__}: {first_line(exc, 300)}") from None
     (Path(raw) / PARAMS).write_text(json.dumps(names))
 
 

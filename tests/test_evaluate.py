@@ -76,3 +76,17 @@ def test_cli_evaluate_fails_over_budget_unless_report_only(export_dir, checkpoin
     no_ref = [a for a in base if a not in ("--reference", str(checkpoint_dir))]
     proc = run_cli(*no_ref)  # PPL only: drift/KLD budgets cannot be judged without a reference
     assert proc.returncode == 0 and "not checked (no --reference)" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "3.0", None, True])
+def test_a_figure_that_is_not_a_finite_number_never_passes(bad):
+    """NaN compares false with every bound: a check that only asks `value > limit` lets it through."""
+    figures = {"ppl": 3.0, "drift_pct": 0.1, "kld_mean": 1e-4, "top1_agreement": bad}
+    budget = {"max_drift_pct": 1.0, "max_kld_mean": 0.01, "min_top1_agreement": 0.9}
+    verdict = check_budget(figures, budget)
+    if bad is None:  # absent: the budget names it missing
+        assert verdict["violations"] == ["top1_agreement missing"]
+        return
+    assert verdict["status"] == "fail" and verdict["violations"][0].startswith("top1_agreement is ")
+    assert check_budget(figures, {**budget, "report_only": True})["status"] == "fail"  # report-only relaxes bounds only
+    assert check_budget(figures, None)["status"] == "fail"  # and without a budget too

@@ -127,3 +127,27 @@ def test_gate_refuses_an_artifact_without_a_budget_or_without_kld_and_top1_bound
     assert "fail" in rows["fp16"] and "no budget" in rows["fp16"]
     assert "fail" in rows["int4"] and "max_kld_mean, max_kld_p99, min_top1_agreement" in rows["int4"]
     assert "pass" in rows["int8-static"]
+
+
+def test_a_metric_or_a_baseline_figure_that_is_not_finite_fails_the_gate(metrics_dir, tmp_path):
+    broken = tmp_path / "m"
+    shutil.copytree(metrics_dir, broken)
+    for name, key, value in (("int4", "ppl", float("nan")), ("fp16", "top1_agreement", "high"),
+                             ("int8-static", "kld_mean", float("inf"))):
+        m = json.loads((broken / f"{name}.json").read_text())
+        m[key] = value
+        (broken / f"{name}.json").write_text(json.dumps(m))  # json writes NaN / Infinity as Python reads them
+    proc = gate(broken)
+    assert proc.returncode == 1, proc.stdout
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert "ppl is nan: not a finite figure" in rows["int4"]
+    assert "top1_agreement is 'high': not a number" in rows["fp16"]
+    assert "kld_mean is inf" in rows["int8-static"]
+    assert "❌" not in rows["int8-dynamic"]
+    # the same figures as a baseline: a comparison with them cannot pass silently
+    proc = gate(metrics_dir, "--baseline-file", str(broken))
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert proc.returncode == 1 and "baseline ppl is 'nan'" in rows["int4"], proc.stdout
+    # and a budget that is not a finite number is a params error, before anything is read
+    assert_clean_failure(gate(metrics_dir, "-S", "budgets.int4.max_kld_mean=.nan"), "budgets.int4.max_kld_mean",
+                         "finite")

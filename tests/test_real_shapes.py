@@ -6,10 +6,10 @@ import json
 import onnx
 import pytest
 
+from pipeline.checkpoints.shapes import QWEN3_SHAPES, QWEN3_VOCAB, parse_random
 from pipeline.consumer import manifest as mf
 from pipeline.consumer.verify import verify
 from pipeline.graph.tied import find_tied
-from pipeline.checkpoints.shapes import QWEN3_SHAPES, QWEN3_VOCAB, parse_random
 from tests.conftest import assert_clean_failure, run_cli
 
 

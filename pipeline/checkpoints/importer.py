@@ -4,17 +4,18 @@ Only what a causal LM needs is copied, weights as safetensors (pickled weights o
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from pipeline.consumer import manifest as mf
+from pipeline.consumer import untrusted
 from pipeline.errors import PipelineError
 from pipeline.log import info
 from pipeline.ops.memory import check as check_memory
 
 # Files copied from a local or hub checkpoint; weights only as safetensors (never pickle).
-CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.json", "*.txt")
+# (chat_template.jinja: where transformers >= 4.50 saves the chat template)
+CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.json", "*.txt", "*.jinja")
 
 
 PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -24,7 +25,7 @@ def _check_causal_lm(directory: Path, label: str, allow_pickle: bool = False) ->
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise PipelineError(f"{label} has no config.json: not a Hugging Face checkpoint directory")
-    config = json.loads(cfg_path.read_text())
+    config = untrusted.load_json(cfg_path, f"{label}'s config.json")
     check_memory("checkpoint", config)
     archs = config.get("architectures") or []
     if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
@@ -56,6 +57,24 @@ def _convert_pickle(directory: Path, tmp: Path, trust_remote_code: bool) -> None
     model.save_pretrained(str(tmp), safe_serialization=True)
 
 
+def _inside(directory: Path, root: Path, patterns) -> list[Path]:
+    """The files of ``directory`` matching ``patterns``, each resolved, refused in one line when it leads
+    outside ``root`` (a symlink to a file elsewhere on the machine would be copied, hashed and published)
+    or is not a regular file (a FIFO would hang the copy)."""
+    root, found = root.resolve(), {}
+    for pattern in patterns:
+        for f in directory.glob(pattern):
+            if f.is_dir():
+                continue
+            real = f.resolve()
+            if not real.is_relative_to(root):
+                raise PipelineError(f"{f} is a link to {real}, outside the checkpoint directory: refused (copy the "
+                                    f"file into the checkpoint if it belongs to it)")
+            untrusted.regular(real, "checkpoint file")
+            found[f.name] = real
+    return [found[name] for name in sorted(found)]
+
+
 def import_checkpoint(model, tmp: Path) -> dict:
     source, revision = model.source, model.revision
     allow_pickle, trust = model.allow_unsafe_pickle_weights, model.trust_remote_code
@@ -64,11 +83,9 @@ def import_checkpoint(model, tmp: Path) -> dict:
         if not path.is_dir():
             raise PipelineError(f"model.source {source}: no such checkpoint directory")
         _check_causal_lm(path, source, allow_pickle)
-        hashes = {p.name: mf.sha256_file(p) for pat in PICKLE_WEIGHTS for p in path.glob(pat)}
-        for pattern in CHECKPOINT_PATTERNS:
-            for f in path.glob(pattern):
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
+        hashes = {p.name: mf.sha256_file(p) for p in _inside(path, path, PICKLE_WEIGHTS)}
+        for f in _inside(path, path, CHECKPOINT_PATTERNS):
+            shutil.copy2(f, tmp / f.name)
         if not list(tmp.glob("*.safetensors")):
             _convert_pickle(path, tmp, trust)
         hashes.update({f.name: mf.sha256_file(f) for f in sorted(tmp.iterdir())})
@@ -84,9 +101,9 @@ def import_checkpoint(model, tmp: Path) -> dict:
                 f"could not fetch {source!r} from the Hugging Face hub ({type(exc).__name__}): offline or not a "
                 f"model id. Download it on a networked machine and set model.source to the local directory") from None
         _check_causal_lm(Path(local), source)  # the hub path fetches safetensors only
-        for f in Path(local).iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
+        # a hub snapshot's files are links into the repo's blobs/: inside the repo's cache folder
+        for f in _inside(Path(local), Path(local).resolve().parent.parent, ("*",)):
+            shutil.copy2(f, tmp / f.name)
         src = {"model": source, "kind": "hub", "revision": Path(local).name,
                "file_sha256": {f.name: mf.sha256_file(f) for f in sorted(tmp.iterdir())}}
     return {"source": src, "metrics": {}}

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.consumer import untrusted
 from pipeline.errors import PipelineError
 
 SCHEMA_VERSION = 2  # 2: manifest_sha256 (integrity of the manifest itself), README.md model cards
@@ -24,6 +25,10 @@ TRACKED_TOOLS = ("onnx", "onnxruntime", "optimum", "optimum-onnx", "transformers
 REQUIRED_KEYS = ("schema_version", "artifact_id", "stage", "parent_id", "source", "params", "versions",
                  "files", "metrics", "lineage", "manifest_sha256")
 DIGEST = "manifest_sha256"
+SIGNATURE = "model.sig"  # the publisher's signature over every file (pipeline/consumer/signing.py): outside the id
+# what a reader indexes into: a field of another type is refused when the manifest is read
+FIELD_TYPES = {"artifact_id": str, "stage": str, "parent_id": (str, type(None)), "source": dict, "params": dict,
+               "versions": dict, "files": list, "metrics": dict, "lineage": list, "manifest_sha256": str}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -45,8 +50,10 @@ def list_files(directory: Path) -> list[dict]:
         rel = path.relative_to(directory).as_posix()
         if path.is_symlink():
             raise PipelineError(f"{directory}: {rel} is a symlink; artifacts hold regular files only")
-        if path.is_dir() or rel == MANIFEST:
+        if path.is_dir() or rel in (MANIFEST, SIGNATURE):
             continue
+        if found := untrusted.kind(path):  # a FIFO would block sha256 forever: never opened
+            raise PipelineError(f"{directory}: {rel} is {found}; artifacts hold regular files only")
         entries.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
     return entries
 
@@ -149,25 +156,27 @@ def read_manifest(directory: str | Path) -> dict:
     path = directory / MANIFEST
     if not path.is_file():
         raise PipelineError(f"{directory} has no {MANIFEST}: not an artifact of this pipeline (or half-written)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path} is not valid JSON ({exc}); the artifact is damaged, rebuild or re-pull it") from None
-    if not isinstance(manifest, dict):
-        raise PipelineError(f"{path} is malformed: expected a JSON object")
+    manifest = untrusted.load_json(path, "manifest")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         how = ("an older artifact: rebuild it with this version (dvc repro), or read it with the version that built it"
                if isinstance(version, int) and version < SCHEMA_VERSION else
                "upgrade qwen-onnx-pipeline to read newer artifacts")
-        raise PipelineError(f"{path} has manifest schema version {version!r}; this tool reads version "
+        raise PipelineError(f"{path} has manifest schema version {repr(version)[:40]}; this tool reads version "
                             f"{SCHEMA_VERSION} ({how})")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise PipelineError(f"{path} is malformed: missing {', '.join(missing)}")
-    if not isinstance(manifest["files"], list) or not all(
-            isinstance(f, dict) and {"path", "size", "sha256"} <= f.keys() for f in manifest["files"]):
+    for key, types in FIELD_TYPES.items():
+        if not isinstance(manifest[key], types):
+            raise PipelineError(f"{path} is malformed: {key} is a {type(manifest[key]).__name__}")
+    if not all(isinstance(f, dict) and isinstance(f.get("path"), str) and "\0" not in f["path"]
+               and isinstance(f.get("sha256"), str)
+               and isinstance(f.get("size"), int) and not isinstance(f.get("size"), bool) for f in manifest["files"]):
         raise PipelineError(f"{path} is malformed: 'files' must list {{path, size, sha256}} entries")
+    if not all(isinstance(p, dict) and isinstance(p.get("artifact_id"), str) and isinstance(p.get("stage"), str)
+               for p in manifest["lineage"]):
+        raise PipelineError(f"{path} is malformed: 'lineage' must list {{artifact_id, stage}} entries")
     return manifest
 
 

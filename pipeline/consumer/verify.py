@@ -9,38 +9,96 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.consumer import manifest as mf
+from pipeline.consumer import untrusted
 from pipeline.errors import PipelineError
 from pipeline.graph.onnx_io import MODEL
 
+# The configs an artifact ships, and the keys in them whose value is a file a consumer opens:
+# onnxruntime-genai's ``filename`` (the decoder, each pipeline model), transformers' ``tokenizer_file``,
+# ``vocab_file``, ``merges_file`` ... (a key ending so: the class, not a list of today's names).
+CONFIGS = ("genai_config.json", "config.json", "tokenizer_config.json", "generation_config.json")
+PATH_SUFFIXES = ("filename", "_file")
+
+
+def _graphs(graph):
+    """``graph`` and every subgraph inside it (If / Loop / Scan bodies, nested), without recursion."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+
+
+def _tensors(graph):
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+
 
 def external_data_locations(model_path: Path) -> list[str]:
+    """Every external-data location the graph names, in the main graph and every subgraph: onnxruntime
+    follows all of them, so all of them must stay inside the artifact."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    locations = []
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                tensors.append(attr.t)
-    for tensor in tensors:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.append(entry.value)
-    return sorted(set(locations))
+    locations = set()
+    for graph in _graphs(model.graph):
+        for tensor in _tensors(graph):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                locations.update(e.value for e in tensor.external_data if e.key == "location")
+    return sorted(locations)
+
+
+def inside(directory: Path, name: object, what: str) -> Path:
+    """``directory / name`` when ``name`` is a relative path to a regular file inside ``directory``;
+    else one line naming ``what`` and why it is refused."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise PipelineError(f"{directory}: {what} {str(name)[:80]!r} is not a file name: refused")
+    root, target = directory.resolve(), directory / name
+    if Path(name).is_absolute() or not target.resolve().is_relative_to(root):
+        raise PipelineError(f"{directory}: {what} {name!r} points outside the artifact: refused")
+    found = untrusted.kind(target)
+    if found:
+        raise PipelineError(f"{directory}: {what} {name} is {found}: refused")
+    return target
 
 
 def check_external_data(directory: Path) -> None:
-    root = directory.resolve()
     for loc in external_data_locations(directory / MODEL):
-        target = (directory / loc)
-        if Path(loc).is_absolute() or not target.resolve().is_relative_to(root):
-            raise PipelineError(f"{directory}/{MODEL} refers to external data {loc!r} outside the artifact: refused")
-        if target.is_symlink():
-            raise PipelineError(f"{directory}: external data {loc} is a symlink: refused")
-        if not target.is_file():
-            raise PipelineError(f"{directory}: external data file {loc} is missing")
+        inside(directory, loc, f"{MODEL}'s external data")
+
+
+def check_config_paths(directory: Path) -> None:
+    """The files the configs an artifact ships name (genai_config.json's decoder filename, a tokenizer
+    config's tokenizer_file, ...) stay inside it: onnxruntime-genai and transformers open what they say."""
+    for name in CONFIGS:
+        config = directory / name
+        if not config.exists():
+            continue
+        stack = [("", untrusted.load_json(config, name))]
+        while stack:
+            where, node = stack.pop()
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if isinstance(key, str) and key.endswith(PATH_SUFFIXES) and value not in (None, ""):
+                        inside(directory, value, f"{name} {where}{key}")
+                    else:
+                        stack.append((f"{where}{key}.", value))
+            elif isinstance(node, list):
+                stack.extend((where, v) for v in node)
 
 
 def check_loads(directory: Path) -> None:
@@ -49,7 +107,9 @@ def check_loads(directory: Path) -> None:
     import onnxruntime as ort
 
     try:
-        ort.InferenceSession(str(directory / MODEL), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: the load check prints one line, not ORT's notes
+        ort.InferenceSession(str(directory / MODEL), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         text = str(exc)
         model = onnx.load(str(directory / MODEL), load_external_data=False)
@@ -81,6 +141,7 @@ def verify(directory: str | Path, load: bool = True) -> dict:
     if (directory / MODEL).is_file():
         check_card(directory, manifest)
         check_external_data(directory)
+        check_config_paths(directory)
         if load:
             check_loads(directory)
     return manifest

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 MODEL = "model.onnx"
 DATA = "model.onnx_data"
@@ -227,7 +227,7 @@ def check(path: str | Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except Exception as exc:
-        raise PipelineError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
+        raise PipelineError(f"{path} fails the ONNX checker: {first_line(exc, 300)}") from None
 
 
 def copy_side_files(src: str | Path, dst: str | Path) -> None:

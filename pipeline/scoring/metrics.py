@@ -8,6 +8,7 @@ feeds it the windows), so adding one is one row here, and a budget for it in par
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -90,7 +91,11 @@ class Metric:
 
     def show(self, value) -> str:
         """The value inline: ``drift +0.0407 %``."""
-        return "—" if value is None else format(value * self.scale, self.spec) + self.unit
+        if value is None:
+            return "—"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return str(value)[:24]  # shown as it is; not_finite fails it
+        return format(value * self.scale, self.spec) + self.unit
 
     def cell(self, value) -> str:
         """The value in its column (a header with the unit, a bare number)."""
@@ -131,6 +136,21 @@ TUNED = tuple(m.key for m in METRICS if m.tune)
 ALIASES = {m.alias: m.key for m in METRICS if m.alias}
 SCORED = tuple(m for m in METRICS if m.scored)
 COLUMNS = tuple(m for m in METRICS if m.column)
+
+
+def not_finite(figures: dict) -> list[str]:
+    """One line for each figure of the table that is not a finite number. A NaN compares false with every
+    bound, so a check that meets one must fail on it, not let it through (an fp16 overflow, a broken
+    kernel, a tampered metrics file)."""
+    bad = []
+    for key, value in figures.items():
+        if key not in BY_KEY or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad.append(f"{key} is {str(value)[:40]!r}: not a number")
+        elif not math.isfinite(value):
+            bad.append(f"{key} is {value}: not a finite figure")
+    return bad
 
 
 def score(windows, with_reference: bool) -> dict:

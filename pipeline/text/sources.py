@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 BUILTIN = "builtin:pydoc"
 LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".text": "text", ".json": "json", ".jsonl": "json",
@@ -46,11 +46,13 @@ def load_text_dataset(spec: str, text_column: str = "text", split: str = "train"
         if None in builders or len(builders) != 1:
             raise PipelineError(f"text source {spec}: use files of one kind: .txt/.md, .json/.jsonl, .parquet or .csv")
         builder = builders.pop()
+        if all(p.stat().st_size == 0 for p in files):
+            raise PipelineError(f"text source {spec} is empty")
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         try:
             ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
         except Exception as exc:  # datasets raises many types for unreadable files
-            raise PipelineError(f"text source {spec} could not be read as {builder}: {str(exc).splitlines()[0]}") from None
+            raise PipelineError(f"text source {spec} could not be read as {builder}: {first_line(exc)}") from None
     elif "/" in spec or ":" in spec or spec.replace("-", "").replace("_", "").isalnum():
         if spec.startswith(("/", ".", "~")):
             raise PipelineError(f"text source {spec} does not exist")

@@ -23,24 +23,10 @@ from pipeline.log import info
 from pipeline.schema import Eval
 from pipeline.scoring import metrics as metric_table
 from pipeline.scoring import outputs, parity
-from pipeline.scoring.outputs import log_softmax  # noqa: F401  (the one definition, re-exported)
 
-# The modules whose code computes a score (this one and what it runs). A stage's recorded figures
-# are reused by `pipeline evaluate` only if these files are byte for byte the ones that computed them;
-# tests/test_architecture.py checks that the list covers this module's import closure.
-SCORER_MODULES = ("pipeline.scoring.evaluate", "pipeline.scoring.outputs", "pipeline.consumer.runtime", "pipeline.scoring.torch_ref",
-                  "pipeline.scoring.parity", "pipeline.consumer.verify", "pipeline.consumer.manifest", "pipeline.graph.onnx_io", "pipeline.schema",
-                  "pipeline.registry", "pipeline.errors", "pipeline.log", "pipeline.ops.memory", "pipeline.scoring.metrics")
-
-
-def scorer_fingerprint() -> str:
-    """sha256 over the source of :data:`SCORER_MODULES`: which code computed a score."""
-    import importlib.util
-
-    digest = hashlib.sha256()
-    for name in SCORER_MODULES:
-        digest.update(name.encode() + b"\0" + Path(importlib.util.find_spec(name).origin).read_bytes())
-    return digest.hexdigest()[:16]
+# Re-exported, each defined once in outputs.py: the log-softmax, and which code computed a score
+# (outputs.py keys its recorded outputs by it too).
+from pipeline.scoring.outputs import SCORER_MODULES, log_softmax, scorer_fingerprint  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -109,8 +95,6 @@ def model_bytes(directory: Path) -> int:
 
 
 def text_sha256(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -149,6 +133,9 @@ def check(candidate_dir: Path, label: str, parent_dir: Path, greedy_tokens: int,
     if windows is not None:
         ref_manifest = verify(ref_dir, load=False)
         figures = outputs.compare_windows(mine["windows"], ref_out["windows"])
+        if broken := metric_table.not_finite(figures):
+            raise PipelineError(f"{label}: {'; '.join(broken)} against {ref_dir.name}: the artifact is not "
+                                f"published (an overflow in its precision, or a kernel that returns NaN)")
         timings["eval_seconds"] = figures.pop("eval_seconds")
         scored = {"reference": ref_manifest["stage"], "reference_id": ref_manifest["artifact_id"],
                   "text_sha256": text_sha256(scoring.text), "max_windows": scoring.eval.max_windows,
@@ -217,7 +204,8 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params, reference: s
     metrics = {"artifact": name, "artifact_id": manifest["artifact_id"], "stage": manifest["stage"],
                "reference": (ref_manifest or {}).get("stage"), **metrics, "size_bytes": size, "size_ratio": ratio,
                **parity_metrics(manifest)}
-    metrics["budget"] = (check_budget(metrics, params.budgets.get(name)) if reference else
+    broken = metric_table.not_finite(metrics)
+    metrics["budget"] = (check_budget(metrics, params.budgets.get(name)) if reference or broken else
                          {"status": "not checked (no --reference)", "violations": []})
     return metrics
 
@@ -228,10 +216,12 @@ TRAINED_ONLY = ("ppl_ratio_vs_unigram", "heldout_ppl", "ppl")
 
 def check_budget(metrics: dict, budget: dict | None) -> dict:
     """Compare metrics with a budget: ``max_<metric>`` / ``min_<metric>`` keys (drift compared by its
-    magnitude), plus ``report_only``. A budgeted metric that is absent is a violation too."""
+    magnitude), plus ``report_only``. A budgeted metric that is absent is a violation too, and a figure
+    that is not a finite number fails whatever the budget (metrics.not_finite)."""
+    broken = metric_table.not_finite(metrics)
     if not budget:
-        return {"status": "no budget", "violations": []}
-    violations, skipped = [], []
+        return {"status": "fail" if broken else "no budget", "violations": broken}
+    violations, skipped = list(broken), []
     for key, limit in budget.items():
         bound, _, metric = key.partition("_")
         if bound not in ("max", "min") or not metric:
@@ -243,10 +233,14 @@ def check_budget(metrics: dict, budget: dict | None) -> dict:
         if value is None:
             violations.append(f"{metric} missing")
             continue
+        if any(line.startswith(f"{metric} is ") for line in broken):
+            continue
         value = abs(value) if metric_table.BY_KEY[metric].by_magnitude else value
         if (bound == "max" and value > float(limit)) or (bound == "min" and value < float(limit)):
             violations.append(f"{metric} {metrics[metric]:.4g} {'>' if bound == 'max' else '<'} {limit}")
     status = "pass" if not violations else ("over budget (report-only)" if budget.get("report_only") else "fail")
+    if broken:
+        status = "fail"  # report_only relaxes a bound, never a figure that is not one
     if skipped:
         status += f" ({', '.join(skipped)} not applied: random weights)"
     return {"status": status, "violations": violations, **budget}

@@ -20,6 +20,7 @@ longer there are pruned whenever a new entry is stored.
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import hashlib
 import json
@@ -32,9 +33,33 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.consumer import manifest as mf
+from pipeline.consumer import untrusted
+from pipeline.errors import PipelineError
 from pipeline.log import Progress, info
 from pipeline.scoring import metrics as metric_table
 from pipeline.scoring.metrics import kl_divergence
+
+# The modules whose code computes a score (evaluate.py, this one and what they run). A recorded output
+# or figure is reused only if these files are byte for byte the ones that computed it;
+# tests/test_architecture.py checks that the list covers evaluate's import closure.
+SCORER_MODULES = ("pipeline.scoring.evaluate", "pipeline.scoring.outputs", "pipeline.consumer.runtime",
+                  "pipeline.scoring.torch_ref", "pipeline.scoring.parity", "pipeline.consumer.verify",
+                  "pipeline.consumer.manifest", "pipeline.consumer.untrusted", "pipeline.graph.onnx_io",
+                  "pipeline.schema", "pipeline.registry", "pipeline.errors", "pipeline.log", "pipeline.ops.memory",
+                  "pipeline.scoring.metrics")
+
+
+@functools.lru_cache(maxsize=1)
+def scorer_fingerprint() -> str:
+    """sha256 over the source of :data:`SCORER_MODULES` (found, not imported): which code computed a score."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in SCORER_MODULES:
+        digest.update(name.encode() + b"\0" + Path(importlib.util.find_spec(name).origin).read_bytes())
+    return digest.hexdigest()[:16]
+
 
 CACHE = ".outputs"
 DECODE_POSITIONS = 256  # teacher-forced decode steps compared with the parent
@@ -56,7 +81,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def prompts_key(prompts: list[list[int]], greedy_tokens: int) -> str:
     blob = json.dumps({"prompts": prompts, "greedy_tokens": greedy_tokens, "decode_positions": DECODE_POSITIONS,
-                       "batched": True}).encode()
+                       "batched": True, "scorer": scorer_fingerprint()}).encode()
     return "prompts-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -65,16 +90,30 @@ def windows_key(windows: np.ndarray, scored: int = 0) -> str:
     half = windows.shape[1] - windows.shape[1] // 2
     # the shape too: 80 windows of 128 and 20 of 512 cut from one token stream are the same bytes
     blob = (f"{windows.shape[0]}x{windows.shape[1]}:".encode() + np.ascontiguousarray(windows, dtype=np.int64).tobytes()
-            + (f"scored={scored}".encode() if scored and scored != half else b""))
+            + (f"scored={scored}".encode() if scored and scored != half else b"") + scorer_fingerprint().encode())
     return "windows-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
 class Recorded:
-    """Outputs written by :func:`record_prompts` or :func:`record_windows` (read back lazily)."""
+    """Outputs written by :func:`record_prompts` or :func:`record_windows`. Its meta.json lists every file
+    with its sha256, checked when it is opened: a cache entry that was changed or truncated on disk is
+    refused (:class:`Damaged`), never read as a model's outputs."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
-        self.meta = json.loads((self.dir / "meta.json").read_text())
+        try:
+            self.meta = untrusted.load_json(self.dir / "meta.json", "recorded outputs")
+            files = self.meta.get("files")
+            if not isinstance(files, dict) or not files:
+                raise Damaged(f"{self.dir}: meta.json lists no files")
+            present = {p.name for p in self.dir.iterdir()} - {"meta.json"}
+            if present != set(files):
+                raise Damaged(f"{self.dir}: holds {sorted(present ^ set(files))[:3]} unlike its meta.json")
+            for name, digest in files.items():
+                if mf.sha256_file(untrusted.regular(self.dir / name, "recorded output")) != digest:
+                    raise Damaged(f"{self.dir}/{name} does not match its sha256")
+        except PipelineError as exc:
+            raise Damaged(str(exc)) from None
 
     def prompt_logits(self, i: int) -> np.ndarray:
         return np.load(self.dir / f"prompt_{i}.npy")
@@ -90,12 +129,18 @@ class Recorded:
         return log_softmax(np.load(self.dir / f"window_{i}.npy"))
 
 
+class Damaged(PipelineError):
+    """A recorded-outputs entry that does not match what was recorded."""
+
+
 def _write(dest: Path, fill: Callable[[Path], dict]) -> Recorded:
-    """Write into a temp dir beside ``dest`` and rename it into place: never a half-written entry."""
+    """Write into a temp dir beside ``dest`` and rename it into place: never a half-written entry. The
+    meta lists each file's sha256, so a later read can tell the entry is the one written."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-", suffix=f"-{os.getpid()}"))
     try:
         meta = fill(tmp)
+        meta["files"] = {p.name: mf.sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / "meta.json").write_text(json.dumps(meta))
         if dest.exists():  # written meanwhile by another run: same content
             shutil.rmtree(tmp)
@@ -105,6 +150,19 @@ def _write(dest: Path, fill: Callable[[Path], dict]) -> Recorded:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Recorded(dest)
+
+
+def _intact(entry: Path) -> Recorded | None:
+    """The recorded outputs at ``entry`` if they are there and check out; a damaged entry is removed
+    (and so recorded again) with a note."""
+    if not entry.exists():
+        return None
+    try:
+        return Recorded(entry)
+    except Damaged as exc:
+        info(f"note: recorded outputs damaged ({exc}): removed, the model runs again")
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
 
 
 def record_prompts(model, prompts: list[list[int]], greedy_tokens: int, dest: Path) -> Recorded:
@@ -155,7 +213,8 @@ def cache_dir(artifact_dir: str | Path) -> Path:
 
 
 def _artifact_id(artifact_dir: Path) -> str:
-    return json.loads((Path(artifact_dir) / "manifest.json").read_text())["artifact_id"]
+    """The id of the artifact at ``artifact_dir`` (verified by whoever asks for its outputs)."""
+    return mf.read_manifest(artifact_dir)["artifact_id"]
 
 
 def reference(artifact_dir: str | Path, open_model: Callable[[], object], *, prompts: list[list[int]] | None = None,
@@ -172,7 +231,8 @@ def reference(artifact_dir: str | Path, open_model: Callable[[], object], *, pro
             {"windows": entry / windows_key(windows, scored)} if windows is not None else {})
 
     wanted = wanted_in(entry)
-    missing = [k for k, p in wanted.items() if not (p / "meta.json").is_file()]
+    found = {k: _intact(p) for k, p in wanted.items()}
+    missing = [k for k, rec in found.items() if rec is None]
     if missing and not _writable(entry):  # a read-only store: recorded for this run only
         entry = Path(tempfile.mkdtemp(prefix="outputs-"))
         atexit.register(shutil.rmtree, entry, True)
@@ -183,16 +243,17 @@ def reference(artifact_dir: str | Path, open_model: Callable[[], object], *, pro
         try:
             model = open_model()
             if "prompts" in missing:
-                record_prompts(model, prompts, greedy_tokens, wanted["prompts"])
+                found["prompts"] = record_prompts(model, prompts, greedy_tokens, wanted["prompts"])
             if "windows" in missing:
-                record_windows(model, windows, wanted["windows"], label=f"{label} outputs", scored=scored)
+                found["windows"] = record_windows(model, windows, wanted["windows"], label=f"{label} outputs",
+                                                  scored=scored)
         finally:
             del model
             gc.collect()
         prune(cache_dir(artifact_dir))
     else:
         info(f"{label}: outputs recorded earlier ({entry}), the model is not loaded again")
-    return {k: Recorded(p) for k, p in wanted.items()} | {k: None for k in ("prompts", "windows") if k not in wanted}
+    return found | {k: None for k in ("prompts", "windows") if k not in wanted}
 
 
 def _writable(entry: Path) -> bool:
@@ -228,7 +289,7 @@ def prune(cache: Path) -> None:
     for d in cache.parent.iterdir():
         try:
             live.add(_artifact_id(d))
-        except (OSError, ValueError, KeyError):
+        except (OSError, PipelineError):  # not an artifact, or a malformed one: not ours to judge here
             continue
     for entry in cache.iterdir():
         if entry.name not in live:

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from pipeline.consumer.runtime import GraphIO
 from pipeline.errors import PipelineError
-from pipeline.log import Progress
+from pipeline.log import Progress, info
 from pipeline.schema import PosInt, Section
 from pipeline.text.sources import load_text_dataset, paragraphs
 
@@ -32,9 +32,29 @@ class TextWindows(Section):
 
 
 
+# Text is tokenized in bounded pieces, whatever its line lengths: a calibration file with one 200 MB line
+# (one paragraph) would otherwise be one encode call holding ~16x its size in token offsets.
+PIECE_CHARS = 1 << 16
+BATCH = 64
+
+
+def pieces(paras: list[str]):
+    """The paragraphs, each cut into pieces of at most PIECE_CHARS characters, in batches of BATCH."""
+    batch = []
+    for para in paras:
+        for i in range(0, len(para), PIECE_CHARS):
+            batch.append(para[i:i + PIECE_CHARS])
+            if len(batch) == BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
 def calibration_windows(source: str, text_column: str, tokenizer_file: str | Path, samples: int, seq_len: int,
                         eos_id: int | None = None) -> np.ndarray:
-    """Tokenize the source's paragraphs (EOS between them) and cut ``samples`` windows of ``seq_len``."""
+    """Tokenize the source's paragraphs (EOS between them) and cut ``samples`` windows of ``seq_len``;
+    tokenizing stops as soon as there are enough tokens."""
     from tokenizers import Tokenizer
 
     ds = load_text_dataset(source, text_column)
@@ -43,16 +63,21 @@ def calibration_windows(source: str, text_column: str, tokenizer_file: str | Pat
         raise PipelineError(f"calibration source {source} is empty: it holds no text in column {text_column!r}")
     tok = Tokenizer.from_file(str(tokenizer_file))
     ids: list[int] = []
-    for enc in tok.encode_batch(paras, add_special_tokens=False):
-        ids.extend(enc.ids)
-        if eos_id is not None:
-            ids.append(eos_id)
-        if len(ids) >= samples * seq_len:
+    need = samples * seq_len
+    for batch in pieces(paras):
+        for enc in tok.encode_batch(batch, add_special_tokens=False):
+            ids.extend(enc.ids)
+            if eos_id is not None:
+                ids.append(eos_id)
+        if len(ids) >= need:
             break
     if len(ids) < seq_len:
         raise PipelineError(f"calibration source {source} has {len(ids)} tokens, shorter than one window of "
                             f"calibration.seq_len={seq_len}: give more text or lower seq_len")
     n = min(samples, len(ids) // seq_len)
+    if n < samples:
+        info(f"note: calibration asked for {samples} windows of {seq_len} tokens; {source} gives {n}: using {n} "
+             f"(give more text, or set calibration.samples to at most {n} to say so)")
     return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
 
 

@@ -27,7 +27,7 @@ def _write_json(path, data) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")  # a figure we write is finite
     tmp.replace(path)
 
 
@@ -97,6 +97,8 @@ def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, n
     else:
         text = read_split(data_dir, "eval")
     metrics = evaluate_artifact(artifact, text, params, reference, name, provider, rescore=rescore)
+    if broken := metric_table.not_finite(metrics):
+        raise PipelineError(f"evaluate {metrics['artifact']}: {'; '.join(broken)}; no metrics file written")
     if out:
         _write_json(out, metrics)
     versus = f" vs {metrics['reference']}" if "drift_pct" in metrics else ""
@@ -445,14 +447,50 @@ def dvc_yaml(check, out):
 
 @cli.command("verify")
 @click.argument("directory", type=click.Path())
-def verify_cmd(directory):
-    """Check an artifact's manifest, hashes, id, external data and that ORT loads it; print its lineage."""
+@click.option("--expect-id", default=None, help="refuse unless the artifact id is this one (the id you trust: from "
+                                                 "the publisher's dvc.lock or release notes)")
+@click.option("--key", "public_key", default=None, type=click.Path(dir_okay=False),
+              help="refuse unless the artifact is signed (model.sig) by this public key's owner (PEM)")
+def verify_cmd(directory, expect_id, public_key):
+    """Check an artifact's manifest, hashes, id, external data and that ORT loads it; print its lineage.
+    With --expect-id and --key, also that it is the artifact and from the publisher you trust."""
     from .consumer.verify import lineage, verify
 
     manifest = verify(directory)
-    click.echo(f"verified: {directory} ({manifest['stage']}, {len(manifest['files'])} files, "
-               f"{manifest['size_bytes'] / 1e6:.1f} MB)")
+    levels = ["integrity"]
+    if expect_id is not None:
+        if manifest["artifact_id"] != expect_id:
+            raise PipelineError(f"{directory} is artifact {manifest['artifact_id']}, not the expected {expect_id}: "
+                                f"refused")
+        levels.append("pinned id")
+    if public_key is not None:
+        from .consumer.signing import check_signature
+
+        check_signature(directory, public_key)
+        levels.append(f"signed ({public_key})")
+    click.echo(f"verified: {directory} ({manifest['stage']} {manifest['artifact_id']}, {len(manifest['files'])} files, "
+               f"{manifest['size_bytes'] / 1e6:.1f} MB; {', '.join(levels)})")
     click.echo(f"lineage: {lineage(manifest)}")
+
+
+@cli.command("sign")
+@click.argument("directory", type=click.Path())
+@click.option("--key", "private_key", required=True, type=click.Path(dir_okay=False),
+              help="the publisher's EC private key (PEM)")
+@click.option("--password-env", default=None, help="the environment variable holding the key's password, if any")
+def sign_cmd(directory, private_key, password_env):
+    """Sign a verified artifact with OpenSSF model-signing: writes DIRECTORY/model.sig (then `dvc commit`)."""
+    from .consumer.signing import sign
+    from .consumer.verify import verify
+
+    manifest = verify(directory, load=False)
+    password = None
+    if password_env:
+        password = os.environ.get(password_env)
+        if password is None:
+            raise PipelineError(f"--password-env {password_env}: no such environment variable")
+    path = sign(directory, private_key, password)
+    click.echo(f"signed: {directory} ({manifest['stage']} {manifest['artifact_id']}) -> {path}")
 
 
 def main():
@@ -474,15 +512,20 @@ def main():
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and "No space left" not in str(exc):
+    except Exception as exc:  # a bug, not bad input (or a full disk, which any library may report): one line
+        if not _disk_full(exc):
             _internal(exc)
-        where = f" writing {exc.filename}" if exc.filename else ""
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
         click.echo(f"error: no space left on the device{where}: free some space (or write the artifacts to a larger "
                    f"disk) and run again; nothing was published", err=True)
         sys.exit(2)
-    except Exception as exc:  # a bug, not bad input: one line, traceback on request
-        _internal(exc)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC, however the library that met it reports it (an OSError, onnx's or onnxruntime's own
+    exception carrying the message)."""
+    full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return (isinstance(exc, OSError) and exc.errno in full) or "No space left on device" in str(exc)
 
 
 def _internal(exc: BaseException):

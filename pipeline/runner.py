@@ -162,6 +162,7 @@ def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str
         mf.expect_stage(parent, stage.parents, parent_dir)
     used = _verified_uses(stage, uses)
     memory.tell_supervisor(stage=stage.name, out=str(Path(out).resolve()))
+    _room_for(stage, parent, Path(out))
     if parent_dir is not None and (parent_dir / "config.json").is_file():
         memory.check(stage.name, json.loads((parent_dir / "config.json").read_text()))
     measured: dict = {}
@@ -189,6 +190,22 @@ def run(stage: Stage, config: BaseModel, parent_dir: str | Path | None, out: str
     measured["peak_rss_mb"] = max(peak_rss_mb(), measured.get("child_peak_rss_mb", 0))
     info(stage.closing_line(manifest, Path(out), parent_dir, measured))
     return Published(manifest, measured)
+
+
+def _room_for(stage: Stage, parent: dict | None, out: Path) -> None:
+    """One line before the build, not ENOSPC halfway through it: the artifact and its scratch are written
+    beside ``out``. No stage writes more than its parent's size (weights at the parent's precision or
+    below) except the export, which may widen a bf16 checkpoint to fp32: twice."""
+    import shutil
+
+    if parent is None:
+        return
+    need = parent["size_bytes"] * (2 if stage.name == "export" else 1)
+    where = out.parent if out.parent.exists() else Path(".")
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise PipelineError(f"{stage.name} needs about {need / 1e9:.2f} GB at {where.resolve()} and {free / 1e9:.2f} GB "
+                            f"is free: free some space or write the artifact (--out) to a larger disk")
 
 
 def _loadable_by_onnx(parent_dir: Path, out_parent: Path) -> None:

@@ -7,7 +7,7 @@ this script re-renders each from FILE (relative to the repository root).
 
 Kinds: ``artifacts`` (FILE: a metrics directory, with its ``build/`` run figures), ``bench`` and
 ``ratios`` (a benchmarks/results*.json), ``stages`` (a benchmarks/real_shapes_*.json),
-``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scoreboard`` (a benchmarks/scoreboard_*.json), ``sweep`` (benchmarks/outlier_sweep.json), ``llama`` (a benchmarks/llama_cpp_*.json), ``long`` and ``longtargets`` (a benchmarks/long_context_*.json), ``kvmemory``
+``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scoreboard`` (a benchmarks/scoreboard_*.json), ``sweep`` (benchmarks/outlier_sweep.json), ``llama`` (a benchmarks/llama_cpp_*.json), ``long`` and ``longtargets`` (a benchmarks/long_context_*.json), ``untrusted`` (benchmarks/untrusted_costs.json), ``kvmemory``
 (FILE: pipeline/checkpoints/shapes.py, whose shapes it tabulates with pipeline/consumer/runtime.py's memory formula)."""
 
 from __future__ import annotations
@@ -425,7 +425,24 @@ def phases(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-KINDS = {"sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "longtargets": longtargets, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
+def untrusted(path: Path) -> str:
+    """benchmarks/untrusted_costs.json: what the untrusted-input checks cost at the 0.6B shape."""
+    r = json.loads(path.read_text())
+    rows = ["| check | at | cost | beside |", "|---|---|---:|---|"]
+    for c in r["calibration_one_line"]:
+        cost = (f"{c['wall_s']:.1f} s, peak RSS {c['peak_rss_mb']:,} MB" if "wall_s" in c else
+                f"failed: `{c['failed']}` (exit {c['exit']})")
+        rows.append(f"| calibration text of one 200 MB line, {c['reader']} | {c['reader'] == 'bounded' and 'pipeline/text/reader.py' or 'before'} | {cost} | |")
+    s = r["signing"]
+    rows.append(f"| `pipeline sign` (model-signing) | {s['artifact_gb']} GB artifact | {s['sign_s']:.2f} s | integrity check of the same files {s['integrity_check_s']:.2f} s |")
+    rows.append(f"| `verify --key` (the signature alone) | {s['artifact_gb']} GB artifact | {s['check_signature_s']:.2f} s | integrity check {s['integrity_check_s']:.2f} s |")
+    o = r["outputs_cache"]
+    rows.append(f"| recorded outputs' sha256 check | {o['entry_gb']} GB entry (0.6B, 38 windows) | {o['check_s']:.2f} s | reading it and its log-softmax {o['read_and_log_softmax_s']:.2f} s |")
+    m = r["machine"]
+    return "\n".join(rows) + f"\n\n{m['cpu']}, {m['cores']} cores, one run."
+
+
+KINDS = {"untrusted": untrusted, "sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "longtargets": longtargets, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
 
 
 def render(text: str) -> str:

@@ -110,9 +110,11 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
     model_config = json.loads((parent_dir / "config.json").read_text())
     compat.quiet_ort_quantizers()
     layers = int(model_config["num_hidden_layers"])
-    if config.attention == "gqa" and model_config.get("use_sliding_window"):
-        raise PipelineError("the checkpoint uses sliding-window attention, which the GQA fusion does not carry "
-                            "over: set fused.attention: none")
+    if config.attention == "gqa" and (model_config.get("use_sliding_window") or
+                                      len(set(model_config.get("layer_types") or ())) > 1):
+        raise PipelineError("the checkpoint's attention window differs from layer to layer (use_sliding_window / "
+                            "layer_types), which the GQA fusion does not carry over (one window for every layer, "
+                            "as Mistral's, it does): set fused.attention: none")
     if config.attention == "gqa":
         rotary_caches(model_config, 1)  # an unsupported rope_scaling is refused before any work
     with store.scratch_dir(tmp, "ort") as scratch:

@@ -165,58 +165,127 @@ def static_split_rule():
 
 def _gqa_with_projections(op, x, wq, wk, wv, q_shape, k_shape, q_gamma, k_gamma, flat_q, flat_k, past_k, past_v,
                           seqlens, total, cos, sin):
-    """A fused layer's GroupQueryAttention with its three projections of one input ``x`` (QK-norm'd)."""
+    """A fused layer's GroupQueryAttention with its three projections of one input ``x``, QK-norm'd (Qwen3)."""
     q = op.SimplifiedLayerNormalization(op.Reshape(op.MatMul(x, wq), q_shape), q_gamma, _outputs=["q_norm"])
     k = op.SimplifiedLayerNormalization(op.Reshape(op.MatMul(x, wk), k_shape), k_gamma, _outputs=["k_norm"])
     return op.GroupQueryAttention(op.Reshape(q, flat_q), op.Reshape(k, flat_k), op.MatMul(x, wv), past_k, past_v,
                                   seqlens, total, cos, sin, _domain="com.microsoft", _outputs=["attn", "pk", "pv"])
 
 
-def packed_qkv_rule(graph, heads: int, kv_heads: int, head_dim: int):
-    """Q, K and V projections of one input -> one MatMul over the concatenated weights + Split, as
-    onnxruntime-genai's builder packs them (fewer, larger kernels: measured faster at 0.6B int4).
-    Rooted at the GroupQueryAttention the projections feed (so the three MatMuls are told apart);
-    the packed weight is added to ``graph`` and the three old ones are dropped as unused."""
+def _gqa_with_plain_projections(op, x, wq, wk, wv, q_shape, k_shape, flat_q, flat_k, past_k, past_v, seqlens,
+                                total, cos, sin):
+    """The same without QK-norm (Llama, Mistral): the per-head split and its flattening cancel out."""
+    q = op.Reshape(op.Reshape(op.MatMul(x, wq), q_shape), flat_q)
+    k = op.Reshape(op.Reshape(op.MatMul(x, wk), k_shape), flat_k)
+    return op.GroupQueryAttention(q, k, op.MatMul(x, wv), past_k, past_v, seqlens, total, cos, sin,
+                                  _domain="com.microsoft", _outputs=["attn", "pk", "pv"])
+
+
+def _gqa_with_biased_projections(op, x, wq, wk, wv, bq, bk, bv, q_shape, k_shape, flat_q, flat_k, past_k, past_v,
+                                 seqlens, total, cos, sin):
+    """With q/k/v biases (Qwen2 / Qwen2.5)."""
+    q = op.Reshape(op.Reshape(op.Add(op.MatMul(x, wq), bq), q_shape), flat_q)
+    k = op.Reshape(op.Reshape(op.Add(op.MatMul(x, wk), bk), k_shape), flat_k)
+    return op.GroupQueryAttention(q, k, op.Add(op.MatMul(x, wv), bv), past_k, past_v, seqlens, total, cos, sin,
+                                  _domain="com.microsoft", _outputs=["attn", "pk", "pv"])
+
+
+def packed_qkv_rules(graph, heads: int, kv_heads: int, head_dim: int) -> list:
+    """Q, K and V projections of one input -> one MatMul over the concatenated weights (and one Add of the
+    concatenated biases) + Split, as onnxruntime-genai's builder packs them (fewer, larger kernels).
+    One rule per form of the projections the families have: QK-norm'd, plain, biased. Each is rooted at
+    the GroupQueryAttention the projections feed (so the three MatMuls are told apart); the packed
+    tensors are added to ``graph`` and the old ones are dropped as unused."""
     import onnx_ir as ir
     from onnxscript.rewriter import pattern
 
     kv_width = kv_heads * head_dim
 
-    def weights(*ws):
-        return [w.const_value if w.const_value is not None and w.is_initializer() else None for w in ws]
+    def consts(*vs):
+        return [v.const_value if v.const_value is not None and v.is_initializer() else None for v in vs]
 
-    def check(context, wq, wk, wv, **_):
-        tensors = weights(wq, wk, wv)
+    def check(context, wq, wk, wv, bq=None, bk=None, bv=None, **_):
+        tensors = consts(wq, wk, wv)
         if any(t is None or len(t.shape) != 2 for t in tensors):
             return pattern.MatchResult().fail("q/k/v weights are not 2-D initializers", [wq, wk, wv])
         q, k, v = tensors
         if not (q.shape[0] == k.shape[0] == v.shape[0] and k.shape[1] == v.shape[1] == kv_width
                 and q.shape[1] == heads * head_dim and q.dtype == k.dtype == v.dtype):
             return pattern.MatchResult().fail("not the q/k/v projections of one attention", [wq, wk, wv])
+        if bq is not None:
+            biases = consts(bq, bk, bv)
+            if any(b is None or tuple(b.shape) != (t.shape[1],) for b, t in zip(biases, tensors)):
+                return pattern.MatchResult().fail("q/k/v biases are not 1-D initializers of their widths",
+                                                  [bq, bk, bv])
         return True
 
-    def replacement(op, x, wq, wk, wv, q_shape, k_shape, q_gamma, k_gamma, flat_q, flat_k, past_k, past_v,
-                    seqlens, total, cos, sin, q_norm, k_norm, attn, **_):
-        q, k, v = weights(wq, wk, wv)
-        name = wq.name.replace("q_proj", "qkv_proj") if "q_proj" in wq.name else f"{wq.name}_qkv"
-        # concatenated when saved, one layer at a time: the packed weights are never all in memory
-        lazy = ir.LazyTensor(lambda: ir.tensor(np.concatenate([q.numpy(), k.numpy(), v.numpy()], axis=1)),
-                             dtype=q.dtype, shape=ir.Shape([q.shape[0], q.shape[1] + 2 * kv_width]), name=name)
-        packed = ir.Value(name=name, const_value=lazy)
-        graph.register_initializer(packed)
-        sizes = op.Constant(value=ir.tensor(np.array([q.shape[1], kv_width, kv_width], dtype=np.int64)))
-        q2, k2, v2 = op.Split(op.MatMul(x, packed), sizes, axis=-1, _outputs=3)
+    def pack(first, parts, axis: int, suffix: str):
+        """One lazy initializer: concatenated when saved, one layer at a time (never all in memory)."""
+        name = (first.name.replace("q_proj", "qkv_proj") if "q_proj" in first.name else f"{first.name}_qkv") + suffix
+        tensors = consts(*parts)
+        shape = list(tensors[0].shape)
+        shape[axis] = sum(t.shape[axis] for t in tensors)
+        lazy = ir.LazyTensor(lambda: ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=axis)),
+                             dtype=tensors[0].dtype, shape=ir.Shape(shape), name=name)
+        value = ir.Value(name=name, const_value=lazy)
+        graph.register_initializer(value)
+        return value
+
+    def split(op, x, wq, wk, wv, biases=None):
+        width = consts(wq)[0].shape[1]
+        sizes = op.Constant(value=ir.tensor(np.array([width, kv_width, kv_width], dtype=np.int64)))
+        y = op.MatMul(x, pack(wq, (wq, wk, wv), 1, ""))
+        if biases:
+            y = op.Add(y, pack(biases[0], biases, 0, ""))
+        return op.Split(y, sizes, axis=-1, _outputs=3)
+
+    def gqa(op, q, k, v, past_k, past_v, seqlens, total, cos, sin, attn):
+        return op.GroupQueryAttention(q, k, v, past_k, past_v, seqlens, total, cos, sin,
+                                      **attn.producer().attributes, _domain="com.microsoft", _outputs=3)
+
+    def normed(op, x, wq, wk, wv, q_shape, k_shape, q_gamma, k_gamma, flat_q, flat_k, past_k, past_v,
+               seqlens, total, cos, sin, q_norm, k_norm, attn, **_):
+        q2, k2, v2 = split(op, x, wq, wk, wv)
         qn = op.SimplifiedLayerNormalization(op.Reshape(q2, q_shape), q_gamma, **q_norm.producer().attributes)
         kn = op.SimplifiedLayerNormalization(op.Reshape(k2, k_shape), k_gamma, **k_norm.producer().attributes)
-        return op.GroupQueryAttention(op.Reshape(qn, flat_q), op.Reshape(kn, flat_k), v2, past_k, past_v, seqlens,
-                                      total, cos, sin, **attn.producer().attributes, _domain="com.microsoft",
-                                      _outputs=3)
+        return gqa(op, op.Reshape(qn, flat_q), op.Reshape(kn, flat_k), v2, past_k, past_v, seqlens, total, cos, sin,
+                   attn)
 
-    return pattern.RewriteRule(_gqa_with_projections, replacement, check, name="PackedQKV")
+    def plain(op, x, wq, wk, wv, past_k, past_v, seqlens, total, cos, sin, attn, **_):
+        return gqa(op, *split(op, x, wq, wk, wv), past_k, past_v, seqlens, total, cos, sin, attn)
+
+    def biased(op, x, wq, wk, wv, bq, bk, bv, past_k, past_v, seqlens, total, cos, sin, attn, **_):
+        return gqa(op, *split(op, x, wq, wk, wv, (bq, bk, bv)), past_k, past_v, seqlens, total, cos, sin, attn)
+
+    return [pattern.RewriteRule(_gqa_with_projections, normed, check, name="PackedQKV"),
+            # the bias may be either operand of its Add: every order of them
+            *pattern.RewriteRule(_gqa_with_biased_projections, biased, check, name="PackedBiasedQKV").commute(),
+            pattern.RewriteRule(_gqa_with_plain_projections, plain, check, name="PackedPlainQKV")]
 
 
-def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache, flat):
-    """The rewrite rule, bound to the graph's sequence-length values and rotary caches."""
+def sliding_window(config: dict) -> int | None:
+    """The attention window every layer of the checkpoint's model applies, read as transformers reads it:
+    Mistral's ``sliding_window``; Qwen2's only where ``use_sliding_window`` says so. None where there is
+    none, or where it covers the whole context (then it changes nothing). Windows that differ from layer
+    to layer (Qwen2's ``max_window_layers``, Gemma's ``layer_types``) are refused by the fuse stage."""
+    window = config.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    if "use_sliding_window" in config and not config["use_sliding_window"]:
+        return None
+    if window >= int(config.get("max_position_embeddings") or 0):
+        return None
+    return window
+
+
+def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache, flat, window: int | None = None):
+    """The rewrite rule, bound to the graph's sequence-length values and rotary caches; ``window``: the
+    model's sliding attention window (:func:`sliding_window`), carried as GroupQueryAttention's
+    ``local_window_size``."""
+    # ORT's local_window_size counts as transformers' sliding_window does (the token itself included):
+    # the fused graph of a Mistral with a 16-token window equals the export past it, prefill, batch and
+    # decode path (tests/test_families.py)
+    local = {} if window is None else {"local_window_size": window}
     from onnxscript.rewriter import _ir_utils, pattern
 
     def check(context, scale_q, scale_k, **_):
@@ -230,7 +299,7 @@ def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache
         scale = float(_ir_utils.get_singleton_value(scale_q)) * float(_ir_utils.get_singleton_value(scale_k))
         return op.GroupQueryAttention(
             op.Reshape(q, flat), op.Reshape(k, flat), v, past_k, past_v, seqlens, total, cos_cache, sin_cache,
-            num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=scale,
+            num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=scale, **local,
             _domain="com.microsoft", _outputs=3)
 
     return pattern.RewriteRule(_attention_pattern, replacement, check, name="Qwen3GroupQueryAttention")
@@ -307,10 +376,10 @@ def fuse_attention(model, config: dict, max_positions: int):
         graph.insert_before(graph[0], n) if i == 0 else graph.insert_after(new_nodes[i - 1], n)
 
     before = sum(1 for n in graph if n.op_type == "GroupQueryAttention")
-    rule = gqa_rule(heads, kv_heads, seqlens.outputs[0], total.outputs[0], cos_v, sin_v, flat)
+    rule = gqa_rule(heads, kv_heads, seqlens.outputs[0], total.outputs[0], cos_v, sin_v, flat, sliding_window(config))
     model = rewrite(model, pattern_rewrite_rules=[rule, static_split_rule()])
     fused = sum(1 for n in model.graph if n.op_type == "GroupQueryAttention") - before
-    model = rewrite(model, pattern_rewrite_rules=[packed_qkv_rule(model.graph, heads, kv_heads, head_dim)])
+    model = rewrite(model, pattern_rewrite_rules=packed_qkv_rules(model.graph, heads, kv_heads, head_dim))
     if not any(d == "com.microsoft" for d in model.opset_imports):
         model.opset_imports["com.microsoft"] = 1
     return model, fused

@@ -62,8 +62,13 @@ def find_tied(model):
         return gather, head, table
     other = init.get(head.input[1])
     if other is not None and list(other.dims) == list(reversed(init[table].dims)):
-        from onnx import numpy_helper
+        from onnx import TensorProto, numpy_helper
 
+        if TensorProto.EXTERNAL in (other.data_location, init[table].data_location):
+            # Two stored tables: an untied lm_head (Llama 3.1, Mistral, Phi-3). A tied one stored twice is
+            # re-tied as Transpose(table) by the fuse stage (retie_embedding), so only a graph in memory
+            # (built, not loaded from an artifact) is compared here.
+            return None
         if np.array_equal(numpy_helper.to_array(other).T, numpy_helper.to_array(init[table])):
             return gather, head, table
     return None

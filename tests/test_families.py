@@ -1,0 +1,123 @@
+"""Other families than Qwen3 through the stages whose graph differs: tiny random-weight checkpoints made
+with transformers' own classes (hidden 256, 4 layers, 8 heads / 2 KV heads, the built-in tokenizer),
+as a user would bring them (issue: model families). What each adds to the graph:
+
+- Llama 3.1 (``LlamaForCausalLM``, untied lm_head): no QK-norm, two stored tables;
+- Mistral (``MistralForCausalLM``) with a 16-token sliding window, far below the eval windows and the
+  decode path, so a fused graph that dropped the window could not pass parity;
+- Qwen2.5 (``Qwen2ForCausalLM``): q/k/v biases."""
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+from pipeline.graph.onnx_io import op_counts
+from tests.conftest import assert_clean_failure, build, run_cli, scoring, small_params
+
+LAYERS, WINDOW = 4, 16
+
+
+def _checkpoint(kind: str, tokenizer_dir: Path, dst: Path) -> Path:
+    import torch
+    import transformers as hf
+
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    common = dict(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=LAYERS,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+    config, cls = {"llama": (hf.LlamaConfig(**common, tie_word_embeddings=False), hf.LlamaForCausalLM),
+                   "mistral": (hf.MistralConfig(**common, tie_word_embeddings=False, sliding_window=WINDOW),
+                               hf.MistralForCausalLM),
+                   "qwen2": (hf.Qwen2Config(**common, tie_word_embeddings=True), hf.Qwen2ForCausalLM)}[kind]
+    torch.manual_seed(0)
+    cls(config).save_pretrained(dst)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        shutil.copy2(tokenizer_dir / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def family(checkpoint_dir, data_dir, tmp_path_factory):
+    """family('llama') -> {stage: directory}, built once: checkpoint, export, fused."""
+    built = {}
+
+    def make(kind: str) -> dict:
+        if kind not in built:
+            root = tmp_path_factory.mktemp(kind)
+            source = _checkpoint(kind, checkpoint_dir, root / "source")
+            params = small_params(f"model.source={source}")
+            dirs = {"checkpoint": root / "checkpoint", "export": root / "export", "fused": root / "fused"}
+            build("checkpoint", params, data_dir, dirs["checkpoint"])
+            build("export", params, dirs["checkpoint"], dirs["export"], scoring(params, data_dir, dirs["checkpoint"]))
+            build("fused", params, dirs["export"], dirs["fused"], scoring(params, data_dir, dirs["export"]))
+            built[kind] = dirs | {"params": params}
+        return built[kind]
+    return make
+
+
+def _graph(directory: Path):
+    return onnx.load(str(directory / "model.onnx"), load_external_data=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_every_family_fuses_one_packed_attention_per_layer(family, kind):
+    """One GroupQueryAttention per layer, fed by one MatMul over the packed q/k/v weights (with the packed
+    biases for Qwen2.5): the QK-norm of Qwen3 is not needed for the packing."""
+    dirs = family(kind)
+    graph = _graph(dirs["fused"])
+    ops = op_counts(graph)
+    assert ops["GroupQueryAttention"] == LAYERS
+    packed = [n for n in graph.graph.node if n.op_type == "MatMul" and "qkv" in n.input[1]]
+    assert len(packed) == LAYERS, [n.input[1] for n in graph.graph.node if n.op_type == "MatMul"]
+    assert not [n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1].endswith(("q_proj.weight",
+                                                                                                "k_proj.weight"))]
+    # 1 packed qkv + o + gate + up + down per layer, and the lm_head
+    assert ops["MatMul"] == 5 * LAYERS + 1
+    m = json.loads((dirs["fused"] / "manifest.json").read_text())["metrics"]
+    assert m["eval"]["kld_mean"] < 1e-9 and m["eval"]["top1_agreement"] == 1.0, m["eval"]
+
+
+def test_a_sliding_window_is_carried_into_the_fused_attention(family):
+    dirs = family("mistral")
+    windows = {a.i for n in _graph(dirs["fused"]).graph.node if n.op_type == "GroupQueryAttention"
+               for a in n.attribute if a.name == "local_window_size"}
+    assert windows == {WINDOW}
+    parity = json.loads((dirs["fused"] / "manifest.json").read_text())["metrics"]["parity_vs_parent"]
+    assert parity["decode_positions"] > WINDOW and parity["decode_top1_agreement"] == 1.0, parity
+    # the eval windows reach past it too: the export (PyTorch's mask) and the fused graph agree there
+    assert small_params().eval.ctx > 2 * WINDOW
+
+
+def test_an_untied_lm_head_goes_through_calibration_and_quantization(family, data_dir):
+    from tests.conftest import calibrated
+
+    dirs = family("llama")
+    params = calibrated(data_dir)
+    root = dirs["fused"].parent
+    build("imatrix", params, dirs["fused"], root / "imatrix")
+    for name in ("int4", "int8-dynamic"):
+        manifest = build(name, params, dirs["fused"], root / name, scoring(params, data_dir, dirs["export"]),
+                         uses={"imatrix": root / "imatrix"})
+        assert manifest["metrics"]["eval"]["top1_agreement"] > 0.3, manifest["metrics"]["eval"]
+
+
+def test_the_reference_is_taken_from_the_inputs_lineage(family, export_dir, tmp_path):
+    """`pipeline fuse --input OTHER/export` scores against that model's export, not the repository's
+    (here: the built-in model's, given as --reference as the default artifacts/export would be)."""
+    dirs = family("qwen2")
+    data = str(export_dir.parent / "data")
+    out = tmp_path / "fused"
+    proc = run_cli("fuse", "--input", str(dirs["export"]), "--out", str(out), "--reference", str(export_dir),
+                   "--data", data, check=True)
+    assert "is another model's" in proc.stderr
+    m = json.loads((out / "manifest.json").read_text())["metrics"]["eval"]
+    assert m["reference_id"] == json.loads((dirs["export"] / "manifest.json").read_text())["artifact_id"]
+    # without that model's export beside its input: one line, nothing scored against the wrong model
+    lone = tmp_path / "lone"
+    shutil.copytree(dirs["fused"], lone / "fused")
+    proc = run_cli("quantize", "--mode", "int4", "--algorithm", "rtn", "--input", str(lone / "fused"), "--out",
+                   str(tmp_path / "int4"), "--reference", str(export_dir), "--data", data)
+    assert_clean_failure(proc, "is not in the lineage", "--reference")
+    assert not (tmp_path / "int4").exists()

@@ -5,7 +5,9 @@ as a user would bring them (issue: model families). What each adds to the graph:
 - Llama 3.1 (``LlamaForCausalLM``, untied lm_head): no QK-norm, two stored tables;
 - Mistral (``MistralForCausalLM``) with a 16-token sliding window, far below the eval windows and the
   decode path, so a fused graph that dropped the window could not pass parity;
-- Qwen2.5 (``Qwen2ForCausalLM``): q/k/v biases."""
+- Qwen2.5 (``Qwen2ForCausalLM``): q/k/v biases;
+- Llama 3.2 (tied, ``rope_type: llama3`` with an original context of 64, so the scaling changes the
+  rotary caches within the eval windows)."""
 
 import json
 import shutil
@@ -18,6 +20,8 @@ from pipeline.graph.onnx_io import op_counts
 from tests.conftest import assert_clean_failure, build, run_cli, scoring, small_params
 
 LAYERS, WINDOW = 4, 16
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
 
 
 def _checkpoint(kind: str, tokenizer_dir: Path, dst: Path) -> Path:
@@ -30,7 +34,9 @@ def _checkpoint(kind: str, tokenizer_dir: Path, dst: Path) -> Path:
     config, cls = {"llama": (hf.LlamaConfig(**common, tie_word_embeddings=False), hf.LlamaForCausalLM),
                    "mistral": (hf.MistralConfig(**common, tie_word_embeddings=False, sliding_window=WINDOW),
                                hf.MistralForCausalLM),
-                   "qwen2": (hf.Qwen2Config(**common, tie_word_embeddings=True), hf.Qwen2ForCausalLM)}[kind]
+                   "qwen2": (hf.Qwen2Config(**common, tie_word_embeddings=True), hf.Qwen2ForCausalLM),
+                   "llama32": (hf.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0,
+                                              rope_scaling=LLAMA3_ROPE), hf.LlamaForCausalLM)}[kind]
     torch.manual_seed(0)
     cls(config).save_pretrained(dst)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
@@ -61,7 +67,7 @@ def _graph(directory: Path):
     return onnx.load(str(directory / "model.onnx"), load_external_data=False)
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama32"])
 def test_every_family_fuses_one_packed_attention_per_layer(family, kind):
     """One GroupQueryAttention per layer, fed by one MatMul over the packed q/k/v weights (with the packed
     biases for Qwen2.5): the QK-norm of Qwen3 is not needed for the packing."""
@@ -77,6 +83,26 @@ def test_every_family_fuses_one_packed_attention_per_layer(family, kind):
     assert ops["MatMul"] == 5 * LAYERS + 1
     m = json.loads((dirs["fused"] / "manifest.json").read_text())["metrics"]
     assert m["eval"]["kld_mean"] < 1e-9 and m["eval"]["top1_agreement"] == 1.0, m["eval"]
+
+
+def test_llama3_rotary_caches_equal_transformers():
+    """The fused graph's cos/sin caches for ``rope_type: llama3``, against transformers' own rotary
+    embedding at every position (the end-to-end check is the fused llama32 graph's parity above)."""
+    import numpy as np
+    import torch
+    import transformers as hf
+
+    from pipeline.graph.fusions import rotary_caches
+
+    config = hf.LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0,
+                            max_position_embeddings=512, rope_scaling=LLAMA3_ROPE)
+    cos, sin = hf.models.llama.modeling_llama.LlamaRotaryEmbedding(config)(torch.zeros(1), torch.arange(512)[None])
+    ours = rotary_caches(config.to_dict(), 512)
+    half = ours[0].shape[1]
+    assert np.abs(cos[0, :, :half].numpy() - ours[0]).max() < 1e-6
+    assert np.abs(sin[0, :, :half].numpy() - ours[1]).max() < 1e-6
+    plain = rotary_caches({**config.to_dict(), "rope_scaling": None}, 512)
+    assert np.abs(plain[0] - ours[0]).max() > 0.1  # the scaling does change the caches at these positions
 
 
 def test_a_sliding_window_is_carried_into_the_fused_attention(family):

@@ -69,16 +69,33 @@ def _yarn_inv_freq(pos_freqs: np.ndarray, dim: int, base: float, scaling: dict, 
     return (interpolated * (1 - keep) + extrapolated * keep).astype(np.float32), float(attention)
 
 
-ROPE_TYPES = ("default", "linear", "yarn")
+def _llama3_inv_freq(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
+    """Llama 3.1 / 3.2's ``rope_type: llama3`` as transformers computes it: wavelengths longer than
+    ``original_max_position_embeddings / low_freq_factor`` divided by ``factor``, shorter than
+    ``... / high_freq_factor`` kept, a smooth blend between (in float32, as transformers' tensors are)."""
+    import math
+
+    factor = np.float32(scaling["factor"])
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = ((original / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
 def rotary_caches(config: dict, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin (positions, head_dim/2) of a Qwen3 config's RoPE, computed as transformers does (float32
+    """cos/sin (positions, head_dim/2) of a config's RoPE, computed as transformers does (float32
     inverse frequencies, float32 angles, so the caches agree with the export's own rotary subgraph at
-    every position): the default RoPE, ``linear`` position interpolation, or YaRN with its attention
-    factor folded into cos and sin (as transformers scales them). Other ``rope_scaling`` types
-    (dynamic NTK changes with the sequence length, longrope/llama3 are not Qwen3's) raise
-    one line naming the type."""
+    every position): the default RoPE, ``linear`` position interpolation, Llama 3's ``llama3``, or YaRN
+    with its attention factor folded into cos and sin (as transformers scales them). Other
+    ``rope_scaling`` types (dynamic NTK changes with the sequence length; Phi-3's longrope switches
+    tables at the original context) raise one line naming the type."""
     head_dim = attention_shape(config)[2]
     dim = int(head_dim * float(config.get("partial_rotary_factor", 1.0)))
     theta = float(config.get("rope_theta", 10000.0))
@@ -89,6 +106,8 @@ def rotary_caches(config: dict, positions: int) -> tuple[np.ndarray, np.ndarray]
     attention = 1.0
     if kind == "linear":
         inv_freq = (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
     elif kind == "yarn":
         inv_freq, attention = _yarn_inv_freq(pos_freqs, dim, theta, scaling,
                                              int(config.get("max_position_embeddings") or positions))

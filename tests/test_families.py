@@ -147,3 +147,29 @@ def test_the_reference_is_taken_from_the_inputs_lineage(family, export_dir, tmp_
                    str(tmp_path / "int4"), "--reference", str(export_dir), "--data", data)
     assert_clean_failure(proc, "is not in the lineage", "--reference")
     assert not (tmp_path / "int4").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama32"])
+def test_onnxruntime_genai_runs_each_family_as_shipped(family, kind, data_dir):
+    """genai_config.json names the family's model type and its special tokens (from the tokenizer where
+    config.json leaves them null, as Qwen2's defaults do); onnxruntime-genai's own runtime gives our
+    runtime's greedy tokens, on a prompt longer than Mistral's window."""
+    import onnxruntime_genai as og
+
+    from pipeline.consumer.runtime import Runtime
+
+    d = family(kind)["fused"]
+    assert json.loads((d / "genai_config.json").read_text())["model"]["type"] == {"llama32": "llama"}.get(kind, kind)
+    rt = Runtime(d)
+    ids = rt.encode((data_dir / "eval.txt").read_text()[:400])[:40]
+    assert len(ids) > 2 * WINDOW
+    model = og.Model(str(d))
+    options = og.GeneratorParams(model)
+    options.set_search_options(max_length=len(ids) + 24, do_sample=False)
+    gen = og.Generator(model, options)
+    gen.append_tokens(ids)
+    new = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        new.append(int(gen.get_next_tokens()[0]))
+    assert new and new == rt.generate(ids, len(new))

@@ -18,7 +18,7 @@ FILE = "genai_config.json"
 def config_for(directory: Path) -> dict:
     import onnx
 
-    from pipeline.consumer.runtime import DEFAULT_PREFILL_CHUNK, PAST_NAME, attention_shape, uses_gqa
+    from pipeline.consumer.runtime import DEFAULT_PREFILL_CHUNK, PAST_NAME, attention_shape, special_token_id, uses_gqa
 
     graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
     config = json.loads((directory / "config.json").read_text())
@@ -33,9 +33,17 @@ def config_for(directory: Path) -> dict:
         raise PipelineError(f"{directory}/model.onnx does not have past_key_values.N.key/value for {layers} layers")
     heads, kv_heads, head_dim = attention_shape(config)
     eos = gen.get("eos_token_id", config.get("eos_token_id"))
+    if eos is None:
+        eos = special_token_id(directory, "eos_token")
+    if eos is None:
+        raise PipelineError(f"{directory} names no end-of-sequence token (eos_token_id in config.json or "
+                            f"generation_config.json, eos_token in tokenizer_config.json): onnxruntime-genai needs one")
     pad = gen.get("pad_token_id", config.get("pad_token_id"))
     if pad is None:
         pad = eos[0] if isinstance(eos, list) else eos
+    bos = config.get("bos_token_id")
+    if bos is None:
+        bos = special_token_id(directory, "bos_token")
     decoder_inputs = {"input_ids": "input_ids"}
     for name in ("attention_mask", "position_ids"):
         if name in inputs:
@@ -44,7 +52,7 @@ def config_for(directory: Path) -> dict:
     context = int(config["max_position_embeddings"])
     return {
         "model": {
-            "bos_token_id": config.get("bos_token_id") if config.get("bos_token_id") is not None else pad,
+            "bos_token_id": bos if bos is not None else pad,
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},

@@ -597,11 +597,32 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def special_token_id(directory: Path, key: str) -> int | None:
+    """The id of the tokenizer's ``eos_token`` / ``bos_token`` (tokenizer_config.json names it, tokenizer.json
+    numbers it), for checkpoints whose config.json leaves the id null (Qwen2's defaults do)."""
+    config, tokenizer = directory / "tokenizer_config.json", directory / "tokenizer.json"
+    if not (config.is_file() and tokenizer.is_file()):
+        return None
+    token = json.loads(config.read_text()).get(key)
+    if isinstance(token, dict):  # AddedToken serialized
+        token = token.get("content")
+    if not isinstance(token, str):
+        return None
+    data = json.loads(tokenizer.read_text())
+    for added in data.get("added_tokens") or ():
+        if added.get("content") == token:
+            return int(added["id"])
+    vocab = (data.get("model") or {}).get("vocab")
+    return int(vocab[token]) if isinstance(vocab, dict) and token in vocab else None
+
+
 def _eos_ids(directory: Path, config: dict) -> set[int]:
     ids = config.get("eos_token_id")
     gen = directory / "generation_config.json"
     if gen.is_file():
         ids = json.loads(gen.read_text()).get("eos_token_id", ids)
+    if ids is None:
+        ids = special_token_id(directory, "eos_token")  # as genai_config.json names it (pipeline/consumer/genai.py)
     if ids is None:
         return set()
     return set(ids) if isinstance(ids, list) else {int(ids)}

@@ -36,7 +36,11 @@ def _checkpoint(kind: str, tokenizer_dir: Path, dst: Path) -> Path:
                                hf.MistralForCausalLM),
                    "qwen2": (hf.Qwen2Config(**common, tie_word_embeddings=True), hf.Qwen2ForCausalLM),
                    "llama32": (hf.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0,
-                                              rope_scaling=LLAMA3_ROPE), hf.LlamaForCausalLM)}[kind]
+                                              rope_scaling=LLAMA3_ROPE), hf.LlamaForCausalLM),
+                   # input sizes that are not multiples of INT4's blocks of 128 (as SmolLM2-135M's 576)
+                   "odd": (hf.LlamaConfig(**{**common, "hidden_size": 192, "num_attention_heads": 6,
+                                             "intermediate_size": 320}, tie_word_embeddings=True),
+                           hf.LlamaForCausalLM)}[kind]
     torch.manual_seed(0)
     cls(config).save_pretrained(dst)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
@@ -173,3 +177,24 @@ def test_onnxruntime_genai_runs_each_family_as_shipped(family, kind, data_dir):
         gen.generate_next_token()
         new.append(int(gen.get_next_tokens()[0]))
     assert new and new == rt.generate(ids, len(new))
+
+
+def test_input_sizes_that_are_not_a_multiple_of_the_block_size_quantize(family, data_dir):
+    """Hidden 192 and intermediate 320 against blocks of 128: each projection's last block is padded (as
+    MatMulNBits reads it), the shared table takes the largest block dividing its width."""
+    from tests.conftest import calibrated
+
+    dirs = family("odd")
+    params = calibrated(data_dir)
+    root = dirs["fused"].parent
+    build("imatrix", params, dirs["fused"], root / "imatrix")
+    for name in ("int4", "int8-dynamic", "int8-static"):
+        manifest = build(name, params, dirs["fused"], root / name, scoring(params, data_dir, dirs["export"]),
+                         uses={"imatrix": root / "imatrix"} if name != "int8-static" else None)
+        # random weights: top-1 is noisy, the divergence is not (a misread padded block gives KLD ~1)
+        assert manifest["metrics"]["eval"]["kld_mean"] < 0.02, (name, manifest["metrics"]["eval"])
+    graph = _graph(root / "int4")
+    ks = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "K"}
+    assert {192, 320} <= ks and params.int4.block_size == 128
+    shared = json.loads((root / "int4" / "manifest.json").read_text())["quant_policy"]["tied_embedding"]
+    assert shared["block_size"] == 64 and shared["hidden"] == 192, shared

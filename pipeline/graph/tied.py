@@ -74,6 +74,20 @@ def find_tied(model):
     return None
 
 
+def table_block(hidden: int, block_size: int) -> int:
+    """The block size of the shared table: ``block_size``, or where it does not divide the hidden size the
+    largest power of two (at least 16) that does. GatherBlockQuantized reads the table unpadded (its
+    output is as wide as its data), so the padding a projection's last block gets (nbits.quantize_blocks)
+    is no option here."""
+    block = block_size
+    while hidden % block and block > 16:
+        block //= 2
+    if hidden % block:
+        raise PipelineError(f"the tied table's width {hidden} has no block size of 16 or more dividing it: set "
+                            f"quantize_tied: false (the table stays float)")
+    return block
+
+
 def share_quantized_table(model, bits: int, block_size: int, accuracy_level: int | None = None,
                           importance=None) -> dict:
     """Replace the tied Gather + lm_head MatMul with GatherBlockQuantized + MatMulNBits over one table.
@@ -88,6 +102,7 @@ def share_quantized_table(model, bits: int, block_size: int, accuracy_level: int
     init = {t.name: t for t in model.graph.initializer}
     w = numpy_helper.to_array(init[table])  # (vocab, hidden)
     vocab, hidden = w.shape
+    block_size = table_block(hidden, block_size)
     packed, scales = quantize_blocks(w, bits, block_size, importance)
     nb = hidden // block_size
     q_name, s_name = f"{table}_q{bits}", f"{table}_q{bits}_scales"

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-
 # Candidate scales, as llama.cpp's make_qx_quants tries them: the block's largest magnitude mapped to
 # -(qmax_neg + t) for t in these steps.
 _STEPS = tuple(0.1 * i for i in range(-9, 10))
@@ -37,10 +35,17 @@ def quantize_blocks(w: np.ndarray, bits: int, block_size: int, importance: np.nd
     alone: docs/choices.md).
     Done ``rows`` rows at a time, so temporaries stay small beside a 151,936-row table."""
     n, k = w.shape
-    if k % block_size:
-        raise PipelineError(f"input size {k} is not a multiple of the block size {block_size}")
     lo, hi = _levels(bits)
-    nb = k // block_size
+    nb = -(-k // block_size)
+    if nb * block_size != k:
+        # An input size that is not a multiple of the block size (SmolLM2's 576 against blocks of 128):
+        # the last block is padded with zeros, as MatMulNBits reads it (its K attribute is the true size,
+        # the padded weights meet no input). Zeros round to level 0 and leave the block's scale alone.
+        pad = nb * block_size - k
+        w = _Padded(w, pad)
+        if importance is not None:
+            importance = np.concatenate([np.asarray(importance, dtype=np.float32), np.zeros(pad, np.float32)])
+        k = nb * block_size
     rows = rows or max(1, (1 << 22) // k)
     packed = np.empty((n, nb, block_size * bits // 8), dtype=np.uint8)
     scales = np.empty((n, nb), dtype=np.float32)
@@ -59,6 +64,19 @@ def quantize_blocks(w: np.ndarray, bits: int, block_size: int, importance: np.nd
         packed[start:start + rows] = q
         scales[start:start + rows] = d
     return packed, scales
+
+
+class _Padded:
+    """``w`` (N, K) read ``rows`` at a time with ``pad`` zero columns on the right: no padded copy of a
+    whole table is ever made."""
+
+    def __init__(self, w, pad: int):
+        self.w, self.pad = w, pad
+        self.shape = (w.shape[0], w.shape[1] + pad)
+
+    def __getitem__(self, rows):
+        block = np.asarray(self.w[rows], dtype=np.float32)
+        return np.pad(block, ((0, 0), (0, self.pad)))
 
 
 def _round(x: np.ndarray, bits: int, lo: int, hi: int, imp: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -98,20 +116,21 @@ def _round(x: np.ndarray, bits: int, lo: int, hi: int, imp: np.ndarray | None) -
     return q.astype(np.int8), best_d
 
 
-def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
-    """(N, K) float32 from :func:`quantize_blocks`' output."""
+def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int, k: int | None = None) -> np.ndarray:
+    """(N, K) float32 from :func:`quantize_blocks`' output (``k``: the true input size, where the last
+    block was padded)."""
     lo, _ = _levels(bits)
     if bits == 4:
         packed = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
     q = packed.astype(np.float32) + lo
-    return (q * scales[..., None]).reshape(scales.shape[0], -1)
+    return (q * scales[..., None]).reshape(scales.shape[0], -1)[:, :k]
 
 
 def weighted_error(w: np.ndarray, bits: int, block_size: int, importance: np.ndarray | None) -> float:
     """The importance-weighted rounding error of ``w`` (N, K), relative to its weighted energy: how much
     of a projection's output (under the calibration activations) its quantization disturbs."""
     packed, scales = quantize_blocks(w, bits, block_size, importance)
-    err = dequantize_blocks(packed, scales, bits) - w
+    err = dequantize_blocks(packed, scales, bits, w.shape[1]) - w
     imp = np.ones(w.shape[1], np.float32) if importance is None else np.asarray(importance, np.float32)
     return float((np.square(err) @ imp).sum() / max((np.square(w) @ imp).sum(), 1e-30))
 

@@ -198,3 +198,33 @@ def test_input_sizes_that_are_not_a_multiple_of_the_block_size_quantize(family, 
     assert {192, 320} <= ks and params.int4.block_size == 128
     shared = json.loads((root / "int4" / "manifest.json").read_text())["quant_policy"]["tied_embedding"]
     assert shared["block_size"] == 64 and shared["hidden"] == 192, shared
+
+
+@pytest.mark.parametrize("what", ["mixture of experts", "unknown model_type", "vision-language"])
+def test_what_no_stage_can_build_is_one_line_at_the_import(checkpoint_dir, data_dir, tmp_path, what):
+    import torch
+    import transformers as hf
+
+    src = tmp_path / "src"
+    vocab = json.loads((checkpoint_dir / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    config = hf.Qwen3MoeConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                               num_experts=4, num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=32)
+    hf.Qwen3MoeForCausalLM(config).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(checkpoint_dir / name, src / name)
+    saved = json.loads((src / "config.json").read_text())
+    if what == "unknown model_type":
+        saved.update(model_type="frobnicator", architectures=["FrobnicatorForCausalLM"])
+        needles = ("'frobnicator'", "does not know", "qwen3, qwen2, llama, mistral")
+    elif what == "vision-language":
+        saved = {**{k: v for k, v in saved.items() if not k.startswith("num_experts")}, "vision_config": {}}
+        needles = ("vision-language", "unsupported")
+    else:
+        needles = ("mixture of experts", "num_experts=4", "unsupported")
+    (src / "config.json").write_text(json.dumps(saved))
+    out = tmp_path / "checkpoint"
+    assert_clean_failure(run_cli("checkpoint", "--data", str(data_dir), "--out", str(out), "-S",
+                                 f"model.source={src}"), *needles)
+    assert not out.exists()

@@ -28,9 +28,10 @@ def _check_causal_lm(directory: Path, label: str, allow_pickle: bool = False) ->
     config = untrusted.load_json(cfg_path, f"{label}'s config.json")
     check_memory("checkpoint", config)
     archs = config.get("architectures") or []
-    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+    if not any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise PipelineError(f"{label} is not a causal LM (architectures: {archs or 'none'}); "
                             f"the pipeline needs a *ForCausalLM checkpoint")
+    _supported(config, label)
     if not (directory / "tokenizer.json").is_file():
         raise PipelineError(f"{label} has no tokenizer.json; the pipeline needs the model's fast tokenizer "
                             f"(save it with AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
@@ -44,6 +45,31 @@ def _check_causal_lm(directory: Path, label: str, allow_pickle: bool = False) ->
                 f"Convert them to safetensors where you trust the file, or set "
                 f"model.allow_unsafe_pickle_weights=true to accept that risk (they are converted to safetensors once)")
     return config
+
+
+# The families every stage is checked on (tests/test_families.py, docs/stages.md "Other families"); others
+# that transformers and optimum know may build part of the DAG, each stage saying where it stops.
+FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
+
+
+def _supported(config: dict, label: str) -> None:
+    """One line for what no stage can build, before anything is copied: a model type transformers does not
+    know, a mixture of experts, a vision-language model."""
+    from transformers import CONFIG_MAPPING
+
+    kind = config.get("model_type")
+    families = f"the families every stage is checked on: {', '.join(FAMILIES)}"
+    if not isinstance(kind, str) or kind not in CONFIG_MAPPING:
+        raise PipelineError(f"{label} has model_type {str(kind)[:40]!r}, which the installed transformers does not "
+                            f"know: unsupported ({families})")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    experts = next((k for k in ("num_experts", "num_local_experts", "n_routed_experts") if text.get(k)), None)
+    if experts:
+        raise PipelineError(f"{label} is a mixture of experts ({kind}, {experts}={text[experts]}): unsupported "
+                            f"({families})")
+    if "vision_config" in config:
+        raise PipelineError(f"{label} is a vision-language model ({kind}): unsupported ({families}); export its "
+                            f"text model alone")
 
 
 def _convert_pickle(directory: Path, tmp: Path, trust_remote_code: bool) -> None:

@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.checkpoints.builtin import BUILTIN, train_pinned
 from pipeline.checkpoints.importer import import_checkpoint
-from pipeline.checkpoints.shapes import RANDOM_PREFIX, random_qwen3
+from pipeline.checkpoints.shapes import RANDOM_PREFIX, random_checkpoint
 from pipeline.errors import PipelineError, first_line
 from pipeline.runner import BuildResult, Inputs, Stage
 from pipeline.schema import Eval, PosInt, Section
@@ -136,7 +136,7 @@ def build(inputs: Inputs, cfg: CheckpointConfig, tmp: Path) -> BuildResult:
         made = train_pinned(cfg, data_dir, tmp)
         covered = {"model": cfg.model, "tokenizer": cfg.tokenizer, "train": cfg.train}
     elif source.startswith(RANDOM_PREFIX):
-        made = random_qwen3(source, cfg, data_dir, tmp)
+        made = random_checkpoint(source, cfg, data_dir, tmp)
         covered = {"model": cfg.model, "tokenizer": cfg.tokenizer, "seed": cfg.train.seed}
     elif source.startswith("builtin:"):
         raise PipelineError(f"unknown built-in model {source!r}; the built-in model is {BUILTIN}")
@@ -169,5 +169,5 @@ def describe(manifest: dict, measured: dict) -> str:
 STAGE = Stage(name="checkpoint", config=CheckpointConfig, build=build, parents=("data",), describe=describe,
               metrics=checkpoint_metrics,
               flags={"--source": ("model.source", "alias for -S model.source=...: builtin:qwen3-tiny, "
-                                                  "random:qwen3-0.6b, a local HF dir or a hub id")},
+                                                  "random:qwen3-0.6b (or llama-3.2-1b, qwen2.5-0.5b ...), a local HF dir or a hub id")},
               summary="Hugging Face checkpoint (safetensors) the ONNX artifacts start from")

@@ -23,6 +23,29 @@ def test_random_sources_parse_and_refuse_cleanly(data_dir, tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
+# Published parameter counts (each model card's), to check each shape against something it was not made from.
+PUBLISHED_PARAMS = {"qwen3-0.6b": 0.596e9, "qwen3-4b": 4.02e9, "qwen2.5-0.5b": 0.494e9, "qwen2.5-1.5b": 1.54e9,
+                    "qwen2.5-7b": 7.62e9, "llama-3.2-1b": 1.24e9, "llama-3.1-8b": 8.03e9, "mistral-7b": 7.25e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_each_familys_published_shape_has_its_published_size(name):
+    """The shape, built by transformers' own class on the meta device (no memory), has the model card's
+    parameter count within 1 %."""
+    import torch
+    import transformers
+
+    from pipeline.checkpoints.shapes import CLASSES, shape_of
+
+    family, shape = shape_of(name)
+    config_class, model_class = (getattr(transformers, c) for c in CLASSES[family])
+    with torch.device("meta"):
+        model = model_class(config_class(**shape))
+    params = sum(p.numel() for p in model.parameters())
+    assert abs(params / PUBLISHED_PARAMS[name] - 1) < 0.01, (name, params)
+    assert parse_random(f"random:{name}?layers=2") == (name, {"num_hidden_layers": 2})
+
+
 @pytest.mark.slow
 def test_tied_export_past_2_gb_stores_the_table_once(data_dir, tmp_path):
     """Two layers at Qwen3-4B's width with the real vocab: 2.37 GB of FP32 weights, tied."""

@@ -1,6 +1,6 @@
-"""Random weights in the published Qwen3 shapes (``random:qwen3-0.6b`` ...): the real sizes, to
-measure memory, time and the pipeline's behaviour at scale without a hub. ``cfg`` is the checkpoint
-stage's config (stages/checkpoint.py)."""
+"""Random weights in published shapes (``random:qwen3-0.6b``, ``random:llama-3.2-1b`` ...): the real
+sizes, to measure memory, time and the pipeline's behaviour at scale without a hub. ``cfg`` is the
+checkpoint stage's config (stages/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,40 @@ QWEN3_SHAPES["qwen3-micro"] = {"hidden_size": 128, "intermediate_size": 384, "nu
                                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
                                "max_position_embeddings": 32768, "rope_theta": 1_000_000.0, "vocab_size": None}
 QWEN3_VOCAB = 151936
+# The other families' published shapes (config.json of each hub checkpoint): the family, and every field
+# of it that differs from transformers' defaults for its class.
+_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+FAMILY_SHAPES = {
+    "qwen2.5-0.5b": ("qwen2", {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                               "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+                               "rope_theta": 1_000_000.0, "vocab_size": 151936, "tie_word_embeddings": True,
+                               "rms_norm_eps": 1e-6}),
+    "qwen2.5-1.5b": ("qwen2", {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                               "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+                               "rope_theta": 1_000_000.0, "vocab_size": 151936, "tie_word_embeddings": True,
+                               "rms_norm_eps": 1e-6}),
+    "qwen2.5-7b": ("qwen2", {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                             "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
+                             "rope_theta": 1_000_000.0, "vocab_size": 152064, "tie_word_embeddings": False,
+                             "rms_norm_eps": 1e-6}),
+    "llama-3.2-1b": ("llama", {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                               "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                               "max_position_embeddings": 131072, "rope_theta": 500_000.0, "vocab_size": 128256,
+                               "tie_word_embeddings": True, "rms_norm_eps": 1e-5,
+                               "rope_scaling": {**_LLAMA3_ROPE, "factor": 32.0}}),
+    "llama-3.1-8b": ("llama", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                               "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                               "rope_theta": 500_000.0, "vocab_size": 128256, "tie_word_embeddings": False,
+                               "rms_norm_eps": 1e-5, "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0}}),
+    "mistral-7b": ("mistral", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                               "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+                               "rope_theta": 1_000_000.0, "vocab_size": 32768, "tie_word_embeddings": False,
+                               "sliding_window": None, "rms_norm_eps": 1e-5}),
+}
+# family -> transformers' config and model classes
+CLASSES = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+           "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}
 RANDOM_PREFIX = "random:"
 RANDOM_QUERY = ("?layers=N, &context=N (max_position_embeddings), &yarn=F (rope_scaling YaRN by F over context / F), "
                 "&dtype=bfloat16|float16 (stored as the hub stores it)")
@@ -38,9 +72,10 @@ def parse_random(source: str) -> tuple[str, dict]:
     max_position_embeddings, ``yarn=F`` a YaRN rope_scaling of factor F whose original window is
     context / F (as Qwen documents YaRN for Qwen3)."""
     name, _, query = source[len(RANDOM_PREFIX):].partition("?")
-    if name not in QWEN3_SHAPES:
+    if name not in QWEN3_SHAPES and name not in FAMILY_SHAPES:
         raise PipelineError(f"unknown shape {name!r} in model.source {source!r}; use one of "
-                            f"{', '.join(RANDOM_PREFIX + k for k in QWEN3_SHAPES)} (optionally {RANDOM_QUERY})")
+                            f"{', '.join(RANDOM_PREFIX + k for k in (*QWEN3_SHAPES, *FAMILY_SHAPES))} "
+                            f"(optionally {RANDOM_QUERY})")
     overrides, yarn = {}, None
     for item in filter(None, query.split("&")):
         key, _, value = item.partition("=")
@@ -53,36 +88,47 @@ def parse_random(source: str) -> tuple[str, dict]:
         else:
             raise PipelineError(f"model.source {source!r}: {item!r} is not one of {RANDOM_QUERY} (N >= 1, F > 1)")
     if yarn is not None:
-        context = overrides.get("max_position_embeddings", QWEN3_SHAPES[name]["max_position_embeddings"])
+        context = overrides.get("max_position_embeddings", shape_of(name)[1]["max_position_embeddings"])
         overrides["rope_scaling"] = {"rope_type": "yarn", "factor": yarn,
                                      "original_max_position_embeddings": int(context / yarn)}
     return name, overrides
 
 
-def random_qwen3(source: str, cfg, data_dir: Path, tmp: Path) -> dict:
-    """A Qwen3 of a published shape with random weights from ``train.seed`` and the built-in tokenizer
+def shape_of(name: str) -> tuple[str, dict]:
+    """(family, the whole config) of a known shape."""
+    if name in FAMILY_SHAPES:
+        family, shape = FAMILY_SHAPES[name]
+        return family, dict(shape)
+    return "qwen3", {"head_dim": 128, "vocab_size": QWEN3_VOCAB, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+                     **QWEN3_SHAPES[name]}
+
+
+def random_checkpoint(source: str, cfg, data_dir: Path, tmp: Path) -> dict:
+    """A model of a published shape with random weights from ``train.seed`` and the built-in tokenizer
     (the real vocab size kept, so the embedding and lm_head are the real size). Its perplexity means
     nothing; the stages after it measure what they measure on any model: drift, KLD, top-1, size, time."""
     import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    import transformers
+    from transformers import GenerationConfig
 
     from pipeline.text.sources import read_split
 
     name, overrides = parse_random(source)
     tokenizer = train_tokenizer(read_split(data_dir, "train"), cfg.tokenizer.vocab_size, tmp)
     dtype = overrides.pop("dtype", "float32")
-    shape = {"head_dim": 128, "vocab_size": QWEN3_VOCAB, **QWEN3_SHAPES[name], **overrides}
+    family, shape = shape_of(name)
+    shape.update(overrides)
     shape["vocab_size"] = shape["vocab_size"] or len(tokenizer)
-    check_memory("checkpoint", {**shape, "tie_word_embeddings": True})
-    config = Qwen3Config(rms_norm_eps=1e-6, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id, use_cache=True, dtype=dtype, **shape)
+    check_memory("checkpoint", shape)
+    config_class, model_class = (getattr(transformers, c) for c in CLASSES[family])
+    config = config_class(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.eos_token_id, use_cache=True, dtype=dtype, **shape)
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))  # initialised in its stored dtype: no float32 copy first
     try:
-        model = Qwen3ForCausalLM(config)
+        model = model_class(config)
     finally:
         torch.set_default_dtype(default)
     model.eval()

@@ -7,7 +7,7 @@ this script re-renders each from FILE (relative to the repository root).
 
 Kinds: ``artifacts`` (FILE: a metrics directory, with its ``build/`` run figures), ``bench`` and
 ``ratios`` (a benchmarks/results*.json), ``stages`` (a benchmarks/real_shapes_*.json),
-``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scoreboard`` (a benchmarks/scoreboard_*.json), ``sweep`` (benchmarks/outlier_sweep.json), ``llama`` (a benchmarks/llama_cpp_*.json), ``long`` and ``longtargets`` (a benchmarks/long_context_*.json), ``untrusted`` (benchmarks/untrusted_costs.json), ``kvmemory``
+``extrapolated`` (a benchmarks/real_shapes_extrapolated_*.json), ``repro`` (benchmarks/int8_static_repro.json), ``scoreboard`` (a benchmarks/scoreboard_*.json), ``sweep`` (benchmarks/outlier_sweep.json), ``llama`` (a benchmarks/llama_cpp_*.json), ``long`` and ``longtargets`` (a benchmarks/long_context_*.json), ``untrusted`` (benchmarks/untrusted_costs.json), ``families`` (benchmarks/families_*.json), ``kvmemory``
 (FILE: pipeline/checkpoints/shapes.py, whose shapes it tabulates with pipeline/consumer/runtime.py's memory formula)."""
 
 from __future__ import annotations
@@ -442,7 +442,22 @@ def untrusted(path: Path) -> str:
     return "\n".join(rows) + f"\n\n{m['cpu']}, {m['cores']} cores, one run."
 
 
-KINDS = {"untrusted": untrusted, "sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "longtargets": longtargets, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
+def families(path: Path) -> str:
+    """benchmarks/families_*.json (benchmarks/families_collect.py): each family's stages at its real width."""
+    r = json.loads(path.read_text())
+    rows = ["| shape | stage | size | wall | peak RSS | max \\|Δlogit\\| vs parent | KLD vs reference | top-1 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    cpu = None
+    for name, stages in r.items():
+        for stage, m in stages.items():
+            cpu = m["machine"]["cpu"]
+            rows.append(f"| {name if stage == 'checkpoint' else ''} | {stage} | {m['size_mb']:,.1f} MB | {m['wall_s']:.0f} s | "
+                        f"{m['peak_rss_mb'] / 1024:.2f} GB | {_fmt(m.get('max_abs_logit_delta'), '.1e')} | "
+                        f"{_fmt(m.get('kld_mean'), '.1e')} | {_fmt(m.get('top1_agreement'), '.1%')} |")
+    return "\n".join(rows) + f"\n\n{cpu}, 2 cores (each library's default threads), one run each; random weights (top-1 of a random model's flat distributions means little)."
+
+
+KINDS = {"families": families, "untrusted": untrusted, "sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "longtargets": longtargets, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
 
 
 def render(text: str) -> str:

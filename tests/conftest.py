@@ -177,3 +177,30 @@ def publisher(tmp_path_factory):
     root.joinpath(".repro_seconds").write_text(f"{time.perf_counter() - t0:.1f}")
     assert "Running stage 'report'" in proc.stdout
     return root
+
+
+@pytest.fixture
+def copy(derived, tmp_path):
+    """copy('int4') -> a copy of a built artifact in this test's tmp_path, to tamper with."""
+    def make(name="int4"):
+        dst = tmp_path / name
+        shutil.copytree(derived(name), dst)
+        return dst
+    return make
+
+
+def genai_greedy(directory: Path, ids: list[int], new: int) -> list[int]:
+    """onnxruntime-genai's own greedy decode of ``new`` tokens after ``ids``, reading only the artifact's
+    genai_config.json."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(directory))
+    options = og.GeneratorParams(model)
+    options.set_search_options(max_length=len(ids) + new, do_sample=False)
+    gen = og.Generator(model, options)
+    gen.append_tokens(ids)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out

@@ -15,7 +15,7 @@ from pipeline.consumer import chat
 from pipeline.consumer import manifest as mf
 from pipeline.consumer.runtime import Runtime
 from pipeline.registry import ONNX as ARTIFACTS
-from tests.conftest import REPO, assert_clean_failure, build, run_cli, scoring
+from tests.conftest import REPO, assert_clean_failure, build, genai_greedy, run_cli, scoring
 from tests.test_verify import rehash
 
 
@@ -69,14 +69,7 @@ def test_onnxruntime_genai_runs_every_artifact_as_shipped(artifact, data_dir, na
     model = og.Model(str(d))
     ids = rt.encode(_prompt(data_dir))
     assert list(og.Tokenizer(model).encode(_prompt(data_dir))) == ids
-    options = og.GeneratorParams(model)
-    options.set_search_options(max_length=len(ids) + 24, do_sample=False)
-    gen = og.Generator(model, options)
-    gen.append_tokens(ids)
-    new = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        new.append(int(gen.get_next_tokens()[0]))
+    new = genai_greedy(d, ids, 24)
     assert new, "onnxruntime-genai generated nothing"
     assert new == rt.generate(ids, len(new))
 

@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from pipeline.graph.onnx_io import op_counts
-from tests.conftest import assert_clean_failure, build, run_cli, scoring, small_params
+from tests.conftest import assert_clean_failure, build, genai_greedy, run_cli, scoring, small_params
 
 LAYERS, WINDOW = 4, 16
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -158,8 +158,6 @@ def test_onnxruntime_genai_runs_each_family_as_shipped(family, kind, data_dir):
     """genai_config.json names the family's model type and its special tokens (from the tokenizer where
     config.json leaves them null, as Qwen2's defaults do); onnxruntime-genai's own runtime gives our
     runtime's greedy tokens, on a prompt longer than Mistral's window."""
-    import onnxruntime_genai as og
-
     from pipeline.consumer.runtime import Runtime
 
     d = family(kind)["fused"]
@@ -167,64 +165,5 @@ def test_onnxruntime_genai_runs_each_family_as_shipped(family, kind, data_dir):
     rt = Runtime(d)
     ids = rt.encode((data_dir / "eval.txt").read_text()[:400])[:40]
     assert len(ids) > 2 * WINDOW
-    model = og.Model(str(d))
-    options = og.GeneratorParams(model)
-    options.set_search_options(max_length=len(ids) + 24, do_sample=False)
-    gen = og.Generator(model, options)
-    gen.append_tokens(ids)
-    new = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        new.append(int(gen.get_next_tokens()[0]))
+    new = genai_greedy(d, ids, 24)
     assert new and new == rt.generate(ids, len(new))
-
-
-def test_input_sizes_that_are_not_a_multiple_of_the_block_size_quantize(family, data_dir):
-    """Hidden 192 and intermediate 320 against blocks of 128: each projection's last block is padded (as
-    MatMulNBits reads it), the shared table takes the largest block dividing its width."""
-    from tests.conftest import calibrated
-
-    dirs = family("odd")
-    params = calibrated(data_dir)
-    root = dirs["fused"].parent
-    build("imatrix", params, dirs["fused"], root / "imatrix")
-    for name in ("int4", "int8-dynamic", "int8-static"):
-        manifest = build(name, params, dirs["fused"], root / name, scoring(params, data_dir, dirs["export"]),
-                         uses={"imatrix": root / "imatrix"} if name != "int8-static" else None)
-        # random weights: top-1 is noisy, the divergence is not (a misread padded block gives KLD ~1)
-        assert manifest["metrics"]["eval"]["kld_mean"] < 0.02, (name, manifest["metrics"]["eval"])
-    graph = _graph(root / "int4")
-    ks = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "K"}
-    assert {192, 320} <= ks and params.int4.block_size == 128
-    shared = json.loads((root / "int4" / "manifest.json").read_text())["quant_policy"]["tied_embedding"]
-    assert shared["block_size"] == 64 and shared["hidden"] == 192, shared
-
-
-@pytest.mark.parametrize("what", ["mixture of experts", "unknown model_type", "vision-language"])
-def test_what_no_stage_can_build_is_one_line_at_the_import(checkpoint_dir, data_dir, tmp_path, what):
-    import torch
-    import transformers as hf
-
-    src = tmp_path / "src"
-    vocab = json.loads((checkpoint_dir / "config.json").read_text())["vocab_size"]
-    torch.manual_seed(0)
-    config = hf.Qwen3MoeConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                               num_experts=4, num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2,
-                               num_key_value_heads=1, head_dim=32)
-    hf.Qwen3MoeForCausalLM(config).save_pretrained(src)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(checkpoint_dir / name, src / name)
-    saved = json.loads((src / "config.json").read_text())
-    if what == "unknown model_type":
-        saved.update(model_type="frobnicator", architectures=["FrobnicatorForCausalLM"])
-        needles = ("'frobnicator'", "does not know", "qwen3, qwen2, llama, mistral")
-    elif what == "vision-language":
-        saved = {**{k: v for k, v in saved.items() if not k.startswith("num_experts")}, "vision_config": {}}
-        needles = ("vision-language", "unsupported")
-    else:
-        needles = ("mixture of experts", "num_experts=4", "unsupported")
-    (src / "config.json").write_text(json.dumps(saved))
-    out = tmp_path / "checkpoint"
-    assert_clean_failure(run_cli("checkpoint", "--data", str(data_dir), "--out", str(out), "-S",
-                                 f"model.source={src}"), *needles)
-    assert not out.exists()

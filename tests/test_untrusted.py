@@ -22,15 +22,6 @@ from tests.conftest import REPO, assert_clean_failure, run_cli
 from tests.test_verify import rehash
 
 
-@pytest.fixture
-def copy(derived, tmp_path):
-    def make(name="int4"):
-        dst = tmp_path / name
-        shutil.copytree(derived(name), dst)
-        return dst
-    return make
-
-
 # ------------------------------------------------------------------------------------------- reads stay inside
 def _checkpoint_copy(checkpoint_dir: Path, dst: Path) -> Path:
     dst.mkdir()

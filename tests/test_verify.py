@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import onnx
-import pytest
 
 from pipeline.consumer import manifest as mf
 from tests.conftest import REPO, assert_clean_failure, run_cli
@@ -24,15 +23,6 @@ def rehash(directory, card=True):
     if card:
         m["files"] = sorted([*m["files"], model_card.write(directory, m)], key=lambda f: f["path"])
     mf.write_manifest(directory, m)
-
-
-@pytest.fixture
-def copy(derived, tmp_path):
-    def make(name="int4"):
-        dst = tmp_path / name
-        shutil.copytree(derived(name), dst)
-        return dst
-    return make
 
 
 def test_verify_passes_and_prints_lineage(derived, fused_dir, export_dir, checkpoint_dir, data_dir):

@@ -199,7 +199,7 @@ def _is_text(stage, key: str) -> bool:
     return model.model_fields[parts[-1]].annotation is str
 
 
-def _same_model(input_dir: str, reference: str, stage: str) -> str:
+def _same_model(input_dir: str, reference: str, stage: str, parents: tuple[str, ...]) -> str:
     """The reference an artifact is scored against is of the same model: an artifact in its input's
     lineage. The default (artifacts/<stage>) is another model's when the input comes from elsewhere; then
     the input's sibling of that stage is taken where it is in the lineage, else one line."""
@@ -209,6 +209,7 @@ def _same_model(input_dir: str, reference: str, stage: str) -> str:
         parent, ref = mf.read_manifest(input_dir), mf.read_manifest(reference)
     except PipelineError:
         return reference  # absent: not scored (said by _scoring); damaged: the build's verify says so
+    mf.expect_stage(parent, parents, Path(input_dir))  # a wrong input is named as such, not as a wrong reference
     ids = {parent["artifact_id"], *(p["artifact_id"] for p in parent["lineage"])}
     if ref["artifact_id"] in ids:
         return reference
@@ -219,6 +220,7 @@ def _same_model(input_dir: str, reference: str, stage: str) -> str:
             return str(sibling)
     except PipelineError:
         pass
+    mf.check_files(input_dir, parent)  # a damaged input is named as such first
     raise PipelineError(f"the reference {reference} ({ref['stage']} {ref['artifact_id']}) is not in the lineage of "
                         f"{input_dir}: it belongs to another model. Pass --reference DIR (this model's {stage}) or "
                         f"--no-eval")
@@ -233,7 +235,7 @@ def _run_verb(entry, params_file, overrides, input_dir=None, out=None, eval_afte
     input_dir = input_dir or (_input_default(stage, params) if entry.parents else None)
     reference = input_dir if entry.scored_against_input else eval_reference
     if eval_after and entry.precision and not entry.scored_against_input:
-        reference = _same_model(input_dir, reference, entry.reference)
+        reference = _same_model(input_dir, reference, entry.reference, stage.parents)
     scoring = _scoring(params, eval_after, reference, eval_data) if entry.precision else None
     manifest = _build(entry.name, params, input_dir, out or f"artifacts/{entry.name}", scoring, run_metrics,
                       {k: v for k, v in uses.items() if k in stage.uses} or None)

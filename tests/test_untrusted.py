@@ -101,12 +101,14 @@ def test_verify_checks_external_data_inside_subgraphs(copy, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- caches are checked
-def test_a_tampered_outputs_cache_is_recorded_again_not_reported(derived, export_dir, data_dir, params):
+def test_a_tampered_outputs_cache_is_recorded_again_not_reported(derived, export_dir, data_dir, params, tmp_path):
     """evaluate reuses the reference's recorded logits (.outputs/<id>/): zeroed, they would give a
     perplexity the model never had."""
     from pipeline.scoring.evaluate import evaluate_artifact
     from pipeline.scoring.outputs import cache_dir
 
+    # a cache of this test's own: the shared one holds other tests' entries, which this one does not use
+    export_dir = Path(shutil.copytree(export_dir, tmp_path / "export"))
     text = (data_dir / "eval.txt").read_text()
     first = evaluate_artifact(derived("int4"), text, params, export_dir, "int4", rescore=True)
     entry = cache_dir(export_dir) / mf.read_manifest(export_dir)["artifact_id"]

@@ -37,13 +37,29 @@ def _with_packages(modules: set[str]) -> set[str]:
     return out
 
 
+def _discovers(package: str) -> bool:
+    """Does ``package``'s __init__ import its modules by discovery (``DISCOVERS_MODULES = True``)? No import
+    statement names them, so the graph cannot see them."""
+    init = ROOT.joinpath(*package.split("."), "__init__.py")
+    if not init.is_file():
+        return False
+    return any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "DISCOVERS_MODULES" for t in n.targets)
+               for n in ast.parse(init.read_text()).body)
+
+
 def closure(*modules: str) -> set[str]:
-    """First-party modules ``modules`` import, directly or not (function-level imports included)."""
+    """First-party modules ``modules`` import, directly or not (function-level imports included); a package
+    that discovers its modules (pipeline/families/) brings all of them."""
     graph = _graph()
-    out = set(modules)
-    for m in modules:
-        out |= graph.find_upstream_modules(m)
-    return _with_packages(out)
+    out, todo = set(), set(modules)
+    while todo:
+        found = set(todo)
+        for m in todo:
+            found |= graph.find_upstream_modules(m)
+        found = _with_packages(found)
+        out |= found
+        todo = {child for p in found if _discovers(p) for child in graph.find_children(p)} - out
+    return out
 
 
 def cli_base() -> set[str]:

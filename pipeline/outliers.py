@@ -19,10 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import families
 from .errors import PipelineError
-
-ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-MLP = ("mlp.gate_proj", "mlp.up_proj")
 
 
 def inject(directory: Path, channels: int, scale: float, seed: int = 0) -> dict:
@@ -31,6 +29,8 @@ def inject(directory: Path, channels: int, scale: float, seed: int = 0) -> dict:
     from safetensors.torch import load_file, save_file  # torch: bf16 checkpoints too
 
     config = json.loads((directory / "config.json").read_text())
+    family = families.of(config)
+    up, down = family.inner
     hidden_n, inter_n, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     if channels > min(hidden_n, inter_n):
         raise PipelineError(f"model.outliers.channels {channels} exceeds the hidden size {hidden_n} or the "
@@ -46,19 +46,19 @@ def inject(directory: Path, channels: int, scale: float, seed: int = 0) -> dict:
         hidden_t, inter_t = (torch.as_tensor(hidden), torch.as_tensor(inter))
         for i in range(layers):
             p = f"model.layers.{i}."
-            for norm, projs in (("input_layernorm", ATTN), ("post_attention_layernorm", MLP)):
+            for norm, projs in family.norm_inputs.items():
                 _scale(w, p + norm + ".weight", (hidden_t,), scale, seen)
                 for proj in projs:
                     _scale(w, p + proj + ".weight", (slice(None), hidden_t), 1 / scale, seen)
-            _scale(w, p + "mlp.up_proj.weight", (inter_t,), scale, seen)
-            _scale(w, p + "mlp.down_proj.weight", (slice(None), inter_t), 1 / scale, seen)
+            _scale(w, p + up + ".weight", (inter_t + family.inner_rows(config),), scale, seen)
+            _scale(w, p + down + ".weight", (slice(None), inter_t), 1 / scale, seen)
         assert all(w[k].dtype == d for k, d in dtypes.items())
         save_file(w, str(path), metadata={"format": "pt"})
-    expected = {f"model.layers.{i}.{n}.weight" for i in range(layers)
-                for n in ("input_layernorm", "post_attention_layernorm", *ATTN, *MLP, "mlp.down_proj")}
+    names = [n for norm, projs in family.norm_inputs.items() for n in (norm, *projs)] + [up, down]
+    expected = {f"model.layers.{i}.{n}.weight" for i in range(layers) for n in names}
     if missing := sorted(expected - seen):
         raise PipelineError(f"model.outliers: the checkpoint has no {missing[0]} (and {len(missing) - 1} more): "
-                            "only Qwen3/Llama-style layer names are supported")
+                            f"not the layout pipeline/families/{family.model_type}.py declares")
     return {"channels": channels, "scale": scale, "seed": seed, "hidden_channels": hidden.tolist(),
             "intermediate_channels": inter.tolist()}
 

@@ -1,4 +1,4 @@
-"""Stage `fused`: ORT's transformer optimizer (model_type qwen3) fuses the RMSNorms (SimplifiedLayerNorm,
+"""Stage `fused`: ORT's transformer optimizer (the family's ``ort_optimizer``) fuses the RMSNorms (SimplifiedLayerNorm,
 SkipSimplifiedLayerNorm); then our rewrite pattern (pipeline/graph/fusions.py) turns each layer's attention,
 QK-norm'd, into one GroupQueryAttention with the rotary embedding inside (caches of
 ``max_position_embeddings`` rows) and a KV cache that past and present can share.
@@ -22,11 +22,12 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline import compat
+from pipeline import compat, families
 from pipeline.errors import PipelineError
 from pipeline.graph import onnx_io
 from pipeline.graph.fusions import fuse_attention, rotary_caches, select_logits
 from pipeline.graph.tied import retie_embedding
+from pipeline.log import info
 from pipeline.onnx_post import OnnxStage
 from pipeline.ops import store
 from pipeline.runner import BuildResult, Inputs
@@ -34,7 +35,6 @@ from pipeline.schema import PosInt, Section
 
 
 class Fused(Section):
-    model_type: str
     opt_level: Literal[0, 1, 2, 99]
     attention: Literal["gqa", "none"]
     greedy_tokens: int = PosInt
@@ -110,11 +110,10 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
     model_config = json.loads((parent_dir / "config.json").read_text())
     compat.quiet_ort_quantizers()
     layers = int(model_config["num_hidden_layers"])
-    if config.attention == "gqa" and (model_config.get("use_sliding_window") or
-                                      len(set(model_config.get("layer_types") or ())) > 1):
-        raise PipelineError("the checkpoint's attention window differs from layer to layer (use_sliding_window / "
-                            "layer_types), which the GQA fusion does not carry over (one window for every layer, "
-                            "as Mistral's, it does): set fused.attention: none")
+    family = families.of(model_config, f"{parent_dir}")
+    if config.attention == "gqa" and (why := family.unfusable(model_config)):
+        raise PipelineError(f"the fused attention (one GroupQueryAttention per layer, one window for every layer, "
+                            f"as Mistral's) cannot compute this checkpoint's: {why}. Set fused.attention: none")
     if config.attention == "gqa":
         rotary_caches(model_config, 1)  # an unsupported rope_scaling is refused before any work
     with store.scratch_dir(tmp, "ort") as scratch:
@@ -138,17 +137,21 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
         # to the working directory: run it from the one holding the weights.
         with onnx_io.weights_from(scratch), contextlib.redirect_stdout(io.StringIO()):
             optimizer = optimize_model(onnx.load(optimized, load_external_data=False),
-                                       model_type=config.model_type, num_heads=int(model_config["num_attention_heads"]),
+                                       model_type=family.ort_optimizer, num_heads=int(model_config["num_attention_heads"]),
                                        hidden_size=int(model_config["hidden_size"]), opt_level=0, use_gpu=False)
         model = onnx_io.to_ir(optimizer.model, scratch)
         del optimizer
         restore_weights(model, withheld, parent_dir.resolve())
-        gqa = 0
+        gqa = packed = 0
         if config.attention == "gqa":
-            model, gqa = fuse_attention(model, model_config, int(model_config["max_position_embeddings"]))
+            model, gqa, packed = fuse_attention(model, model_config, int(model_config["max_position_embeddings"]),
+                                                family)
         if config.attention == "gqa" and gqa != layers:
             raise PipelineError(f"fused {gqa} of {layers} attention blocks into GroupQueryAttention: the export's "
                                 f"attention is not the pattern pipeline/graph/fusions.py knows (set fused.attention: none)")
+        if gqa and packed != gqa:  # exact either way; only slower (three MatMuls per layer instead of one)
+            info(f"note: q/k/v packed into one MatMul in {packed} of {gqa} layers: the export's projections are "
+                 f"not the {family.projections!r} form pipeline/families/{family.model_type}.py declares")
         trimmed = trim_rotary_caches(model, int(model_config["max_position_embeddings"]))
         selected = select_logits(model)
         if not selected:
@@ -161,7 +164,7 @@ def build(inputs: Inputs, config: Fused, tmp: Path) -> BuildResult:
     counts = onnx_io.op_counts(graph)
     fused = {op: counts.get(op, 0) for op in FUSED_OPS}
     return BuildResult(metrics={"fused_ops": fused, "op_counts": counts, "rotary_caches_trimmed_to": trimmed,
-                                "retied_initializers": retied,
+                                "retied_initializers": retied, "packed_qkv_layers": packed,
                                 "logits_to_keep_input": bool(selected)},
                        extra={"precision": "fp32", "kv_dtype": "float32", "attention": config.attention})
 

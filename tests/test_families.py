@@ -7,7 +7,9 @@ as a user would bring them (issue: model families). What each adds to the graph:
   decode path, so a fused graph that dropped the window could not pass parity;
 - Qwen2.5 (``Qwen2ForCausalLM``): q/k/v biases;
 - Llama 3.2 (tied, ``rope_type: llama3`` with an original context of 64, so the scaling changes the
-  rotary caches within the eval windows)."""
+  rotary caches within the eval windows);
+- Phi-3 (``Phi3ForCausalLM``): q/k/v in one ``qkv_proj``, gate/up in one ``gate_up_proj``, its RoPE
+  sliced off and concatenated back, untied lm_head."""
 
 import json
 import shutil
@@ -38,6 +40,8 @@ def _checkpoint(kind: str, tokenizer_dir: Path, dst: Path) -> Path:
                    "llama32": (hf.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=500000.0,
                                               rope_scaling=LLAMA3_ROPE), hf.LlamaForCausalLM),
                    # input sizes that are not multiples of INT4's blocks of 128 (as SmolLM2-135M's 576)
+                   "phi3": (hf.Phi3Config(**common, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                                          eos_token_id=2), hf.Phi3ForCausalLM),
                    "odd": (hf.LlamaConfig(**{**common, "hidden_size": 192, "num_attention_heads": 6,
                                              "intermediate_size": 320}, tie_word_embeddings=True),
                            hf.LlamaForCausalLM)}[kind]
@@ -71,7 +75,7 @@ def _graph(directory: Path):
     return onnx.load(str(directory / "model.onnx"), load_external_data=False)
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama32"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama32", "phi3"])
 def test_every_family_fuses_one_packed_attention_per_layer(family, kind):
     """One GroupQueryAttention per layer, fed by one MatMul over the packed q/k/v weights (with the packed
     biases for Qwen2.5): the QK-norm of Qwen3 is not needed for the packing."""
@@ -83,10 +87,38 @@ def test_every_family_fuses_one_packed_attention_per_layer(family, kind):
     assert len(packed) == LAYERS, [n.input[1] for n in graph.graph.node if n.op_type == "MatMul"]
     assert not [n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1].endswith(("q_proj.weight",
                                                                                                 "k_proj.weight"))]
-    # 1 packed qkv + o + gate + up + down per layer, and the lm_head
-    assert ops["MatMul"] == 5 * LAYERS + 1
+    # 1 packed qkv + o + gate + up + down per layer (Phi-3's gate and up are one), and the lm_head
+    assert ops["MatMul"] == (4 if kind == "phi3" else 5) * LAYERS + 1
     m = json.loads((dirs["fused"] / "manifest.json").read_text())["metrics"]
     assert m["eval"]["kld_mean"] < 1e-9 and m["eval"]["top1_agreement"] == 1.0, m["eval"]
+    assert m["packed_qkv_layers"] == LAYERS
+
+
+# kind -> the family (pipeline/families/) it is a checkpoint of; Qwen3 is the built-in model every test uses
+KINDS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "llama32": "llama", "odd": "llama", "phi3": "phi3"}
+
+
+def test_every_declared_family_has_a_checkpoint_here():
+    """A family is one file in pipeline/families/ plus its tests: a declaration without a checkpoint in
+    this file would go unchecked."""
+    from pipeline import families
+
+    assert set(families.all_families()) == set(KINDS.values()) | {"qwen3"}
+
+
+def test_attention_windows_that_differ_by_layer_are_refused_in_one_line(family, tmp_path):
+    """Qwen2's ``use_sliding_window`` windows only the layers from ``max_window_layers`` on: one
+    GroupQueryAttention window for all would be wrong, so the fused stage says so before any work."""
+    from tests.test_verify import rehash
+
+    export = Path(shutil.copytree(family("qwen2")["export"], tmp_path / "export"))
+    config = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 8,
+                                                    "max_window_layers": 2}))
+    rehash(export)
+    proc = run_cli("fuse", "--input", str(export), "--out", str(tmp_path / "fused"), "--no-eval")
+    assert_clean_failure(proc, "use_sliding_window", "fused.attention: none")
+    assert not (tmp_path / "fused").exists()
 
 
 def test_llama3_rotary_caches_equal_transformers():
@@ -120,10 +152,11 @@ def test_a_sliding_window_is_carried_into_the_fused_attention(family):
     assert small_params().eval.ctx > 2 * WINDOW
 
 
-def test_an_untied_lm_head_goes_through_calibration_and_quantization(family, data_dir):
+@pytest.mark.parametrize("kind", ["llama", "phi3"])
+def test_an_untied_lm_head_goes_through_calibration_and_quantization(family, data_dir, kind):
     from tests.conftest import calibrated
 
-    dirs = family("llama")
+    dirs = family(kind)
     params = calibrated(data_dir)
     root = dirs["fused"].parent
     build("imatrix", params, dirs["fused"], root / "imatrix")
@@ -153,7 +186,7 @@ def test_the_reference_is_taken_from_the_inputs_lineage(family, export_dir, tmp_
     assert not (tmp_path / "int4").exists()
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama32"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama32", "phi3"])
 def test_onnxruntime_genai_runs_each_family_as_shipped(family, kind, data_dir):
     """genai_config.json names the family's model type and its special tokens (from the tokenizer where
     config.json leaves them null, as Qwen2's defaults do); onnxruntime-genai's own runtime gives our
@@ -167,3 +200,24 @@ def test_onnxruntime_genai_runs_each_family_as_shipped(family, kind, data_dir):
     assert len(ids) > 2 * WINDOW
     new = genai_greedy(d, ids, 24)
     assert new and new == rt.generate(ids, len(new))
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_outlier_copy_preserves_each_familys_function(checkpoint_dir, tmp_path, kind):
+    """The hard case for quantization (pipeline/outliers.py) on every family: its norms and projections are
+    where the family's declaration says (Phi-3's gate_up_proj holds up's rows second); the logits are
+    the same bit for bit, and the projections' inputs do carry the outlier channels."""
+    import torch
+    import transformers as hf
+
+    from pipeline import outliers
+
+    src = _checkpoint(kind, checkpoint_dir, tmp_path / "src")
+    dst = Path(shutil.copytree(src, tmp_path / "outliers"))
+    done = outliers.inject(dst, channels=4, scale=256.0)
+    ids = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0))
+    before, after = (hf.AutoModelForCausalLM.from_pretrained(d) for d in (src, dst))
+    with torch.no_grad():
+        assert torch.equal(before(ids).logits, after(ids).logits)
+        norm = after.model.layers[0].post_attention_layernorm.weight
+    assert (norm[done["hidden_channels"]].abs() >= 100 * norm.abs().median()).all()

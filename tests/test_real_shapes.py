@@ -25,7 +25,8 @@ def test_random_sources_parse_and_refuse_cleanly(data_dir, tmp_path):
 
 # Published parameter counts (each model card's), to check each shape against something it was not made from.
 PUBLISHED_PARAMS = {"qwen3-0.6b": 0.596e9, "qwen3-4b": 4.02e9, "qwen2.5-0.5b": 0.494e9, "qwen2.5-1.5b": 1.54e9,
-                    "qwen2.5-7b": 7.62e9, "llama-3.2-1b": 1.24e9, "llama-3.1-8b": 8.03e9, "mistral-7b": 7.25e9}
+                    "qwen2.5-7b": 7.62e9, "llama-3.2-1b": 1.24e9, "llama-3.1-8b": 8.03e9, "mistral-7b": 7.25e9,
+                    "phi-3-mini-4k": 3.82e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
@@ -35,10 +36,10 @@ def test_each_familys_published_shape_has_its_published_size(name):
     import torch
     import transformers
 
-    from pipeline.checkpoints.shapes import CLASSES, shape_of
+    from pipeline import families
 
-    family, shape = shape_of(name)
-    config_class, model_class = (getattr(transformers, c) for c in CLASSES[family])
+    family, shape = families.shape(name)
+    config_class, model_class = (getattr(transformers, c) for c in family.classes)
     with torch.device("meta"):
         model = model_class(config_class(**shape))
     params = sum(p.numel() for p in model.parameters())

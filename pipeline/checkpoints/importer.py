@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pipeline import families
 from pipeline.consumer import manifest as mf
 from pipeline.consumer import untrusted
 from pipeline.errors import PipelineError
@@ -47,29 +48,25 @@ def _check_causal_lm(directory: Path, label: str, allow_pickle: bool = False) ->
     return config
 
 
-# The families every stage is checked on (tests/test_families.py, docs/stages.md "Other families"); others
-# that transformers and optimum know may build part of the DAG, each stage saying where it stops.
-FAMILIES = ("qwen3", "qwen2", "llama", "mistral")
-
-
 def _supported(config: dict, label: str) -> None:
     """One line for what no stage can build, before anything is copied: a model type transformers does not
-    know, a mixture of experts, a vision-language model."""
+    know, a mixture of experts, a vision-language model, a family pipeline/families/ does not declare."""
     from transformers import CONFIG_MAPPING
 
     kind = config.get("model_type")
-    families = f"the families every stage is checked on: {', '.join(FAMILIES)}"
+    supported = f"the supported families: {families.names()}"
     if not isinstance(kind, str) or kind not in CONFIG_MAPPING:
         raise PipelineError(f"{label} has model_type {str(kind)[:40]!r}, which the installed transformers does not "
-                            f"know: unsupported ({families})")
+                            f"know: unsupported ({supported})")
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     experts = next((k for k in ("num_experts", "num_local_experts", "n_routed_experts") if text.get(k)), None)
     if experts:
         raise PipelineError(f"{label} is a mixture of experts ({kind}, {experts}={text[experts]}): unsupported "
-                            f"({families})")
+                            f"({supported})")
     if "vision_config" in config:
-        raise PipelineError(f"{label} is a vision-language model ({kind}): unsupported ({families}); export its "
+        raise PipelineError(f"{label} is a vision-language model ({kind}): unsupported ({supported}); export its "
                             f"text model alone")
+    families.of(config, label)
 
 
 def _convert_pickle(directory: Path, tmp: Path, trust_remote_code: bool) -> None:

@@ -7,61 +7,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pipeline import families
 from pipeline.checkpoints.builtin import IM_END, data_id, train_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.log import info
 from pipeline.ops.memory import check as check_memory
 
-# The published Qwen3 shapes (config.json of Qwen/Qwen3-0.6B, -1.7B and Qwen3-4B-Instruct-2507): real
-# sizes offline, with random weights. Every one ties its embedding and has the real 151,936-token vocab.
-QWEN3_SHAPES = {
-    "qwen3-0.6b": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
-                   "num_key_value_heads": 8, "max_position_embeddings": 40960, "rope_theta": 1_000_000.0},
-    "qwen3-1.7b": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
-                   "num_key_value_heads": 8, "max_position_embeddings": 40960, "rope_theta": 1_000_000.0},
-    "qwen3-4b": {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
-                 "num_key_value_heads": 8, "max_position_embeddings": 262144, "rope_theta": 5_000_000.0},
-}
-# Not a published shape: a 2-layer Qwen3 small enough to test long contexts (8k+) in the test suite,
-# with the built-in tokenizer's vocab.
-QWEN3_SHAPES["qwen3-micro"] = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
-                               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-                               "max_position_embeddings": 32768, "rope_theta": 1_000_000.0, "vocab_size": None}
-QWEN3_VOCAB = 151936
-# The other families' published shapes (config.json of each hub checkpoint): the family, and every field
-# of it that differs from transformers' defaults for its class.
-_LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
-FAMILY_SHAPES = {
-    "qwen2.5-0.5b": ("qwen2", {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-                               "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
-                               "rope_theta": 1_000_000.0, "vocab_size": 151936, "tie_word_embeddings": True,
-                               "rms_norm_eps": 1e-6}),
-    "qwen2.5-1.5b": ("qwen2", {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-                               "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768,
-                               "rope_theta": 1_000_000.0, "vocab_size": 151936, "tie_word_embeddings": True,
-                               "rms_norm_eps": 1e-6}),
-    "qwen2.5-7b": ("qwen2", {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                             "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
-                             "rope_theta": 1_000_000.0, "vocab_size": 152064, "tie_word_embeddings": False,
-                             "rms_norm_eps": 1e-6}),
-    "llama-3.2-1b": ("llama", {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                               "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
-                               "max_position_embeddings": 131072, "rope_theta": 500_000.0, "vocab_size": 128256,
-                               "tie_word_embeddings": True, "rms_norm_eps": 1e-5,
-                               "rope_scaling": {**_LLAMA3_ROPE, "factor": 32.0}}),
-    "llama-3.1-8b": ("llama", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                               "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-                               "rope_theta": 500_000.0, "vocab_size": 128256, "tie_word_embeddings": False,
-                               "rms_norm_eps": 1e-5, "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0}}),
-    "mistral-7b": ("mistral", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                               "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 32768,
-                               "rope_theta": 1_000_000.0, "vocab_size": 32768, "tie_word_embeddings": False,
-                               "sliding_window": None, "rms_norm_eps": 1e-5}),
-}
-# family -> transformers' config and model classes
-CLASSES = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-           "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}
+# The Qwen3 sizes, named by the benchmarks and tests that measure the target
+QWEN3_SHAPES = families.all_families()["qwen3"].shapes
+QWEN3_VOCAB = QWEN3_SHAPES["qwen3-4b"]["vocab_size"]
 RANDOM_PREFIX = "random:"
 RANDOM_QUERY = ("?layers=N, &context=N (max_position_embeddings), &yarn=F (rope_scaling YaRN by F over context / F), "
                 "&dtype=bfloat16|float16 (stored as the hub stores it)")
@@ -72,9 +26,9 @@ def parse_random(source: str) -> tuple[str, dict]:
     max_position_embeddings, ``yarn=F`` a YaRN rope_scaling of factor F whose original window is
     context / F (as Qwen documents YaRN for Qwen3)."""
     name, _, query = source[len(RANDOM_PREFIX):].partition("?")
-    if name not in QWEN3_SHAPES and name not in FAMILY_SHAPES:
+    if name not in families.shape_names():
         raise PipelineError(f"unknown shape {name!r} in model.source {source!r}; use one of "
-                            f"{', '.join(RANDOM_PREFIX + k for k in (*QWEN3_SHAPES, *FAMILY_SHAPES))} "
+                            f"{', '.join(RANDOM_PREFIX + k for k in families.shape_names())} "
                             f"(optionally {RANDOM_QUERY})")
     overrides, yarn = {}, None
     for item in filter(None, query.split("&")):
@@ -88,19 +42,10 @@ def parse_random(source: str) -> tuple[str, dict]:
         else:
             raise PipelineError(f"model.source {source!r}: {item!r} is not one of {RANDOM_QUERY} (N >= 1, F > 1)")
     if yarn is not None:
-        context = overrides.get("max_position_embeddings", shape_of(name)[1]["max_position_embeddings"])
+        context = overrides.get("max_position_embeddings", families.shape(name)[1]["max_position_embeddings"])
         overrides["rope_scaling"] = {"rope_type": "yarn", "factor": yarn,
                                      "original_max_position_embeddings": int(context / yarn)}
     return name, overrides
-
-
-def shape_of(name: str) -> tuple[str, dict]:
-    """(family, the whole config) of a known shape."""
-    if name in FAMILY_SHAPES:
-        family, shape = FAMILY_SHAPES[name]
-        return family, dict(shape)
-    return "qwen3", {"head_dim": 128, "vocab_size": QWEN3_VOCAB, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
-                     **QWEN3_SHAPES[name]}
 
 
 def random_checkpoint(source: str, cfg, data_dir: Path, tmp: Path) -> dict:
@@ -116,11 +61,11 @@ def random_checkpoint(source: str, cfg, data_dir: Path, tmp: Path) -> dict:
     name, overrides = parse_random(source)
     tokenizer = train_tokenizer(read_split(data_dir, "train"), cfg.tokenizer.vocab_size, tmp)
     dtype = overrides.pop("dtype", "float32")
-    family, shape = shape_of(name)
+    family, shape = families.shape(name)
     shape.update(overrides)
     shape["vocab_size"] = shape["vocab_size"] or len(tokenizer)
     check_memory("checkpoint", shape)
-    config_class, model_class = (getattr(transformers, c) for c in CLASSES[family])
+    config_class, model_class = (getattr(transformers, c) for c in family.classes)
     config = config_class(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.eos_token_id, use_cache=True, dtype=dtype, **shape)
     torch.manual_seed(cfg.train.seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline import families
 from pipeline.errors import PipelineError
 
 FILE = "genai_config.json"
@@ -68,7 +69,7 @@ def config_for(directory: Path) -> dict:
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": config.get("model_type", "qwen3"),
+            "type": families.of(config).genai,
             "vocab_size": int(config["vocab_size"]),
         },
         "search": {

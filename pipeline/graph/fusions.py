@@ -134,21 +134,38 @@ def _repeat_kv(op, x):
     return op.Reshape(op.Expand(op.Unsqueeze(x, _), _), _)
 
 
-def _attention_pattern(op, q, k, v, past_k, past_v, cos, sin, mask4d, scale_q, scale_k):
+def _partial_rope(op, x, cos, sin):
+    """Phi-3's form: the rotary part sliced off (its width read from cos at every step), rotated about its
+    half (read back from its shape: the Shape/Gather/Div is part of the pattern, as its only users are),
+    concatenated back with the rest (``partial_rotary_factor``; at 1.0 the rest is empty)."""
     from onnxscript.rewriter.pattern import ANY_VALUE as _
 
-    q_rot = _rope(op, op.Transpose(q, perm=[0, 2, 1, 3]), cos, sin)
-    k_rot = _rope(op, op.Transpose(k, perm=[0, 2, 1, 3]), cos, sin)
-    present_k = op.Concat(past_k, k_rot, axis=-2)
-    present_v = op.Concat(past_v, op.Transpose(op.Reshape(v, _), perm=[0, 2, 1, 3]), axis=-2)
-    k_all, v_all = _repeat_kv(op, present_k), _repeat_kv(op, present_v)
-    scores = op.MatMul(op.Mul(q_rot, scale_q), op.Mul(op.Transpose(k_all, perm=[0, 1, 3, 2]), scale_k))
-    key_len = op.Unsqueeze(op.Gather(op.Shape(k_all), _), _)
-    bias = op.Where(op.Slice(mask4d, _, key_len, _, _), _, _)
-    probs = op.Softmax(op.Add(scores, bias), axis=-1)
-    probs = op.Where(op.IsNaN(probs), _, probs)
-    out = op.Transpose(op.MatMul(probs, v_all), perm=[0, 2, 1, 3])
-    return op.Reshape(out, _), present_k, present_v
+    rot = op.Slice(x, _, _, _, _)
+    half = op.Div(op.Gather(op.Shape(rot), _), _)
+    x1 = op.Slice(rot, _, op.Unsqueeze(half, _), _, _)
+    x2 = op.Slice(rot, op.Unsqueeze(half, _), _, _, _)
+    rotated = op.Add(op.Mul(rot, cos), op.Mul(op.Concat(op.Neg(x2), x1, axis=-1), sin))
+    return op.Concat(rotated, op.Slice(x, _, _, _, _), axis=-1)
+
+
+def _attention(rope):
+    """The export's attention block with RoPE written as ``rope``."""
+    def attention_pattern(op, q, k, v, past_k, past_v, cos, sin, mask4d, scale_q, scale_k):
+        from onnxscript.rewriter.pattern import ANY_VALUE as _
+
+        q_rot = rope(op, op.Transpose(q, perm=[0, 2, 1, 3]), cos, sin)
+        k_rot = rope(op, op.Transpose(k, perm=[0, 2, 1, 3]), cos, sin)
+        present_k = op.Concat(past_k, k_rot, axis=-2)
+        present_v = op.Concat(past_v, op.Transpose(op.Reshape(v, _), perm=[0, 2, 1, 3]), axis=-2)
+        k_all, v_all = _repeat_kv(op, present_k), _repeat_kv(op, present_v)
+        scores = op.MatMul(op.Mul(q_rot, scale_q), op.Mul(op.Transpose(k_all, perm=[0, 1, 3, 2]), scale_k))
+        key_len = op.Unsqueeze(op.Gather(op.Shape(k_all), _), _)
+        bias = op.Where(op.Slice(mask4d, _, key_len, _, _), _, _)
+        probs = op.Softmax(op.Add(scores, bias), axis=-1)
+        probs = op.Where(op.IsNaN(probs), _, probs)
+        out = op.Transpose(op.MatMul(probs, v_all), perm=[0, 2, 1, 3])
+        return op.Reshape(out, _), present_k, present_v
+    return attention_pattern
 
 
 def _projection_reshape(op, src, w, i0, i1, a0, a1, c2, c3):
@@ -209,10 +226,11 @@ def _gqa_with_biased_projections(op, x, wq, wk, wv, bq, bk, bv, q_shape, k_shape
                                   _domain="com.microsoft", _outputs=["attn", "pk", "pv"])
 
 
-def packed_qkv_rules(graph, heads: int, kv_heads: int, head_dim: int) -> list:
+def packed_qkv_rules(graph, heads: int, kv_heads: int, head_dim: int, form: str) -> list:
     """Q, K and V projections of one input -> one MatMul over the concatenated weights (and one Add of the
     concatenated biases) + Split, as onnxruntime-genai's builder packs them (fewer, larger kernels).
-    One rule per form of the projections the families have: QK-norm'd, plain, biased. Each is rooted at
+    One rule per form of the projections the families have: QK-norm'd, plain, biased; ``form`` (the
+    family's ``projections``) picks the one to apply. Each is rooted at
     the GroupQueryAttention the projections feed (so the three MatMuls are told apart); the packed
     tensors are added to ``graph`` and the old ones are dropped as unused."""
     import onnx_ir as ir
@@ -276,30 +294,17 @@ def packed_qkv_rules(graph, heads: int, kv_heads: int, head_dim: int) -> list:
     def biased(op, x, wq, wk, wv, bq, bk, bv, past_k, past_v, seqlens, total, cos, sin, attn, **_):
         return gqa(op, *split(op, x, wq, wk, wv, (bq, bk, bv)), past_k, past_v, seqlens, total, cos, sin, attn)
 
-    return [pattern.RewriteRule(_gqa_with_projections, normed, check, name="PackedQKV"),
-            # the bias may be either operand of its Add: every order of them
-            *pattern.RewriteRule(_gqa_with_biased_projections, biased, check, name="PackedBiasedQKV").commute(),
-            pattern.RewriteRule(_gqa_with_plain_projections, plain, check, name="PackedPlainQKV")]
-
-
-def sliding_window(config: dict) -> int | None:
-    """The attention window every layer of the checkpoint's model applies, read as transformers reads it:
-    Mistral's ``sliding_window``; Qwen2's only where ``use_sliding_window`` says so. None where there is
-    none, or where it covers the whole context (then it changes nothing). Windows that differ from layer
-    to layer (Qwen2's ``max_window_layers``, Gemma's ``layer_types``) are refused by the fuse stage."""
-    window = config.get("sliding_window")
-    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-        return None
-    if "use_sliding_window" in config and not config["use_sliding_window"]:
-        return None
-    if window >= int(config.get("max_position_embeddings") or 0):
-        return None
-    return window
+    rules = {"qk_norm": [pattern.RewriteRule(_gqa_with_projections, normed, check, name="PackedQKV")],
+             # the bias may be either operand of its Add: every order of them
+             "bias": pattern.RewriteRule(_gqa_with_biased_projections, biased, check, name="PackedBiasedQKV").commute(),
+             "plain": [pattern.RewriteRule(_gqa_with_plain_projections, plain, check, name="PackedPlainQKV")],
+             "packed": []}  # one projection already
+    return rules[form]
 
 
 def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache, flat, window: int | None = None):
-    """The rewrite rule, bound to the graph's sequence-length values and rotary caches; ``window``: the
-    model's sliding attention window (:func:`sliding_window`), carried as GroupQueryAttention's
+    """The rewrite rules (RoPE over the whole head, or Phi-3's sliced form), bound to the graph's sequence-length values and rotary caches; ``window``: the
+    model's sliding attention window (its family's ``window``), carried as GroupQueryAttention's
     ``local_window_size``."""
     # ORT's local_window_size counts as transformers' sliding_window does (the token itself included):
     # the fused graph of a Mistral with a 16-token window equals the export past it, prefill, batch and
@@ -321,7 +326,8 @@ def gqa_rule(num_heads: int, kv_heads: int, seqlens, total, cos_cache, sin_cache
             num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=scale, **local,
             _domain="com.microsoft", _outputs=3)
 
-    return pattern.RewriteRule(_attention_pattern, replacement, check, name="Qwen3GroupQueryAttention")
+    return [pattern.RewriteRule(_attention(_rope), replacement, check, name="GroupQueryAttention"),
+            pattern.RewriteRule(_attention(_partial_rope), replacement, check, name="PartialRopeGroupQueryAttention")]
 
 
 # The name ORT prints when a left-padded batch reaches the guard below: the whole message a user sees.
@@ -352,9 +358,10 @@ def _left_padding_guard(graph, mask, const) -> list:
     return [first, lowest, padded, shape, check]
 
 
-def fuse_attention(model, config: dict, max_positions: int):
-    """Fuse every layer's attention of an onnx-ir ``model`` into GroupQueryAttention; returns (the
-    model, how many fused). Weights stay lazy (see onnx_io.load_ir).
+def fuse_attention(model, config: dict, max_positions: int, family):
+    """Fuse every layer's attention of an onnx-ir ``model`` into GroupQueryAttention, its projections
+    packed in the form ``family`` (pipeline/families/) declares; returns (the model, how many attention
+    blocks fused, how many of them got packed projections). Weights stay lazy (see onnx_io.load_ir).
 
     Adds the sequence-length subgraph (from ``attention_mask``) and the rotary caches once; the
     export's own mask and rotary subgraphs become dead and are removed."""
@@ -364,7 +371,7 @@ def fuse_attention(model, config: dict, max_positions: int):
     graph = model.graph
     mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
     if mask is None:
-        return model, 0
+        return model, 0, 0
     heads, kv_heads, head_dim = attention_shape(config)
     cos, sin = rotary_caches(config, max_positions)
     cos_v = ir.Value(name=COS_CACHE, const_value=ir.tensor(cos, name=COS_CACHE))
@@ -395,13 +402,17 @@ def fuse_attention(model, config: dict, max_positions: int):
         graph.insert_before(graph[0], n) if i == 0 else graph.insert_after(new_nodes[i - 1], n)
 
     before = sum(1 for n in graph if n.op_type == "GroupQueryAttention")
-    rule = gqa_rule(heads, kv_heads, seqlens.outputs[0], total.outputs[0], cos_v, sin_v, flat, sliding_window(config))
-    model = rewrite(model, pattern_rewrite_rules=[rule, static_split_rule()])
+    rules = gqa_rule(heads, kv_heads, seqlens.outputs[0], total.outputs[0], cos_v, sin_v, flat, family.window(config))
+    model = rewrite(model, pattern_rewrite_rules=[*rules, static_split_rule()])
     fused = sum(1 for n in model.graph if n.op_type == "GroupQueryAttention") - before
-    model = rewrite(model, pattern_rewrite_rules=packed_qkv_rules(model.graph, heads, kv_heads, head_dim))
+    # counted by the packed initializers: a rule's own count includes the matches of its commuted forms
+    packed_before = sum(1 for n in model.graph if n.op_type == "Split")
+    model = rewrite(model, pattern_rewrite_rules=packed_qkv_rules(model.graph, heads, kv_heads, head_dim,
+                                                                  family.projections))
+    packed = fused if family.projections == "packed" else sum(1 for n in model.graph if n.op_type == "Split") - packed_before
     if not any(d == "com.microsoft" for d in model.opset_imports):
         model.opset_imports["com.microsoft"] = 1
-    return model, fused
+    return model, fused, packed
 
 
 # ------------------------------------------------------------------------------- logits where used

@@ -83,7 +83,11 @@ def _scoring(params, eval_after: bool, reference: str, data_dir: str):
 @click.option("--provider", default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True)
 @click.option("--rescore", is_flag=True, help="score again even when the stage recorded figures for this reference "
                                               "and text, by this scoring code")
-def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, name, out, provider, rescore):
+@click.option("--tasks", "task_names", default=None,
+              help="lm-evaluation-harness tasks, comma-separated: cloze, next_word (built from the held-out text) "
+                   "or lm-eval task names (need the network); 'none' for none [default: params tasks.names]")
+def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, name, out, provider, rescore,
+             task_names):
     """Perplexity (llama.cpp style), and vs a reference: drift, KL divergence, top-1 agreement."""
     from .errors import BudgetExceeded
     from .scoring.evaluate import evaluate_artifact
@@ -96,14 +100,15 @@ def evaluate(params_file, overrides, artifact, reference, data_dir, text_file, n
         text = Path(text_file).read_text()
     else:
         text = read_split(data_dir, "eval")
-    metrics = evaluate_artifact(artifact, text, params, reference, name, provider, rescore=rescore)
+    tasks = params.tasks.names if task_names is None else [t for t in task_names.split(",") if t and t != "none"]
+    metrics = evaluate_artifact(artifact, text, params, reference, name, provider, rescore=rescore, tasks=tasks)
     if broken := metric_table.not_finite(metrics):
         raise PipelineError(f"evaluate {metrics['artifact']}: {'; '.join(broken)}; no metrics file written")
     if out:
         _write_json(out, metrics)
     versus = f" vs {metrics['reference']}" if "drift_pct" in metrics else ""
     summary = (f"evaluate: {metrics['artifact']} ({metrics['artifact_id']}){versus}: "
-               f"{metric_table.summary(metrics, (*metric_table.SCORED, metric_table.BY_KEY['size_bytes']))}, "
+               f"{metric_table.summary(metrics, (*metric_table.SCORED, *metric_table.ON_REQUEST, metric_table.BY_KEY['size_bytes']))}, "
                f"{metrics['size_ratio']:.3f}x [{metrics['budget']['status']}]")
     click.echo(summary)
     if metrics["budget"]["status"] == "fail":

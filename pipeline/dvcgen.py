@@ -153,7 +153,7 @@ def render() -> str:
                       "--out metrics/${key}.json",
                "deps": ["artifacts/${key}", "${item.reference}", "artifacts/data",
                         *code_deps("pipeline.scoring.evaluate", "pipeline.text.sources")],
-               "params": ["eval", "budgets.${key}"],
+               "params": ["eval", "tasks", "budgets.${key}"],
                "metrics": [{"metrics/${key}.json": {"cache": False}}]}}
     stages["report"] = {
         "cmd": "pipeline report --out reports",

@@ -53,6 +53,14 @@ class Eval(Section):
         return self.score_last or self.ctx - self.ctx // 2
 
 
+class Tasks(Section):
+    """lm-evaluation-harness tasks `pipeline evaluate` scores beside the held-out text (pipeline/scoring/tasks.py):
+    ``cloze`` and ``next_word`` are built from the held-out text (offline); any other name is an lm-eval
+    task (its data from the hub: needs the network)."""
+    names: list[str] = []
+    docs: int = Field(200, ge=8)  # documents of each local task
+
+
 class Gate(Section):
     metrics_dir: str = "metrics"
     max_ppl_regression_pct: float = Field(0.5, ge=0)
@@ -121,6 +129,7 @@ class ConsumerParams(Section):
     """What `evaluate`, `gate` and `report` read: enough to run on a machine with artifacts and no
     params.yaml (a consumer's), where every section takes its default."""
     eval: Eval = Eval()
+    tasks: Tasks = Tasks()
     budgets: Budgets = {}
     gate: Gate = Gate()
 

@@ -78,6 +78,8 @@ class Metric:
     scale: float = 1.0
     unit: str = ""
     header: str = ""             # its column's header, where the unit goes there (default: the label)
+    on_request: str = ""         # measured only when asked for (its params section): an absent figure is not
+                                 # a budget violation, the budget's status says it was not applied
     # how a scored metric is computed: a reduction of a per-position quantity (PER_POSITION), or a
     # function of the figures computed before it
     of: str = ""
@@ -113,6 +115,9 @@ METRICS = (
     Metric("top1_agreement", "top-1", ".2%", better="higher", alias="top1", scored=True, column=True, required=True,
            tune=True, of="agree", reduce=_mean),
     Metric("delta_p_rms", "RMS Δp", ".3f", scored=True, of="delta_p", reduce=_rms_pct, unit=" %"),
+    # lm-evaluation-harness through our runtime (pipeline/scoring/tasks.py): the mean of each task's figure
+    Metric("task_acc", "task accuracy", ".2%", better="higher", on_request="tasks"),
+    Metric("task_acc_drop", "task accuracy drop", "+.2%", on_request="tasks"),
     Metric("size_bytes", "size", ".2f", column=True, budget=False, scale=1e-6, unit=" MB"),
     Metric("size_ratio", "vs FP32", ".3f", alias="size", column=True, tune=True),
     Metric("decode_tok_s", "decode", ".1f", better="higher", alias="decode", tune=True, budget=False, unit=" tok/s"),
@@ -135,6 +140,7 @@ REQUIRED_BOUNDS = tuple(f"{m.bound}_{m.key}" for m in METRICS if m.required)
 TUNED = tuple(m.key for m in METRICS if m.tune)
 ALIASES = {m.alias: m.key for m in METRICS if m.alias}
 SCORED = tuple(m for m in METRICS if m.scored)
+ON_REQUEST = tuple(m for m in METRICS if m.on_request)
 COLUMNS = tuple(m for m in METRICS if m.column)
 
 

@@ -57,7 +57,21 @@ def _quality(metrics: dict) -> list[str]:
         f"second half of each window scored, as llama.cpp's perplexity tool does) against {ref} "
         f"(`{ev['reference_id']}`):", "",
         "| " + " | ".join(m.label for m in SCORED) + " |", "|" + "---|" * len(SCORED),
-        "| " + " | ".join(m.show(ev.get(m.key)) for m in SCORED) + " |", ""]
+        "| " + " | ".join(m.show(ev.get(m.key)) for m in SCORED) + " |", "", *_tasks(ev)]
+
+
+def _tasks(ev: dict) -> list[str]:
+    """Task accuracy (lm-evaluation-harness through our runtime), where the stage measured it."""
+    tasks = ev.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        return []
+    lines = ["Task accuracy, lm-evaluation-harness through this artifact (the reference's beside it; ± one "
+             "standard error):", "", "| task | metric | this artifact | reference |", "|---|---|---|---|"]
+    for name, f in tasks.items():
+        err = f" ± {f['stderr']:.2%}" if isinstance(f.get("stderr"), (int, float)) else ""
+        ref = f"{f['reference']:.2%}" if isinstance(f.get("reference"), (int, float)) else "—"
+        lines.append(f"| `{name}` | {f.get('metric', '?')} | {f['value']:.2%}{err} | {ref} |")
+    return lines + [""]
 
 
 def _parity(manifest: dict) -> list[str]:

@@ -68,7 +68,7 @@ def _scoring(params, eval_after: bool, reference: str, data_dir: str):
         info(f"note: the new artifact will not be scored (no {eval_text} or no artifact at {reference}); "
              f"`pipeline evaluate` scores it later")
         return None
-    return Scoring(text=eval_text.read_text(), reference=Path(reference), eval=params.eval)
+    return Scoring(text=eval_text.read_text(), reference=Path(reference), eval=params.eval, tasks=params.tasks)
 
 
 @cli.command()

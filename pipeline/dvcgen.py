@@ -104,7 +104,7 @@ def stage_modules(name: str) -> tuple[str, ...]:
 def _params_of(stage) -> list[str]:
     sections = [stage.section] if stage.section else list(stage.config.model_fields)
     if stage.precision and "eval" not in sections:
-        sections.append("eval")  # scored when built
+        sections += ["eval", "tasks"]  # scored when built
     return sections
 
 

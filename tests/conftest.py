@@ -21,6 +21,8 @@ from pipeline.params import load_params, set_dotted  # noqa: E402
 # Same stages, same architecture; a training budget that fits a test run.
 SMALL = ("train.steps=40", "train.warmup=5", "eval.max_windows=12", "int8_static.calibration.samples=8",
          "imatrix.calibration.samples=8",
+         # task accuracy (lm-eval) is measured where a test asks for it (tests/test_tasks.py)
+         "tasks.names=[]",
          # 40 training steps cannot reach a quarter of the unigram perplexity: report, don't fail
          "budgets.checkpoint.report_only=true")
 
@@ -56,7 +58,7 @@ def calibrated(data_dir: Path, *extra: str):
 def scoring(params, data_dir: Path, reference: Path):
     from pipeline.scoring.evaluate import Scoring
 
-    return Scoring(text=(data_dir / "eval.txt").read_text(), reference=reference, eval=params.eval)
+    return Scoring(text=(data_dir / "eval.txt").read_text(), reference=reference, eval=params.eval, tasks=params.tasks)
 
 
 def run_cli(*args: str, cwd: Path | str = REPO, check: bool = False, env: dict | None = None):

@@ -97,3 +97,34 @@ def test_an_unknown_task_is_one_line(derived, export_dir, data_dir, tmp_path):
                    str(data_dir), "--tasks", "cloze,no_such_task", "--out", str(tmp_path / "m.json"))
     assert_clean_failure(proc, "unknown task 'no_such_task'", "cloze")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_a_stage_scores_tasks_when_built_and_its_card_shows_them(fused_dir, export_dir, data_dir, tmp_path):
+    """With tasks.names set, the stage measures them when it builds (the figures go into the manifest and
+    the model card); `pipeline evaluate` then reuses them, and the reference's are computed once."""
+    from pipeline.consumer import manifest as mf
+    from tests.conftest import build, scoring, small_params
+
+    params = small_params("tasks.names=[cloze]", "tasks.docs=40", "int4.algorithm=rtn")
+    out = tmp_path / "int4"
+    manifest = build("int4", params, fused_dir, out, scoring(params, data_dir, export_dir))
+    ev = manifest["metrics"]["eval"]
+    assert set(ev["tasks"]) == {"pipeline_cloze"} and ev["tasks_asked"] == {"names": ["cloze"], "docs": 40}
+    assert "task_acc_drop" in ev
+    card = (out / mf.CARD).read_text()
+    assert "Task accuracy" in card and "`pipeline_cloze`" in card
+    proc = run_cli("evaluate", "--artifact", str(out), "--reference", str(export_dir), "--data", str(data_dir),
+                   "--params", str(REPO / "params.yaml"), "-S", "tasks.names=[cloze]", "-S", "tasks.docs=40",
+                   "-S", "eval.max_windows=12", "--name", "int4", "--out", str(tmp_path / "m.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "task figures recorded when the stage built it" in proc.stderr
+    assert json.loads((tmp_path / "m.json").read_text())["tasks"] == ev["tasks"]
+    proc = run_cli("evaluate", "--artifact", str(out), "--reference", str(export_dir), "--data", str(data_dir),
+                   "--params", str(REPO / "params.yaml"), "-S", "tasks.names=[cloze]", "-S", "tasks.docs=30",
+                   "-S", "eval.max_windows=12", "--name", "int4")
+    assert proc.returncode == 0, proc.stderr
+    assert "int4: tasks: pipeline_cloze" in proc.stderr  # other documents: measured again
+    again = run_cli("evaluate", "--artifact", str(out), "--reference", str(export_dir), "--data", str(data_dir),
+                    "--params", str(REPO / "params.yaml"), "-S", "tasks.names=[cloze]", "-S", "tasks.docs=30",
+                    "-S", "eval.max_windows=12", "--name", "int4")
+    assert again.returncode == 0 and "reference tasks: recorded earlier" in again.stderr, again.stderr

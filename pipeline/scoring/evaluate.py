@@ -9,6 +9,7 @@ the PyTorch model. Reference and candidate run window by window, so memory stays
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ from pipeline.consumer.runtime import Runtime, load_tokenizer
 from pipeline.consumer.verify import verify
 from pipeline.errors import PipelineError
 from pipeline.log import info
-from pipeline.schema import Eval
+from pipeline.schema import Eval, Tasks
 from pipeline.scoring import metrics as metric_table
 from pipeline.scoring import outputs, parity
 
@@ -36,6 +37,7 @@ class Scoring:
     text: str
     reference: Path
     eval: Eval
+    tasks: Tasks | None = None  # lm-evaluation-harness tasks scored too (their figures go into the card)
 
 
 def open_model(artifact_dir: Path) -> Callable[[], object]:
@@ -143,6 +145,11 @@ def check(candidate_dir: Path, label: str, parent_dir: Path, greedy_tokens: int,
                   "scorer": scorer_fingerprint(), **rounded(figures)}
         if ref_manifest["stage"] != "checkpoint":
             scored["size_ratio"] = round(model_bytes(candidate_dir) / model_bytes(ref_dir), SIGNIFICANT)
+        if scoring.tasks and scoring.tasks.names:
+            scored.update(task_figures(candidate_dir, ref_dir, scoring.tasks.names, scoring.text, scoring.tasks.docs,
+                                       label))
+            if broken := metric_table.not_finite(scored):
+                raise PipelineError(f"{label}: {'; '.join(broken)}: the artifact is not published")
     return rounded(result), scored, mine, timings
 
 
@@ -178,6 +185,7 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params, reference: s
         info(f"evaluate {name}: figures recorded when the stage built it (same reference {ref_manifest['artifact_id']}, "
              f"text, eval params and scoring code); --rescore measures again")
         metrics = {k: v for k, v in metrics.items() if k not in ("reference", "reference_id", "text_sha256", "scorer")}
+        recorded_tasks = {k: metrics.pop(k) for k in TASK_KEYS if k in metrics}
     else:
         # Each model runs alone and its outputs are kept beside it (pipeline/scoring/outputs.py): the
         # reference's are reused by every artifact scored against it.
@@ -197,6 +205,7 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params, reference: s
             metrics = outputs.compare_windows(cand, ref)
             metrics.pop("eval_seconds")
             metrics = rounded(metrics)
+        recorded_tasks = {}
     size = model_bytes(artifact)
     if ref_manifest is not None and ref_manifest["stage"] != "checkpoint":
         ratio = round(size / model_bytes(Path(reference)), SIGNIFICANT)
@@ -205,13 +214,19 @@ def evaluate_artifact(artifact: str | Path, eval_text: str, params, reference: s
     metrics = {"artifact": name, "artifact_id": manifest["artifact_id"], "stage": manifest["stage"],
                "reference": (ref_manifest or {}).get("stage"), **metrics, "size_bytes": size, "size_ratio": ratio,
                **parity_metrics(manifest)}
-    if tasks:
+    if tasks and recorded_tasks.get("tasks_asked") == {"names": list(tasks), "docs": params.tasks.docs}:
+        info(f"evaluate {name}: task figures recorded when the stage built it (same tasks, documents and reference)")
+        metrics.update(recorded_tasks)
+    elif tasks:
         metrics.update(task_figures(artifact, reference if ref_manifest else None, tasks, eval_text, params.tasks.docs,
                                     name))
     broken = metric_table.not_finite(metrics)
     metrics["budget"] = (check_budget(metrics, params.budgets.get(name)) if reference or broken else
                          {"status": "not checked (no --reference)", "violations": []})
     return metrics
+
+
+TASK_KEYS = ("tasks", "tasks_asked", "task_acc", "task_acc_drop")
 
 
 def task_figures(artifact: Path, reference: Path | None, tasks: list[str], text: str, docs: int, name: str) -> dict:
@@ -223,11 +238,17 @@ def task_figures(artifact: Path, reference: Path | None, tasks: list[str], text:
         raise PipelineError(f"task accuracy needs lm-evaluation-harness ({exc.name} is not installed): "
                             f"pip install 'lm-eval>=0.4.9,<0.5', or --tasks none") from None
 
-    got = lm_tasks.run(artifact, tasks, text, docs, label=f"evaluate {name}: tasks")
-    ref = lm_tasks.run(reference, tasks, text, docs, label=f"evaluate {name}: reference tasks") if reference else {}
+    got = lm_tasks.run(artifact, tasks, text, docs, label=f"{name}: tasks")
+    ref = {}
+    if reference:  # the reference's figures are kept beside it: every artifact scored against it reuses them
+        key = "tasks-" + hashlib.sha256(json.dumps([list(tasks), docs, text_sha256(text), scorer_fingerprint()])
+                                        .encode()).hexdigest()[:16]
+        ref = outputs.recorded_figures(reference, key, lambda: lm_tasks.run(reference, tasks, text, docs,
+                                                                            label=f"{name}: reference tasks"),
+                                       label=f"{name}: reference tasks")
     per_task = {t: {**f, **({"reference": ref[t]["value"]} if t in ref else {})} for t, f in got.items()}
     mean = float(np.mean([f["value"] for f in got.values()]))
-    out = {"tasks": per_task, "task_acc": round(mean, 6)}
+    out = {"tasks": per_task, "tasks_asked": {"names": list(tasks), "docs": docs}, "task_acc": round(mean, 6)}
     if ref:
         out["task_acc_drop"] = round(float(np.mean([f["value"] for f in ref.values()])) - mean, 6)
     return out

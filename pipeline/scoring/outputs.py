@@ -47,7 +47,7 @@ SCORER_MODULES = ("pipeline.scoring.evaluate", "pipeline.scoring.outputs", "pipe
                   "pipeline.scoring.torch_ref", "pipeline.scoring.parity", "pipeline.consumer.verify",
                   "pipeline.consumer.manifest", "pipeline.consumer.untrusted", "pipeline.graph.onnx_io",
                   "pipeline.schema", "pipeline.registry", "pipeline.errors", "pipeline.log", "pipeline.ops.memory",
-                  "pipeline.scoring.metrics")
+                  "pipeline.scoring.metrics", "pipeline.scoring.tasks")
 
 
 @functools.lru_cache(maxsize=1)
@@ -254,6 +254,31 @@ def reference(artifact_dir: str | Path, open_model: Callable[[], object], *, pro
     else:
         info(f"{label}: outputs recorded earlier ({entry}), the model is not loaded again")
     return found | {k: None for k in ("prompts", "windows") if k not in wanted}
+
+
+def recorded_figures(artifact_dir: str | Path, key: str, compute: Callable[[], dict], label: str) -> dict:
+    """Figures of the published artifact at ``artifact_dir`` (its task accuracy) computed once and kept in its
+    cache entry as ``<key>.json`` (the key covers what they depend on); a file that is not a mapping of
+    finite figures is computed again."""
+    artifact_dir = Path(artifact_dir)
+    entry = cache_dir(artifact_dir) / _artifact_id(artifact_dir)
+    path = entry / f"{key}.json"
+    if path.is_file():
+        try:
+            found = untrusted.load_json(path, "recorded figures")
+            if isinstance(found, dict) and found and all(
+                    isinstance(f, dict) and untrusted.finite_number(f.get("value")) for f in found.values()):
+                info(f"{label}: recorded earlier ({path})")
+                return found
+        except PipelineError:
+            pass
+        info(f"note: recorded figures damaged ({path}): computed again")
+    figures = compute()
+    if _writable(entry):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(figures))
+        os.replace(tmp, path)
+    return figures
 
 
 def _writable(entry: Path) -> bool:

@@ -108,10 +108,8 @@ class ArtifactLM(TemplateLM):
 def model_for(directory: str | Path):
     """The lm-eval model of ``directory``: our runtime for an ONNX artifact, lm-eval's own HF backend
     (PyTorch, float32, CPU) for the checkpoint."""
-    from pipeline.consumer import manifest as mf
-
     directory = Path(directory)
-    if mf.read_manifest(directory)["stage"] == "checkpoint":
+    if not (directory / "model.onnx").is_file():  # (a stage's new artifact has no manifest yet)
         from lm_eval.models.huggingface import HFLM
 
         return HFLM(pretrained=str(directory), device="cpu", dtype="float32", batch_size=1)

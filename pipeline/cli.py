@@ -483,11 +483,14 @@ def dvc_yaml(check, out):
 @click.argument("directory", type=click.Path())
 @click.option("--expect-id", default=None, help="refuse unless the artifact id is this one (the id you trust: from "
                                                  "the publisher's dvc.lock or release notes)")
+@click.option("--lock", "lock_spec", default=None, metavar="DVC.LOCK[@REV]",
+              help="refuse unless the artifact's files are what this dvc.lock (at a git revision: a tag, a commit) "
+                   "pins for its stage's output")
 @click.option("--key", "public_key", default=None, type=click.Path(dir_okay=False),
               help="refuse unless the artifact is signed (model.sig) by this public key's owner (PEM)")
-def verify_cmd(directory, expect_id, public_key):
+def verify_cmd(directory, expect_id, lock_spec, public_key):
     """Check an artifact's manifest, hashes, id, external data and that ORT loads it; print its lineage.
-    With --expect-id and --key, also that it is the artifact and from the publisher you trust."""
+    With --expect-id / --lock and --key, also that it is the artifact and from the publisher you trust."""
     from .consumer.verify import lineage, verify
 
     manifest = verify(directory)
@@ -497,6 +500,20 @@ def verify_cmd(directory, expect_id, public_key):
             raise PipelineError(f"{directory} is artifact {manifest['artifact_id']}, not the expected {expect_id}: "
                                 f"refused")
         levels.append("pinned id")
+    if lock_spec is not None:
+        from . import project
+        from .consumer.manifest import SIGNATURE
+
+        text, where = project.read_at(lock_spec)
+        pinned, out = project.locked_hash(text, where, manifest["stage"])
+        # the lock of the build, or of the signed output once `dvc commit` recorded it (docs/consuming.md)
+        found = project.dvc_dir_md5(directory)
+        if found != pinned and (Path(directory) / SIGNATURE).is_file():
+            found = project.dvc_dir_md5(directory, skip=(SIGNATURE,))
+        if found != pinned:
+            raise PipelineError(f"{directory}'s files (md5 {found}) are not what {where} pins for {out} ({pinned}): "
+                                f"refused")
+        levels.append(f"pinned by {where}")
     if public_key is not None:
         from .consumer.signing import check_signature
 

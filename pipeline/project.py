@@ -54,3 +54,51 @@ def unchanged_since(commit: str, paths, cwd: str | Path = ".") -> bool:
     """Are ``paths`` the same at HEAD as at ``commit``?"""
     return subprocess.run(["git", "diff", "--quiet", commit, "HEAD", "--", *paths], cwd=cwd,
                           capture_output=True).returncode == 0
+
+
+def read_at(spec: str, cwd: str | Path = ".") -> tuple[str, str]:
+    """``PATH`` or ``PATH@REV`` (a git revision: a tag, a commit) -> (the file's text, where it was read)."""
+    path, _, rev = spec.partition("@")
+    if rev:
+        proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=cwd, capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise PipelineError(f"{spec}: git has no {path} at {rev} ({proc.stderr.strip().splitlines()[-1:]})")
+        return proc.stdout, spec
+    if not Path(path).is_file():
+        raise PipelineError(f"{spec}: no such file (PATH or PATH@REV, a git revision)")
+    return Path(path).read_text(), spec
+
+
+def locked_hash(lock_text: str, where: str, stage: str) -> tuple[str, str]:
+    """(the md5 a dvc.lock pins for the output ``.../<stage>``, that output's path): what `dvc repro` built."""
+    from .consumer import untrusted
+
+    lock = untrusted.parse_yaml(lock_text, where)
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    if not isinstance(stages, dict):
+        raise PipelineError(f"{where} is not a dvc.lock (no stages)")
+    for entry in stages.values():
+        for out in (entry.get("outs") or []) if isinstance(entry, dict) else []:
+            if isinstance(out, dict) and str(out.get("path", "")).rstrip("/").split("/")[-1] == stage:
+                md5 = out.get("md5")
+                if isinstance(md5, str):
+                    return md5, out["path"]
+    raise PipelineError(f"{where} pins no output named {stage!r} (an artifact of another project?)")
+
+
+def dvc_dir_md5(directory: str | Path, skip: tuple[str, ...] = ()) -> str:
+    """The md5 DVC gives ``directory`` (its .dir hash: dvc_data's own tree of per-file md5s), leaving out
+    ``skip`` (a signature added after the build)."""
+    from dvc_data.hashfile.hash import file_md5
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.meta import Meta
+    from dvc_data.hashfile.tree import Tree
+
+    directory = Path(directory)
+    tree = Tree()
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory)
+        if p.is_file() and rel.as_posix() not in skip:
+            tree.add(rel.parts, Meta(size=p.stat().st_size), HashInfo("md5", file_md5(str(p))))
+    tree.digest()
+    return tree.hash_info.value

@@ -126,6 +126,10 @@ def test_publish_and_consume_with_real_dvc(publisher, tmp_path):
     for local, name in (("int4", "int4"), ("fp16", "fp16"), ("int8", "int8-dynamic")):
         proc = run_cli("verify", str(consumer / local), cwd=consumer, check=True)
         assert ids[name] in proc.stdout
+    # pinned by the publisher's dvc.lock at the registered version (a git tag): what `dvc repro` built there
+    proc = run_cli("verify", str(consumer / "int8"), "--lock", "dvc.lock@qwen3-onnx-int8-dynamic@v0.0.1",
+                   cwd=publisher, check=True)
+    assert "pinned by dvc.lock@" in proc.stdout
     proc = run_cli("generate", "--artifact", str(consumer / "int8"), "The for statement", "--max-new-tokens", "8",
                    cwd=consumer, check=True)
     assert proc.stdout.startswith("The for statement")

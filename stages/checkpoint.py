@@ -1,7 +1,7 @@
 """Stage `checkpoint`: the model every later stage starts from.
 
 ``model.source`` is ``builtin:qwen3-tiny`` (a byte-level BPE tokenizer and a small Qwen3 trained here
-on the data stage's train split), a local Hugging Face checkpoint directory, or a hub id (networked
+on the data stage's train split; ``builtin:<family>-tiny`` trains another family's architecture), a local Hugging Face checkpoint directory, or a hub id (networked
 machines only). The output is a self-contained HF directory saved with safetensors, plus a manifest
 recording the source, its revision or file hashes, and the config.
 """
@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.checkpoints.builtin import BUILTIN, train_pinned
+from pipeline.checkpoints.builtin import builtin_family, train_pinned
 from pipeline.checkpoints.importer import import_checkpoint
 from pipeline.checkpoints.shapes import RANDOM_PREFIX, random_checkpoint
 from pipeline.errors import PipelineError, first_line
@@ -132,14 +132,12 @@ def build(inputs: Inputs, cfg: CheckpointConfig, tmp: Path) -> BuildResult:
     """The built-in model trained, a random-weight real shape, or an imported checkpoint; scored on the
     data artifact's held-out split. The id covers only the params that shape the model for its source."""
     source, data_dir = cfg.model.source, inputs.dir
-    if source == BUILTIN:
+    if builtin_family(source):
         made = train_pinned(cfg, data_dir, tmp)
         covered = {"model": cfg.model, "tokenizer": cfg.tokenizer, "train": cfg.train}
     elif source.startswith(RANDOM_PREFIX):
         made = random_checkpoint(source, cfg, data_dir, tmp)
         covered = {"model": cfg.model, "tokenizer": cfg.tokenizer, "seed": cfg.train.seed}
-    elif source.startswith("builtin:"):
-        raise PipelineError(f"unknown built-in model {source!r}; the built-in model is {BUILTIN}")
     else:
         made = import_checkpoint(cfg.model, tmp)
         covered = {"model": cfg.model}
@@ -168,6 +166,6 @@ def describe(manifest: dict, measured: dict) -> str:
 
 STAGE = Stage(name="checkpoint", config=CheckpointConfig, build=build, parents=("data",), describe=describe,
               metrics=checkpoint_metrics,
-              flags={"--source": ("model.source", "alias for -S model.source=...: builtin:qwen3-tiny, "
+              flags={"--source": ("model.source", "alias for -S model.source=...: builtin:qwen3-tiny (or llama-tiny, phi3-tiny ...), "
                                                   "random:qwen3-0.6b (or llama-3.2-1b, qwen2.5-0.5b ...), a local HF dir or a hub id")},
               summary="Hugging Face checkpoint (safetensors) the ONNX artifacts start from")

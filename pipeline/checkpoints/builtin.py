@@ -1,7 +1,10 @@
 """The built-in model, readable top to bottom (nanoGPT-style): a byte-level BPE tokenizer trained on
 the data stage's train split, a small Qwen3 (transformers' own class) trained on it with AdamW and a
 cosine schedule, in a fresh interpreter whose CPU code paths are pinned so the same data gives the
-same weights (docs/reliability.md). ``cfg`` is the checkpoint stage's config (stages/checkpoint.py)."""
+same weights (docs/reliability.md). ``cfg`` is the checkpoint stage's config (stages/checkpoint.py).
+
+The same recipe trains any declared family's architecture (``builtin:llama-tiny``, ``builtin:phi3-tiny``
+...: pipeline/families/), so each family is measured on a trained model, not only on random weights."""
 
 from __future__ import annotations
 
@@ -17,6 +20,20 @@ from pipeline.log import info
 from pipeline.ops.child import in_child
 
 BUILTIN = "builtin:qwen3-tiny"
+TINY_SUFFIX = "-tiny"
+
+
+def builtin_family(source: str) -> str | None:
+    """``builtin:<family>-tiny`` -> the family's model_type; None for another source."""
+    from pipeline import families
+
+    if not (source.startswith("builtin:") and source.endswith(TINY_SUFFIX)):
+        return None
+    kind = source[len("builtin:"):-len(TINY_SUFFIX)]
+    if kind not in families.all_families():
+        raise PipelineError(f"unknown built-in model {source!r}; use builtin:<family>-tiny, a family of "
+                            f"{families.names()} (default {BUILTIN})")
+    return kind
 EOS = "<|endoftext|>"
 # Qwen's chat markers, special tokens of the built-in tokenizer as of Qwen3's, so the chat path
 # (`pipeline generate --chat`) runs on the default model exactly as on Qwen3-4B-Instruct.
@@ -59,9 +76,14 @@ def encode_text(tokenizer, text: str) -> np.ndarray:
 
 def train_builtin(cfg, data_dir: Path, tmp: Path) -> dict:
     import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    import transformers
+    from transformers import GenerationConfig
 
+    from pipeline import families
     from pipeline.text.sources import read_split
+
+    family = families.all_families()[builtin_family(cfg.model.source)]
+    config_class, model_class = (getattr(transformers, c) for c in family.classes)
 
     tp = cfg.train
     seed = tp.seed
@@ -76,7 +98,7 @@ def train_builtin(cfg, data_dir: Path, tmp: Path) -> dict:
     info(f"checkpoint: tokenizer {len(tokenizer)} tokens; train {len(train_ids):,} tokens "
          f"({time.perf_counter() - t0:.1f} s)")
 
-    config = Qwen3Config(
+    config = config_class(
         vocab_size=len(tokenizer), hidden_size=tp.hidden_size, intermediate_size=tp.intermediate_size,
         num_hidden_layers=tp.layers, num_attention_heads=tp.heads, num_key_value_heads=tp.kv_heads,
         head_dim=tp.head_dim, max_position_embeddings=tp.max_position_embeddings, rope_theta=10000.0, rms_norm_eps=1e-6,
@@ -84,9 +106,9 @@ def train_builtin(cfg, data_dir: Path, tmp: Path) -> dict:
         pad_token_id=tokenizer.eos_token_id, attention_dropout=0.0, use_cache=True,
         torch_dtype="float32",
     )
-    model = Qwen3ForCausalLM(config)
+    model = model_class(config)
     n_params = sum(p.numel() for p in model.parameters())
-    info(f"checkpoint: Qwen3 {config.num_hidden_layers} layers x {config.hidden_size}, "
+    info(f"checkpoint: {family.model_type} {config.num_hidden_layers} layers x {config.hidden_size}, "
          f"{config.num_attention_heads} heads / {config.num_key_value_heads} KV heads, {n_params / 1e6:.2f} M params")
 
     steps, bs, seq = tp.steps, tp.batch_size, tp.seq_len
@@ -128,7 +150,7 @@ def train_builtin(cfg, data_dir: Path, tmp: Path) -> dict:
     model.save_pretrained(str(tmp), safe_serialization=True)
 
     return {
-        "source": {"model": BUILTIN, "data_id": data_id(data_dir)},
+        "source": {"model": cfg.model.source, "data_id": data_id(data_dir)},
         "metrics": {"params_m": round(n_params / 1e6, 3), "train_tokens": steps * bs * seq,
                     "final_loss": round(loss_ema, 4)},
         "run": {"train_seconds": round(train_s, 1)},

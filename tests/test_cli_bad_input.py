@@ -79,6 +79,8 @@ def test_eval_text_shorter_than_two_windows(export_dir, tmp_path):
 
 def test_unknown_builtin_and_bad_override(data_dir, tmp_path):
     assert_clean_failure(_checkpoint("builtin:nope", data_dir, tmp_path / "ck"), "unknown built-in model")
+    assert_clean_failure(_checkpoint("builtin:gemma-tiny", data_dir, tmp_path / "ck"), "unknown built-in model",
+                         "llama, mistral, phi3, qwen2, qwen3")
     proc = run_cli("data", "-S", "nonsense", "--out", str(tmp_path / "d"))
     assert_clean_failure(proc, "section.key=value")
 

@@ -221,3 +221,12 @@ def test_the_outlier_copy_preserves_each_familys_function(checkpoint_dir, tmp_pa
         assert torch.equal(before(ids).logits, after(ids).logits)
         norm = after.model.layers[0].post_attention_layernorm.weight
     assert (norm[done["hidden_channels"]].abs() >= 100 * norm.abs().median()).all()
+
+
+def test_the_builtin_recipe_trains_each_familys_architecture(data_dir, tmp_path):
+    """builtin:<family>-tiny: the built-in tokenizer and training loop with another family's class (a few
+    steps here; benchmarks/families_trained.py trains each fully and runs every stage)."""
+    params = small_params("model.source=builtin:phi3-tiny", "train.steps=4")
+    manifest = build("checkpoint", params, data_dir, tmp_path / "ck")
+    assert manifest["config"]["model_type"] == "phi3" and manifest["source"]["model"] == "builtin:phi3-tiny"
+    assert manifest["metrics"]["params_m"] > 1

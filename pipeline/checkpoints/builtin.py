@@ -27,10 +27,10 @@ def builtin_family(source: str) -> str | None:
     """``builtin:<family>-tiny`` -> the family's model_type; None for another source."""
     from pipeline import families
 
-    if not (source.startswith("builtin:") and source.endswith(TINY_SUFFIX)):
+    if not source.startswith("builtin:"):
         return None
-    kind = source[len("builtin:"):-len(TINY_SUFFIX)]
-    if kind not in families.all_families():
+    kind = source[len("builtin:"):].removesuffix(TINY_SUFFIX)
+    if not source.endswith(TINY_SUFFIX) or kind not in families.all_families():
         raise PipelineError(f"unknown built-in model {source!r}; use builtin:<family>-tiny, a family of "
                             f"{families.names()} (default {BUILTIN})")
     return kind

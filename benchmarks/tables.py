@@ -457,7 +457,40 @@ def families(path: Path) -> str:
     return "\n".join(rows) + f"\n\n{cpu}, 2 cores (each library's default threads), one run each; random weights (top-1 of a random model's flat distributions means little)."
 
 
-KINDS = {"families": families, "untrusted": untrusted, "sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "longtargets": longtargets, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
+def trained(path: Path) -> str:
+    """benchmarks/families_trained.json: every family trained with the built-in recipe, and its outlier copy,
+    through every stage with default params; each artifact judged by its budgets."""
+    r = json.loads(path.read_text())
+    stages = ("fused", "fp16", "int8-dynamic", "int8-static", "int4")
+    rows = ["| family | model | held-out PPL | " + " | ".join(stages) + " |", "|---|---|---:|" + "---:|" * len(stages)]
+    cpu, failed = None, []
+    for family, variants in r["families"].items():
+        for variant, m in variants.items():
+            cells = []
+            for stage in stages:
+                a = m.get(stage, {})
+                cpu = (a.get("machine") or {}).get("cpu", cpu)
+                if not a.get("built"):
+                    cells.append("not built")
+                    continue
+                ok = str(a.get("budget", "")).startswith("pass")
+                if not ok:
+                    failed.append(f"{family} {variant} {stage}: {'; '.join(a.get('violations') or [])}")
+                drop = a.get("task_acc_drop")
+                cells.append(f"{_fmt(a.get('kld_mean'), '.1e')}, {_fmt(a.get('top1_agreement'), '.1%')}"
+                             + (f", {drop * 100:+.1f} pt" if isinstance(drop, (int, float)) else "")
+                             + (" ✓" if ok else " ✗"))
+            ppl = m.get("checkpoint", {}).get("heldout_ppl")
+            rows.append(f"| {family} | {variant} | {_fmt(ppl, '.1f')} | " + " | ".join(cells) + " |")
+    note = (f"\n\nEach cell: mean KLD and top-1 against that model's FP32 export, the task accuracy lost "
+            f"(cloze + next_word, points), ✓ inside every budget of params.yaml. {cpu}, 2 cores; commit "
+            f"`{r['commit']}`.")
+    if failed:
+        note += "\n\nOutside a budget: " + "; ".join(failed) + "."
+    return "\n".join(rows) + note
+
+
+KINDS = {"trained": trained, "families": families, "untrusted": untrusted, "sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "longtargets": longtargets, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
 
 
 def render(text: str) -> str:

@@ -490,7 +490,28 @@ def trained(path: Path) -> str:
     return "\n".join(rows) + note
 
 
-KINDS = {"trained": trained, "families": families, "untrusted": untrusted, "sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "longtargets": longtargets, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
+def gqadecode(path: Path) -> str:
+    """benchmarks/gqa_decode.json: one decode step of attention at depth, GroupQueryAttention against the
+    grouped graph of plain ops, over the same in-place KV buffers."""
+    r = json.loads(path.read_text())
+    rows = ["| layer | query / KV heads | GroupQueryAttention | grouped graph | grouped / GQA speed | KV read: GQA | KV read: grouped |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    by = {}
+    for x in r["runs"]:
+        by.setdefault((x["shape"], x["q_heads"], x["kv_heads"]), {})[x["way"]] = x
+    for (shape, nh, kvh), w in by.items():
+        g, o = w["gqa"], w["grouped"]
+        rows.append(f"| {shape} | {nh} / {kvh} | {g['ms_per_layer']:.2f} ms | {o['ms_per_layer']:.2f} ms | "
+                    f"{g['ms_per_layer'] / o['ms_per_layer']:.2f}× | {g['of_read_bound']:.0%} of the bound | "
+                    f"{o['of_read_bound']:.0%} of the bound |")
+    m = r["machine"]
+    return "\n".join(rows) + (f"\n\n{r['depth']:,} positions deep, head_dim {r['head_dim']}, float32 cache, {r['threads']} threads, "
+                              f"median of {r['median_of']}; the bound is the cache's bytes over the read bandwidth measured in "
+                              f"the same process ({r['read_gb_s']} GB/s). {m['cpu']}, {m['cores']} cores, onnxruntime "
+                              f"{m.get('onnxruntime', '?')}.")
+
+
+KINDS = {"gqadecode": gqadecode, "trained": trained, "families": families, "untrusted": untrusted, "sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "longtargets": longtargets, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
 
 
 def render(text: str) -> str:

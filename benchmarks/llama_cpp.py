@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pipeline.project import head_commit  # noqa: E402
+
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 QUANTS = ("Q8_0", "Q4_0", "Q4_K_M")

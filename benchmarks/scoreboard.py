@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pipeline.project import head_commit  # noqa: E402
+
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 # name -> (stage, overrides): the defaults first, then what they are measured against.

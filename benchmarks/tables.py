@@ -369,8 +369,8 @@ def kvmemory(path: Path) -> str:
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from pipeline.consumer.runtime import prefill_chunk, request_memory
     from pipeline.checkpoints.shapes import QWEN3_SHAPES, QWEN3_VOCAB
+    from pipeline.consumer.runtime import prefill_chunk, request_memory
 
     rows = ["| shape | context | KV float32 | KV float16 | KV int8 | attention workspace (chunk) | logits: last position "
             "/ every position |", "|---|---:|---:|---:|---:|---:|---:|"]

@@ -524,6 +524,17 @@ def verify_cmd(directory, expect_id, lock_spec, public_key):
     click.echo(f"lineage: {lineage(manifest)}")
 
 
+@cli.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                         "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval_cmd(args):
+    """lm-evaluation-harness's own CLI, every option, with our runtime as its model `pipeline-onnx`:
+    `pipeline lm-eval --model pipeline-onnx --model_args artifact=DIR --tasks ...`."""
+    from .scoring.tasks import lm_eval_cli
+
+    lm_eval_cli(list(args))
+
+
 @cli.command("sign")
 @click.argument("directory", type=click.Path())
 @click.option("--key", "private_key", required=True, type=click.Path(dir_okay=False),

@@ -128,3 +128,25 @@ def test_a_stage_scores_tasks_when_built_and_its_card_shows_them(fused_dir, expo
                     "--params", str(REPO / "params.yaml"), "-S", "tasks.names=[cloze]", "-S", "tasks.docs=30",
                     "-S", "eval.max_windows=12", "--name", "int4")
     assert again.returncode == 0 and "reference tasks: recorded earlier" in again.stderr, again.stderr
+
+
+def test_lm_evals_own_command_line_runs_our_model(export_dir, data_dir, tmp_path):
+    """`pipeline lm-eval`: lm-evaluation-harness's own command line, its options as they are, with our runtime
+    as `--model pipeline-onnx` and a task from `--include_path`: the figure `pipeline evaluate` gets on the
+    same documents. A missing artifact is one line."""
+    from pipeline.scoring import tasks
+    from pipeline.text.sources import read_split
+
+    text = read_split(data_dir, "eval")
+    tasks.local_tasks(text, tmp_path / "tasks", docs=30)
+    out = tmp_path / "out"
+    proc = run_cli("lm-eval", "--model", "pipeline-onnx", "--model_args", f"artifact={export_dir}",
+                   "--tasks", "pipeline_cloze", "--include_path", str(tmp_path / "tasks"), "--output_path", str(out))
+    assert proc.returncode == 0, proc.stderr
+    theirs = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["pipeline_cloze"]
+    ours = tasks.run(export_dir, ["cloze"], text, docs=30)["pipeline_cloze"]
+    assert 0 < theirs["acc,none"] == pytest.approx(ours["value"], abs=1e-6)
+
+    proc = run_cli("lm-eval", "--model", "pipeline-onnx", "--model_args", f"artifact={tmp_path / 'nowhere'}",
+                   "--tasks", "pipeline_cloze", "--include_path", str(tmp_path / "tasks"))
+    assert_clean_failure(proc, "nowhere")

@@ -34,6 +34,10 @@ DEFAULT_PREFILL_CHUNK = 512
 # Cap on ORT's CPU GroupQueryAttention workspace (float32 scores of chunk x KV-buffer length per head):
 # the chunk shrinks at long contexts so that it stays under this.
 ATTENTION_WORKSPACE_BYTES = 512 << 20
+# The depth (positions) from which a CPU decode step reads each KV group once instead of through ORT's
+# GroupQueryAttention kernel (pipeline/graph/decode.py); below it the kernel's one op costs less than the
+# grouped branch's dozen (docs/long-context.md has the measurement that chose it).
+GROUPED_DECODE_FROM = 1024
 
 
 def model_path(artifact_dir: str | Path) -> Path:
@@ -102,9 +106,11 @@ def session_options(threads: int | None = None, prepack: bool = True, arena: boo
 
 
 def make_session(path: str | Path, provider: str = "cpu", threads: int | None = None, prepack: bool | None = None,
-                 arena: bool = True):
+                 arena: bool = True, model=None):
     """An ORT session over ``path``; ``prepack`` None: ORT's weight prepacking where it fits in memory
-    (:func:`prepack_fits`); ``arena`` False: no CPU memory arena (see :class:`Runtime`)."""
+    (:func:`prepack_fits`); ``arena`` False: no CPU memory arena (see :class:`Runtime`). ``model``: a
+    rewritten ModelProto of that file (weights left external) to run instead, its weights read from
+    beside ``path``."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -116,8 +122,13 @@ def make_session(path: str | Path, provider: str = "cpu", threads: int | None = 
     try:
         if prepack is None:
             prepack = provider != "cpu" or prepack_fits(path)
-        return ort.InferenceSession(str(path), session_options(threads, prepack, arena),
-                                    providers=list(dict.fromkeys([wanted, "CPUExecutionProvider"])))
+        options = session_options(threads, prepack, arena)
+        source = str(path)
+        if model is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(Path(path).resolve().parent))
+            source = model.SerializeToString()
+        return ort.InferenceSession(source, options, providers=list(dict.fromkeys([wanted, "CPUExecutionProvider"])))
     except Exception as exc:  # ORT raises Fail / InvalidGraph / NotImplemented with long texts
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PipelineError(f"onnxruntime {ort.__version__} cannot load {path}: {first[:400]}") from None
@@ -319,21 +330,31 @@ class Runtime:
     """ONNX Runtime session over a merged decoder with ``past_key_values.*`` inputs."""
 
     def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, grouped_from: int | None = GROUPED_DECODE_FROM):
         """``prefill_chunk``: prompt tokens per prefill step (default :data:`DEFAULT_PREFILL_CHUNK`; it
-        shrinks at long contexts to keep ORT's attention workspace under :data:`ATTENTION_WORKSPACE_BYTES`)."""
+        shrinks at long contexts to keep ORT's attention workspace under :data:`ATTENTION_WORKSPACE_BYTES`).
+        ``grouped_from``: on the CPU, decode steps at this many positions or more read each KV group once
+        (pipeline/graph/decode.py); None keeps ORT's GroupQueryAttention kernel at every step."""
         import onnx
 
         if prefill_chunk is not None and prefill_chunk < 1:
             raise PipelineError(f"prefill_chunk must be at least 1 (got {prefill_chunk})")
         self.prefill_chunk = prefill_chunk or DEFAULT_PREFILL_CHUNK
         self.dir = Path(artifact_dir)
-        gqa = uses_gqa(onnx.load(str(model_path(self.dir)), load_external_data=False))
+        graph = onnx.load(str(model_path(self.dir)), load_external_data=False)
+        gqa = uses_gqa(graph)
+        self.grouped_layers = 0  # GroupQueryAttention nodes given the grouped decode branch
+        if gqa and provider == "cpu" and grouped_from is not None:
+            from pipeline.graph.decode import group_decode_attention
+
+            self.grouped_layers = group_decode_attention(graph, grouped_from)
         # A concatenated KV cache grows every step, and ORT's CPU arena keeps each step's freed cache as a
         # chunk too small for the next step's: a growing Concat alone then holds three copies, not the two
         # of past + present. Such graphs (the export) run without the arena (benchmarks/arena_memory.py
         # measures both); GQA graphs bind buffers of a fixed size (SharedKV) and keep it.
-        self.session = make_session(model_path(self.dir), provider, threads, arena=gqa)
+        self.session = make_session(model_path(self.dir), provider, threads, arena=gqa,
+                                    model=graph if self.grouped_layers else None)
+        del graph
         self.device = "cuda" if provider == "cuda" else "cpu"
         self.config = _read_json(self.dir / "config.json")
         self.io = GraphIO.from_session(self.session, self.config, f"{self.dir}/model.onnx", right_padded=gqa)

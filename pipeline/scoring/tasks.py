@@ -37,8 +37,8 @@ _WORD = re.compile(r"[A-Za-z]{3,}")
 
 @register_model("pipeline-onnx")
 class ArtifactLM(TemplateLM):
-    """``lm_eval --model pipeline-onnx --model_args artifact=DIR`` once this module is imported (lm-eval finds
-    models by registry), or ``simple_evaluate(model=ArtifactLM(artifact=DIR), ...)``."""
+    """``pipeline lm-eval --model pipeline-onnx --model_args artifact=DIR ...`` (lm-eval's CLI with this
+    module imported: lm-eval finds models by registry), or ``simple_evaluate(model=ArtifactLM(artifact=DIR), ...)``."""
 
     def __init__(self, artifact: str, threads: int | None = None, max_length: int | None = None, **_):
         super().__init__()
@@ -172,6 +172,22 @@ def local_tasks(text: str, dest: Path, docs: int, seed: int = 0) -> dict[str, st
                                      "cache_dir": str((dest / "hf-datasets").resolve())}}
         (dest / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return dict(LOCAL)
+
+
+def lm_eval_cli(argv: list[str]) -> None:
+    """lm-eval's command line on ``argv`` with ``pipeline-onnx`` registered (this module's import did it):
+    lm-eval finds models only in its own package or in modules already imported, so its ``lm_eval``
+    command alone cannot name ours (docs/stages.md)."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["pipeline lm-eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
 
 
 def run(directory: str | Path, tasks: list[str], text: str, docs: int, limit: int | None = None,

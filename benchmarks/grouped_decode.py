@@ -30,6 +30,14 @@ from pipeline.consumer.runtime import Runtime, SharedKV, kv_cache_bytes, model_f
 from pipeline.project import head_commit  # noqa: E402
 
 
+def rss_mb() -> float:
+    """This process's resident memory now (the two sessions are opened one after the other)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
 def steps_per_second(rt: Runtime, depth: int, steps: int) -> tuple[float, np.ndarray]:
     cache = SharedKV(rt.session, rt.io, 1, depth + steps + 1, rt.device)
     ids = np.array([[1]], dtype=np.int64)
@@ -59,11 +67,12 @@ def main():
         manifest = json.loads((artifact / "manifest.json").read_text())
         weights = model_file_bytes(artifact / "model.onnx")
         for depth in depths:
-            figures, firsts = {}, {}
+            figures, firsts, rss = {}, {}, {}
             for way, grouped_from in (("kernel", None), ("grouped", 1)):
                 rt = Runtime(artifact, threads=args.threads, grouped_from=grouped_from)
                 kv = kv_cache_bytes(rt.config, depth, np.dtype(rt.io.kv.dtype).itemsize)
                 figures[way], firsts[way] = steps_per_second(rt, depth, args.steps)
+                rss[way] = rss_mb()
                 layers = rt.grouped_layers
                 del rt
                 gc.collect()
@@ -73,7 +82,7 @@ def main():
                    "kernel_tok_s": round(figures["kernel"], 3), "grouped_tok_s": round(figures["grouped"], 3),
                    "speedup": round(figures["grouped"] / figures["kernel"], 3), "bound_tok_s": round(bound, 3),
                    "weights_mb": round(weights / 1e6, 1), "kv_mb": round(kv / 1e6, 1), "grouped_layers": layers,
-                   "max_abs_logit_diff": diff}
+                   "max_abs_logit_diff": diff, "rss_mb_kernel": rss["kernel"], "rss_mb_grouped": rss["grouped"]}
             rows.append(row)
             print(f"{manifest['stage']:13s} depth {depth:6d}: kernel {figures['kernel']:7.2f} tok/s "
                   f"({figures['kernel'] / bound:.0%} of bound), grouped {figures['grouped']:7.2f} tok/s "

@@ -511,7 +511,24 @@ def gqadecode(path: Path) -> str:
                               f"{m.get('onnxruntime', '?')}.")
 
 
-KINDS = {"gqadecode": gqadecode, "trained": trained, "families": families, "untrusted": untrusted, "sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "longtargets": longtargets, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
+def groupeddecode(path: Path) -> str:
+    """benchmarks/grouped_decode*.json: decode tok/s at depth, the artifact's GroupQueryAttention at every step
+    against the runtime's grouped decode branch, same artifact, same process."""
+    r = json.loads(path.read_text())
+    rows = ["| artifact | depth | KV cache | kernel tok/s | grouped tok/s | grouped / kernel | bound tok/s | kernel / bound | grouped / bound |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["runs"]:
+        rows.append(f"| {x['artifact']} | {x['depth']:,} | {x['kv_mb']:,.0f} MB | {x['kernel_tok_s']:.2f} | {x['grouped_tok_s']:.2f} | "
+                    f"{x['speedup']:.2f}× | {x['bound_tok_s']:.2f} | {x['kernel_tok_s'] / x['bound_tok_s']:.0%} | "
+                    f"{x['grouped_tok_s'] / x['bound_tok_s']:.0%} |")
+    m, c = r["machine"], r["model"]
+    return "\n".join(rows) + (f"\n\n`{r['source']}`: {c['num_hidden_layers']} layers, {c['num_attention_heads']} query heads over "
+                              f"{c['num_key_value_heads']} KV heads. Median of {r['steps']} decode steps at each depth, "
+                              f"{r['threads']} threads; bound = (weights + KV cache) / read bandwidth measured in the same "
+                              f"process ({r['read_gb_s']} GB/s). {m['cpu']}, {m['cores']} cores; commit `{r['commit']}`.")
+
+
+KINDS = {"groupeddecode": groupeddecode, "gqadecode": gqadecode, "trained": trained, "families": families, "untrusted": untrusted, "sessions": sessions, "projected": projected, "longacc": longacc, "memorymodel": memorymodel, "long": long, "longtargets": longtargets, "kvmemory": kvmemory, "tune": tune, "scoreboard": scoreboard, "sweep": sweep, "llama": llama, "artifacts": artifacts, "repro": repro, "bench": bench, "ratios": ratios, "stages": stages, "extrapolated": extrapolated, "phases": phases}
 
 
 def render(text: str) -> str:

@@ -47,7 +47,7 @@ SCORER_MODULES = ("pipeline.scoring.evaluate", "pipeline.scoring.outputs", "pipe
                   "pipeline.scoring.torch_ref", "pipeline.scoring.parity", "pipeline.consumer.verify",
                   "pipeline.consumer.manifest", "pipeline.consumer.untrusted", "pipeline.graph.onnx_io",
                   "pipeline.schema", "pipeline.registry", "pipeline.errors", "pipeline.log", "pipeline.ops.memory",
-                  "pipeline.scoring.metrics", "pipeline.scoring.tasks")
+                  "pipeline.scoring.metrics", "pipeline.scoring.tasks", "pipeline.graph.decode")
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,7 +17,7 @@ def test_repro_builds_every_artifact_and_the_second_run_is_a_noop(publisher):
     for name in NAMES:
         assert (publisher / "artifacts" / name / "manifest.json").is_file()
         metrics = json.loads((publisher / "metrics" / f"{name}.json").read_text())
-        assert metrics["budget"]["status"] == "pass", metrics
+        assert metrics["budget"]["status"].startswith("pass"), metrics
         assert set(metrics["tasks"]) == {"pipeline_cloze"} and "task_acc_drop" in metrics, metrics
     assert (publisher / "reports" / "size_vs_drift.png").is_file()
     second = sh("dvc", "repro", cwd=publisher)

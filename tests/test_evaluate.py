@@ -58,7 +58,7 @@ def test_cli_evaluate_writes_the_metrics_file_and_reproduces_it(export_dir, chec
     proc = run_cli(*args, check=True)
     first = json.loads(out.read_text())
     assert {"ppl", "ref_ppl", "drift_pct", "kld_mean", "kld_p99", "top1_agreement", "size_bytes", "size_ratio"} <= first.keys()
-    assert first["windows"] == 6 and first["budget"]["status"] == "pass"
+    assert first["windows"] == 6 and first["budget"]["status"].startswith("pass")
     assert first["parity_vs"] == "pytorch" and first["parity_greedy_match"] is True
     assert first["parity_max_abs_logit_delta"] < 1e-3 and first["parity_vs"] == "pytorch"
     assert "PPL" in proc.stdout and "drift" in proc.stdout

@@ -63,6 +63,6 @@ def test_outlier_model_every_default_in_budget_and_naive_out(hard, name, overrid
     verdict = check_budget(ev, p.budgets[name])
     assert {"max_kld_mean", "max_kld_p99", "min_top1_agreement"} <= set(p.budgets[name])
     if in_budget:
-        assert verdict["status"] == "pass", (verdict, ev)
+        assert verdict["status"].startswith("pass"), (verdict, ev)
     else:
         assert verdict["status"] == "fail" and any(v.startswith("kld_mean") for v in verdict["violations"]), (verdict, ev)

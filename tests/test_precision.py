@@ -37,7 +37,7 @@ def test_fused_counts_parity_and_no_duplicate_table(fused_dir, export_dir, param
     parity = m["metrics"]["parity_vs_parent"]
     assert parity["greedy_match"] is True and parity["greedy_tokens"] >= 32 and parity["max_abs_logit_delta"] <= 1e-4
     metrics = _evaluate(fused_dir, "fused", params, export_dir, data_dir)
-    assert metrics["budget"]["status"] == "pass", metrics
+    assert metrics["budget"]["status"].startswith("pass"), metrics
     assert model_bytes(fused_dir) <= 1.01 * model_bytes(export_dir)
 
 
@@ -73,7 +73,7 @@ def test_fp16_artifact(derived, params, export_dir, data_dir):
     m = mf.read_manifest(d)
     assert m["fp16_policy"]["kv_dtype"] == "float16" and m["fp16_policy"]["io_types"]["logits"] == "float"
     metrics = _evaluate(d, "fp16", params, export_dir, data_dir)
-    assert metrics["budget"]["status"] == "pass", metrics
+    assert metrics["budget"]["status"].startswith("pass"), metrics
     assert len(rt.generate(rt.encode("Exceptions are"), 8, stop_at_eos=False)) == 8
 
 
@@ -91,7 +91,7 @@ def test_int8_dynamic_artifact(derived, params, export_dir, data_dir):
     table = [cfg["vocab_size"], cfg["hidden_size"]]
     assert not any(list(t.dims) == table and t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer)
     metrics = _evaluate(d, "int8-dynamic", params, export_dir, data_dir)
-    assert metrics["budget"]["status"] == "pass", metrics
+    assert metrics["budget"]["status"].startswith("pass"), metrics
 
 
 def test_int8_static_artifact(derived, params, export_dir, data_dir):
@@ -107,7 +107,7 @@ def test_int8_static_artifact(derived, params, export_dir, data_dir):
     excluded = set(policy["excluded_nodes"])
     assert any("MatMul" in n for n in excluded)
     metrics = _evaluate(d, "int8-static", params, export_dir, data_dir)
-    assert metrics["budget"]["status"] == "pass", metrics
+    assert metrics["budget"]["status"].startswith("pass"), metrics
 
 
 def test_the_calibrators_own_session_takes_our_session_options(fused_dir, tmp_path):
@@ -179,7 +179,7 @@ def test_int4_artifact(derived, params, export_dir, data_dir):
     for node in (n for n in model.graph.node if n.op_type == "MatMulNBits"):  # the tied lm_head included
         assert {a.name: a.i for a in node.attribute}["accuracy_level"] == params.int4.accuracy_level, node.name
     metrics = _evaluate(d, "int4", params, export_dir, data_dir)
-    assert metrics["budget"]["status"] == "pass", metrics
+    assert metrics["budget"]["status"].startswith("pass"), metrics
     policy = mf.read_manifest(d)["quant_policy"]
     assert policy["weights"].startswith(f"int4 symmetric blocks of {params.int4.block_size} ({params.int4.algorithm}")
     assert policy["tied_embedding"]["bits"] == params.int4.tied_bits

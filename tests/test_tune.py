@@ -88,7 +88,7 @@ def test_the_search_runs_on_dvcs_queue_finds_a_smaller_recipe_and_reuses_it(orig
     assert "int4" not in ran, rep.stdout  # DVC restored the candidate's artifact instead of rebuilding it
     built = json.loads((repo / "metrics/int4.json").read_text())
     assert built["size_bytes"] == win["size_bytes"] and built["kld_mean"] <= budget
-    assert built["budget"]["status"] == "pass"
+    assert built["budget"]["status"].startswith("pass")
     assert run_cli("gate", cwd=repo).returncode == 0
 
 

@@ -132,7 +132,7 @@ def test_a_malformed_sibling_does_not_break_evaluating_a_valid_artifact(derived,
         (tmp_path / name / "manifest.json").write_text(text)
     text = (data_dir / "eval.txt").read_text()
     m = evaluate_artifact(tmp_path / "int4", text, params, tmp_path / "export", "int4", rescore=True)
-    assert m["budget"]["status"] == "pass", m
+    assert m["budget"]["status"].startswith("pass"), m
 
 
 # ----------------------------------------------------------------------------------- bounded computation

@@ -62,7 +62,7 @@ def grouped(nh, kvh):
     return _model(nodes, ins, outs)
 
 
-def step(way, nh, kvh, L, threads, rng, repeats=20):
+def step(way, nh, kvh, L, threads, repeats=20):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     s = ort.InferenceSession(gqa(nh, kvh) if way == "gqa" else grouped(nh, kvh), so, providers=["CPUExecutionProvider"])
@@ -100,14 +100,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out")
     args = ap.parse_args()
-    rng = np.random.default_rng(0)
     bw = read_bandwidth_gb_s(args.threads)
     print(f"read bandwidth ({args.threads} threads): {bw} GB/s")
     rows = []
     for nh, kvh, label in SHAPES:
         outs = {}
         for way in ("gqa", "grouped"):
-            sec, outs[way], kv = step(way, nh, kvh, args.depth, args.threads, rng)
+            sec, outs[way], kv = step(way, nh, kvh, args.depth, args.threads)
             gb_s = kv / sec / 1e9
             print(f"{way:8s} {nh:2d} query heads over {kvh} KV heads: {sec * 1e3:7.2f} ms per layer, "
                   f"{gb_s:5.1f} GB/s of KV = {gb_s / bw:.0%} of the read bound")

@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -42,6 +43,8 @@ def _checkpoint(kind: str, tokenizer_dir: Path, dst: Path) -> Path:
                    # input sizes that are not multiples of INT4's blocks of 128 (as SmolLM2-135M's 576)
                    "phi3": (hf.Phi3Config(**common, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
                                           eos_token_id=2), hf.Phi3ForCausalLM),
+                   "phi3-partial": (hf.Phi3Config(**common, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                                                  eos_token_id=2, partial_rotary_factor=0.5), hf.Phi3ForCausalLM),
                    "odd": (hf.LlamaConfig(**{**common, "hidden_size": 192, "num_attention_heads": 6,
                                              "intermediate_size": 320}, tie_word_embeddings=True),
                            hf.LlamaForCausalLM)}[kind]
@@ -253,3 +256,21 @@ def test_optimums_standard_snippet_runs_each_family(family, kind, data_dir):
     prompt = tok(rt.decode(ids))["input_ids"]
     new = out[0][len(prompt):].tolist()
     assert new and new == rt.generate(prompt, len(new))
+
+
+# Mistral's window and a partial rotary (Phi-3 with partial_rotary_factor 0.5) keep ORT's kernel: the
+# grouped branch reproduces neither (pipeline/graph/decode.py).
+@pytest.mark.parametrize("kind,grouped", [("llama", True), ("qwen2", True), ("llama32", True), ("phi3", True),
+                                          ("mistral", False), ("phi3-partial", False)])
+def test_the_runtimes_grouped_decode_on_each_family(family, kind, grouped, data_dir):
+    """Each family's fused graph decoded from the first position through the grouped branch (where its
+    attention allows it) gives the kernel's logits and greedy tokens."""
+    from pipeline.consumer.runtime import Runtime
+
+    d = family(kind)["fused"]
+    kernel, ours = Runtime(d, grouped_from=None), Runtime(d, grouped_from=1)
+    assert ours.grouped_layers == (LAYERS if grouped else 0)
+    ids = kernel.encode((data_dir / "eval.txt").read_text())[:80]
+    a, b = kernel.decode_path_logits(ids, prefix=4), ours.decode_path_logits(ids, prefix=4)
+    assert np.abs(a - b).max() < 1e-4, np.abs(a - b).max()
+    assert kernel.greedy(ids[:10], 16) == ours.greedy(ids[:10], 16)

@@ -32,28 +32,35 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _eligible(node, inits: dict, float_inputs: set[str]) -> bool:
+def _eligible(node, inits: dict, float_heads: dict[str, int]) -> bool:
     """A GroupQueryAttention the grouped branch reproduces: separate q/k/v, rotary over the whole head
     inside the op, no window, soft-cap or quantized cache, a float32 KV cache bound from the graph's inputs."""
-    attrs = _attrs(node)
     if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or len(node.input) < 9:
         return False
+    attrs = _attrs(node)
     if any(attrs.get(k, d) != d for k, d in _UNSUPPORTED.items()) or attrs.get("do_rotary", 0) != 1:
         return False
-    if node.input[1] == "" or node.input[3] not in float_inputs:  # packed q/k/v in one input; or not float32
+    head_dim = float_heads.get(node.input[3])
+    if node.input[1] == "" or head_dim is None:  # packed q/k/v in one input; or not a float32 cache input
         return False
     cos = inits.get(node.input[7])
-    heads = attrs["num_heads"]
-    # rotary over the whole head only (Phi-3's partial rotary keeps the kernel)
-    return cos is not None and len(cos.dims) == 2 and heads % attrs["kv_num_heads"] == 0
+    # rotary over the whole head only (a partial rotary, Phi-3's, keeps the kernel)
+    return (cos is not None and len(cos.dims) == 2 and 2 * cos.dims[1] == head_dim
+            and attrs["num_heads"] % attrs["kv_num_heads"] == 0)
 
 
-def _float32_inputs(model) -> set[str]:
-    """The graph inputs of element type float32 (the KV buffers the runtime binds). The grouped branch
-    computes in float32: ORT's CPU FusedMatMul has no float16 kernel, so the fp16 artifact keeps its kernel."""
+def _float32_cache_inputs(model) -> dict[str, int]:
+    """{name: head_dim} of the graph inputs of element type float32 and static last dimension (the KV
+    buffers the runtime binds, (B, kv_heads, L, head_dim)). The grouped branch computes in float32: ORT's CPU
+    FusedMatMul has no float16 kernel, so the fp16 artifact keeps its kernel."""
     from onnx import TensorProto
 
-    return {v.name for v in model.graph.input if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    found = {}
+    for v in model.graph.input:
+        t = v.type.tensor_type
+        if t.elem_type == TensorProto.FLOAT and len(t.shape.dim) == 4 and t.shape.dim[3].HasField("dim_value"):
+            found[v.name] = t.shape.dim[3].dim_value
+    return found
 
 
 def group_decode_attention(model, min_positions: int) -> int:
@@ -64,8 +71,8 @@ def group_decode_attention(model, min_positions: int) -> int:
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    floats = _float32_inputs(model)
-    targets = [n for n in graph.node if _eligible(n, inits, floats)]
+    heads_of = _float32_cache_inputs(model)
+    targets = [n for n in graph.node if _eligible(n, inits, heads_of)]
     if not targets:
         return 0
     first = targets[0]
@@ -77,61 +84,59 @@ def group_decode_attention(model, min_positions: int) -> int:
                                        value=numpy_helper.from_array(np.asarray(array), f"{PREFIX}/{name}")))
         return f"{PREFIX}/{name}"
 
-    def node(op, inputs, name, domain="", **attrs):
+    def node(op, inputs, name, **attrs):
         out = f"{PREFIX}/{name}"
-        shared.append(helper.make_node(op, inputs, [out], name=out, domain=domain, **attrs))
+        shared.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
     # One condition and one set of positions for every layer: one token this step, a buffer with room for
     # it (the runtime's in-place buffers; optimum's concatenated past has none), and deep enough.
-    i0, i1, i2, i3 = (const(f"i{k}", np.array([k], dtype=np.int64)) for k in range(4))
+    one_1d = const("one_1d", np.array([1], dtype=np.int64))
+    zero, one = const("zero", np.array(0, dtype=np.int64)), const("one", np.array(1, dtype=np.int64))
+    b111 = const("b111", np.array([-1, 1, 1, 1], dtype=np.int64))
     step_len = node("Shape", [q0], "step_len", start=1, end=2)
     capacity = node("Shape", [past_k0], "capacity", start=2, end=3)
-    total64 = node("Cast", [node("Reshape", [total, i1], "total_1d")], "total64", to=TensorProto.INT64)
-    one_token = node("Equal", [step_len, i1], "one_token")
+    total64 = node("Cast", [node("Reshape", [total, one_1d], "total_1d")], "total64", to=TensorProto.INT64)
+    one_token = node("Equal", [step_len, one_1d], "one_token")
     room = node("GreaterOrEqual", [capacity, total64], "room")
     deep = node("GreaterOrEqual", [total64, const("min_positions", np.array([min_positions], dtype=np.int64))], "deep")
     cond = node("Squeeze", [node("And", [node("And", [one_token, room], "one_and_room"), deep], "cond_1d")], "cond")
     # each row's new position (its length - 1 = seqlens_k), as position ids (B, 1) and as the key column
     # that may be attended to (-inf past it: the rest of the buffer)
     pos = node("Cast", [seqlens], "pos", to=TensorProto.INT64)                  # (B,)
-    pos_ids = node("Unsqueeze", [pos, i1], "pos_ids")                           # (B, 1)
-    columns = node("Range", [const("zero", np.array(0, dtype=np.int64)), node("Squeeze", [capacity], "capacity_0d"),
-                             const("one", np.array(1, dtype=np.int64))], "columns")  # (C,)
-    pos4 = node("Reshape", [pos, const("b111", np.array([-1, 1, 1, 1], dtype=np.int64))], "pos4")  # (B,1,1,1)
-    beyond = node("Greater", [columns, pos4], "beyond")                           # (B,1,1,C)
+    pos_ids = node("Unsqueeze", [pos, one_1d], "pos_ids")                       # (B, 1)
+    columns = node("Range", [zero, node("Squeeze", [capacity], "capacity_0d"), one], "columns")  # (C,)
+    pos4 = node("Reshape", [pos, b111], "pos4")                                 # (B,1,1,1)
+    beyond = node("Greater", [columns, pos4], "beyond")                         # (B,1,1,C)
     mask = node("Where", [beyond, const("ninf", np.array(-np.inf, dtype=np.float32)),
                           const("fzero", np.array(0.0, dtype=np.float32))], "mask")
     batch = node("Shape", [q0], "batch", start=0, end=1)
-    layers = []
+    rows4 = node("Reshape", [node("Range", [zero, node("Squeeze", [batch], "batch_0d"), one], "rows"), b111], "rows4")
+    index_of = {}
+
+    def indices(kv_heads: int) -> str:
+        """ScatterND's indices (B, kv_heads, 1, 3) = (row, kv head, position), one set per kv_heads value."""
+        if kv_heads not in index_of:
+            shape = node("Concat", [batch, const(f"kv{kv_heads}", np.array([kv_heads, 1, 1], dtype=np.int64))],
+                         f"idx_shape_{kv_heads}", axis=0)
+            heads = const(f"heads{kv_heads}", np.arange(kv_heads, dtype=np.int64).reshape(1, -1, 1, 1))
+            index_of[kv_heads] = node("Concat", [node("Expand", [rows4, shape], f"rows_x_{kv_heads}"),
+                                                 node("Expand", [heads, shape], f"heads_x_{kv_heads}"),
+                                                 node("Expand", [pos4, shape], f"pos_x_{kv_heads}")],
+                                      f"idx_{kv_heads}", axis=3)
+        return index_of[kv_heads]
+
+    replaced = {}
     for n, gqa in enumerate(targets):
         a = _attrs(gqa)
         heads, kv_heads = a["num_heads"], a["kv_num_heads"]
-        group = heads // kv_heads
-        head_dim = 2 * inits[gqa.input[7]].dims[1]
+        group, head_dim = heads // kv_heads, heads_of[gqa.input[3]]
         scale = a.get("scale") or head_dim ** -0.5
         q, k, v, past_k, past_v, _, _, cos, sin = gqa.input[:9]
-        layers.append((gqa, heads, kv_heads, group, head_dim, scale, q, k, v, past_k, past_v, cos, sin, n))
-
-    # ScatterND's indices (B, kv_heads, 1, 3) = (row, kv head, position), one set per kv_heads value
-    rows4 = node("Reshape", [node("Range", [const("zero_b", np.array(0, dtype=np.int64)), node("Squeeze", [batch], "batch_0d"),
-                                            const("one_b", np.array(1, dtype=np.int64))], "rows"),
-                             const("b111_rows", np.array([-1, 1, 1, 1], dtype=np.int64))], "rows4")
-    index_of = {}
-    for kv_heads in sorted({layer[2] for layer in layers}):
-        shape = node("Concat", [batch, const(f"kv{kv_heads}", np.array([kv_heads, 1, 1], dtype=np.int64))],
-                     f"idx_shape_{kv_heads}", axis=0)
-        heads_ = const(f"heads{kv_heads}", np.arange(kv_heads, dtype=np.int64).reshape(1, -1, 1, 1))
-        index_of[kv_heads] = node("Concat", [node("Expand", [rows4, shape], f"rows_x_{kv_heads}"),
-                                             node("Expand", [heads_, shape], f"heads_x_{kv_heads}"),
-                                             node("Expand", [pos4, shape], f"pos_x_{kv_heads}")], f"idx_{kv_heads}", axis=3)
-
-    replaced = {}
-    for gqa, heads, kv_heads, group, head_dim, scale, q, k, v, past_k, past_v, cos, sin, n in layers:
         p = f"{PREFIX}/l{n}"
         out, present_k, present_v = gqa.output[:3]
         then = [
-            # rotary as the kernel applies it (the head size from the cos cache's width)
+            # rotary as the kernel applies it (the head size from the cos cache's width: the whole head)
             helper.make_node("RotaryEmbedding", [q, pos_ids, cos, sin], [f"{p}/q_rot"], domain="com.microsoft",
                              interleaved=0),
             helper.make_node("RotaryEmbedding", [k, pos_ids, cos, sin], [f"{p}/k_rot"], domain="com.microsoft",
@@ -145,8 +150,8 @@ def group_decode_attention(model, min_positions: int) -> int:
             # one token: (B, 1, kv_heads * D) is already (B, kv_heads, 1, D) in memory
             helper.make_node("Reshape", [f"{p}/k_rot", f"{p}/kv_shape"], [f"{p}/k4"]),
             helper.make_node("Reshape", [v, f"{p}/kv_shape"], [f"{p}/v4"]),
-            helper.make_node("ScatterND", [past_k, index_of[kv_heads], f"{p}/k4"], [f"{p}/present_k"]),
-            helper.make_node("ScatterND", [past_v, index_of[kv_heads], f"{p}/v4"], [f"{p}/present_v"]),
+            helper.make_node("ScatterND", [past_k, indices(kv_heads), f"{p}/k4"], [f"{p}/present_k"]),
+            helper.make_node("ScatterND", [past_v, indices(kv_heads), f"{p}/v4"], [f"{p}/present_v"]),
             # query head h reads KV head h // group (GroupQueryAttention's mapping): a group is g rows
             helper.make_node("Reshape", [f"{p}/q_rot", f"{p}/q_shape"], [f"{p}/q4"]),
             helper.make_node("FusedMatMul", [f"{p}/q4", f"{p}/present_k"], [f"{p}/scores"], domain="com.microsoft",
@@ -174,4 +179,4 @@ def group_decode_attention(model, min_positions: int) -> int:
     rewritten = nodes[:at] + shared + [replaced.get(id(x), x) for x in nodes[at:]]
     del graph.node[:]
     graph.node.extend(rewritten)
-    return len(layers)
+    return len(targets)

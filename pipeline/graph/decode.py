@@ -45,8 +45,11 @@ def _eligible(node, inits: dict, float_heads: dict[str, int]) -> bool:
         return False
     cos = inits.get(node.input[7])
     # rotary over the whole head only (a partial rotary, Phi-3's, keeps the kernel)
-    return (cos is not None and len(cos.dims) == 2 and 2 * cos.dims[1] == head_dim
-            and attrs["num_heads"] % attrs["kv_num_heads"] == 0)
+    heads, kv_heads = attrs.get("num_heads"), attrs.get("kv_num_heads")
+    # the head counts as ints > 0 (a file from elsewhere may say anything: ORT then refuses it, in one line)
+    if not (isinstance(heads, int) and isinstance(kv_heads, int) and heads > 0 and kv_heads > 0):
+        return False
+    return cos is not None and len(cos.dims) == 2 and 2 * cos.dims[1] == head_dim and heads % kv_heads == 0
 
 
 def _float32_cache_inputs(model) -> dict[str, int]:

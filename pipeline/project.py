@@ -64,9 +64,11 @@ def read_at(spec: str, cwd: str | Path = ".") -> tuple[str, str]:
         if proc.returncode != 0:
             raise PipelineError(f"{spec}: git has no {path} at {rev} ({proc.stderr.strip().splitlines()[-1:]})")
         return proc.stdout, spec
-    if not Path(path).is_file():
+    from .consumer import untrusted
+
+    if not Path(path).exists():
         raise PipelineError(f"{spec}: no such file (PATH or PATH@REV, a git revision)")
-    return Path(path).read_text(), spec
+    return untrusted.read_text(Path(path), "the lock file"), spec
 
 
 def locked_hash(lock_text: str, where: str, stage: str) -> tuple[str, str]:

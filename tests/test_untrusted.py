@@ -342,6 +342,35 @@ def test_fuzz_calibration_readers(export_dir, tmp_path, suffix, body):
     _one_line_or_success(lambda: calibration_windows(str(src), "text", export_dir / "tokenizer.json", 4, 8))
 
 
+LOCK_OUTS = st.lists(st.fixed_dictionaries({}, optional={"path": st.sampled_from(["builds/int4", "int4", "x/", 3]) | json_values,
+                                                           "md5": st.text(max_size=12) | json_values}) | json_values,
+                     max_size=3)
+near_lock = st.fixed_dictionaries({}, optional={"stages": st.dictionaries(
+    st.text(max_size=8), st.fixed_dictionaries({}, optional={"outs": LOCK_OUTS}) | json_values, max_size=3) | json_values})
+
+
+@FUZZ
+@given(doc=near_lock | json_values | st.text(max_size=200) | raw_bytes)
+def test_fuzz_dvc_lock(tmp_path, doc):
+    """`pipeline verify --lock FILE`: a publisher's dvc.lock, as YAML text or undecodable bytes."""
+    import yaml
+
+    from pipeline import project
+
+    lock = tmp_path / "dvc.lock"
+    if isinstance(doc, bytes):
+        lock.write_bytes(doc)
+    else:
+        lock.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+
+    def read():
+        text, where = project.read_at(str(lock))
+        md5, path = project.locked_hash(text, where, "int4")
+        assert isinstance(md5, str) and str(path).rstrip("/").split("/")[-1] == "int4"
+
+    _one_line_or_success(read)
+
+
 def test_the_fuzz_suite_reaches_every_reader_of_outside_input():
     """A new reader of outside input gets its fuzz test: the modules that read through
     pipeline/consumer/untrusted.py are the ones fuzzed here."""
@@ -349,7 +378,7 @@ def test_the_fuzz_suite_reaches_every_reader_of_outside_input():
                              text=True).stdout.split()
     fuzzed = {"pipeline/consumer/manifest.py", "pipeline/consumer/verify.py", "pipeline/params.py", "pipeline/gate.py",
               "pipeline/consumer/chat.py", "pipeline/checkpoints/importer.py", "pipeline/scoring/outputs.py",
-              "pipeline/consumer/signing.py", "pipeline/consumer/untrusted.py"}
+              "pipeline/consumer/signing.py", "pipeline/consumer/untrusted.py", "pipeline/project.py"}
     assert set(readers) <= fuzzed, set(readers) - fuzzed
 
 

@@ -45,7 +45,12 @@ VARIANTS = {
     "int4 rtn (ORT), b128, 4-bit table": ("int4", ["int4.algorithm=rtn", "int4.tied_bits=4"]),
     "int4 rtn (ORT), b128, 8-bit table": ("int4", ["int4.algorithm=rtn"]),
     "int4 awq, b128, 4-bit table": ("int4", ["int4.tied_bits=4"]),
+    "int4 gptq, b128, 8-bit table": ("int4", ["int4.algorithm=gptq"]),
+    "int4 gptq, b32, 4-bit table": ("int4", ["int4.algorithm=gptq", "int4.block_size=32", "int4.tied_bits=4"]),
 }
+# GPTQ against what it is measured against: the default and the same-size rows (benchmarks/scoreboard_gptq_*.json)
+GPTQ = ("int4 (default: awq, b128, 8-bit table)", "int4 gptq, b128, 8-bit table", "int4 rtn (ORT), b32, 4-bit table",
+        "int4 awq, b32, 4-bit table", "int4 gptq, b32, 4-bit table")
 # what a real shape is measured on (each build there takes minutes)
 REAL_SHAPE = ("int8-dynamic (default: smoothing)", "int8-dynamic, no smoothing", "int4 (default: awq, b128, 8-bit table)",
               "int4 rtn (ORT), b32, 4-bit table", "int4 awq, b32, 4-bit table", "int4 rtn (ORT), b128, 4-bit table")
@@ -60,7 +65,7 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=32, help="calibration samples (imatrix, int8-static)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--only", default="", help="';'-separated variant names, or 'real-shape' (default: all)")
+    ap.add_argument("--only", default="", help="';'-separated variant names, 'real-shape' or 'gptq' (default: all)")
     ap.add_argument("--peer-python", default="/tmp/genai-venv/bin/python")
     ap.add_argument("--peer-cache", default="/tmp/genai-builder-cache")
     ap.add_argument("--out", type=Path)
@@ -91,7 +96,7 @@ def main() -> None:
         json.dump([int(i) for i in ids], f)
     timing = argparse.Namespace(new_tokens=args.new_tokens, repeats=args.repeats)
     rows: dict = {}
-    only = set(REAL_SHAPE) if args.only == "real-shape" else set(filter(None, args.only.split(";")))
+    only = {"real-shape": set(REAL_SHAPE), "gptq": set(GPTQ)}.get(args.only, set(filter(None, args.only.split(";"))))
     export_bytes = model_bytes(work / "export")
     try:
         for name, (stage, overrides) in VARIANTS.items():

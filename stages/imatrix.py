@@ -46,7 +46,7 @@ def build(inputs: Inputs, config: Imatrix, tmp: Path) -> BuildResult:
     with store.scratch_dir(tmp, "imatrix") as scratch:
         stats = imatrix.channel_statistics(graph, parent_dir.resolve(), tensors, model_config, windows,
                                            Path(scratch), "imatrix")
-    summary = imatrix.save(tmp, stats, groups, int(windows.size), cal.round_bits)
+    summary = imatrix.save(tmp, stats, groups, windows, cal.round_bits)
     summary.update({"source": cal.source, "windows": len(windows), "seq_len": int(windows.shape[1]),
                     "round_bits": cal.round_bits})
     return BuildResult(metrics=summary, extra={"precision": "statistics"}, params=covered_params(config, windows))

@@ -5,7 +5,9 @@ GatherBlockQuantized + MatMulNBits.
 Algorithms: ``rtn`` and ``k_quant`` are ORT's MatMulNBitsQuantizer (scales from the weights alone);
 ``imatrix`` weighs each block's rounding by the importance matrix (stage imatrix), as llama.cpp does;
 ``awq`` first scales each projection's input channels by mean(x^2)^(alpha/2), folded exactly into the
-RMSNorm gammas and up_proj (pipeline/quant/weight_only.py), then does the same. ``int8_fraction`` keeps
+RMSNorm gammas and up_proj (pipeline/quant/weight_only.py), then does the same; ``gptq`` scales as awq,
+then rounds each block one input channel at a time, pushing each channel's error onto the channels not
+yet rounded through the input's inverse Hessian (pipeline/quant/gptq.py). ``int8_fraction`` keeps
 the most sensitive share of projections at 8 bits (mixed precision, like llama.cpp's Q4_K_M)."""
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from pipeline.runner import BuildResult, Inputs
 from pipeline.schema import PosInt, Section, power_of_two
 
 # Algorithms that read the importance matrix (stage imatrix).
-CALIBRATED_INT4 = ("imatrix", "awq")
+CALIBRATED_INT4 = ("imatrix", "awq", "gptq")
+SCALED_INT4 = ("awq", "gptq")  # those that scale the input channels by awq_alpha first
 
 
 class Int4(Section):
     parent: Literal["export", "fused"]
     # rtn / k_quant: ORT's MatMulNBitsQuantizer; imatrix / awq: pipeline/quant/nbits.py with the importance
-    # matrix (awq also scales input channels by it first, folded into the graph)
-    algorithm: Literal["rtn", "k_quant", "imatrix", "awq"]
+    # matrix (awq also scales input channels by it first, folded into the graph; gptq scales as awq, then
+    # rounds with the inputs' Hessians on the imatrix's calibration tokens)
+    algorithm: Literal["rtn", "k_quant", "imatrix", "awq", "gptq"]
     awq_alpha: float = Field(0.75, ge=0, le=1)
     int8_fraction: float = Field(0.0, ge=0, le=1)  # imatrix/awq: this share of projections, the most sensitive, 8-bit
     block_size: int
@@ -47,15 +51,15 @@ class Int4(Section):
 
     def inert(self) -> set[str]:
         """Keys that change nothing given the others (see Int8Dynamic.inert)."""
-        return ({"awq_alpha"} if self.algorithm != "awq" else set()) | ({"tied_bits"} if not self.quantize_tied else set())
+        return ({"awq_alpha"} if self.algorithm not in SCALED_INT4 else set()) | ({"tied_bits"} if not self.quantize_tied else set())
 
     @model_validator(mode="after")
     def _ours_symmetric(self):
         if self.algorithm in CALIBRATED_INT4 and not self.symmetric:
             raise ValueError(f"int4.algorithm {self.algorithm} quantizes symmetrically (set symmetric: true)")
         if self.int8_fraction and self.algorithm not in CALIBRATED_INT4:
-            raise ValueError("int4.int8_fraction needs algorithm imatrix or awq (it ranks projections by the "
-                             "importance matrix)")
+            raise ValueError("int4.int8_fraction needs algorithm imatrix, awq or gptq (it ranks projections by "
+                             "the importance matrix)")
         return self
 
 
@@ -104,17 +108,19 @@ def _build(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
 
 
 def _calibrated(inputs: Inputs, config: Int4, tmp: Path) -> BuildResult:
-    """``imatrix`` / ``awq``: our quantizer (pipeline/quant/nbits.py) with the importance matrix."""
+    """``imatrix`` / ``awq`` / ``gptq``: our quantizer (pipeline/quant/nbits.py, gptq.py) with the importance matrix."""
     from pipeline.quant.weight_only import quantize_with_imatrix
 
     fields, metrics, uses = quantize_with_imatrix(
         inputs, tmp, f"int4.algorithm {config.algorithm}", nodes_to_exclude=config.nodes_to_exclude, bits=4,
         block_size=config.block_size, accuracy_level=config.accuracy_level, weighted=True,
-        awq_alpha=config.awq_alpha if config.algorithm == "awq" else None, int8_fraction=config.int8_fraction,
-        tied=(config.tied_bits, config.block_size) if config.quantize_tied else None)
+        awq_alpha=config.awq_alpha if config.algorithm in SCALED_INT4 else None, int8_fraction=config.int8_fraction,
+        tied=(config.tied_bits, config.block_size) if config.quantize_tied else None,
+        gptq=config.algorithm == "gptq")
     policy = {"weights": f"int4 symmetric blocks of {config.block_size} ({config.algorithm}: importance-weighted "
                          "scales" + (f", input channels scaled by mean(x^2)^({config.awq_alpha}/2)"
-                                     if config.algorithm == "awq" else "") + ")",
+                                     if config.algorithm in SCALED_INT4 else "")
+                         + (", rounded by GPTQ with the inputs' Hessians" if config.algorithm == "gptq" else "") + ")",
               "activations": "float32", "accuracy_level": config.accuracy_level, **fields}
     return BuildResult(metrics=metrics, extra={"precision": "int4", "kv_dtype": "float32", "quant_policy": policy,
                                                "uses": uses})
@@ -131,7 +137,7 @@ STAGE = OnnxStage(name="int4", verb="quantize", mode="int4", section="int4", con
                   parents=("export", "fused"), uses=("imatrix",),
                   flags={"--block-size": ("block_size", "weights per quantization block"),
                          "--symmetric": ("symmetric", "symmetric blocks", "--asymmetric"),
-                         "--algorithm": ("algorithm", "rtn | k_quant | imatrix | awq")},
+                         "--algorithm": ("algorithm", "rtn | k_quant | imatrix | awq | gptq")},
                   tunable=("algorithm", "block_size", "symmetric", "accuracy_level", "awq_alpha", "tied_bits",
                            "int8_fraction"),
                   precision="int4", summary="INT4 weight-only, block-wise (MatMulNBits, the format onnxruntime-genai uses)")

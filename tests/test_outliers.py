@@ -53,12 +53,27 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def built(hard, data_dir):
+    """built(name, overrides) -> (params, manifest): each variant built and scored once in this module."""
+    _, root = hard
+    cache: dict = {}
+
+    def make(name: str, overrides: list[str]):
+        key = (name, *overrides)
+        if key not in cache:
+            p = calibrated(data_dir, f"model.source={root / 'checkpoint'}", *OUTLIERS, *overrides)
+            out = root / f"{name}-{len(cache)}"
+            cache[key] = p, build(name, p, root / "fused", out, scoring(p, data_dir, root / "export"),
+                                  {"imatrix": root / "imatrix"} if name in ("int4", "int8-dynamic") else None)
+        return cache[key]
+
+    return make
+
+
 @pytest.mark.parametrize("name,overrides,in_budget", CASES, ids=[f"{c[0]}{'-naive' if c[1] else ''}" for c in CASES])
-def test_outlier_model_every_default_in_budget_and_naive_out(hard, name, overrides, in_budget, data_dir, tmp_path):
-    p0, root = hard
-    p = calibrated(data_dir, f"model.source={root / 'checkpoint'}", *OUTLIERS, *overrides)
-    m = build(name, p, root / "fused", tmp_path / name, scoring(p, data_dir, root / "export"),
-              {"imatrix": root / "imatrix"} if name in ("int4", "int8-dynamic") else None)
+def test_outlier_model_every_default_in_budget_and_naive_out(built, name, overrides, in_budget):
+    p, m = built(name, overrides)
     ev = m["metrics"]["eval"]
     verdict = check_budget(ev, p.budgets[name])
     assert {"max_kld_mean", "max_kld_p99", "min_top1_agreement"} <= set(p.budgets[name])
@@ -66,3 +81,14 @@ def test_outlier_model_every_default_in_budget_and_naive_out(hard, name, overrid
         assert verdict["status"].startswith("pass"), (verdict, ev)
     else:
         assert verdict["status"].startswith("fail") and any(v.startswith("kld_mean") for v in verdict["violations"]), (verdict, ev)
+
+
+def test_gptq_lowers_the_int4_kld_on_the_outlier_model(built):
+    """int4.algorithm gptq (AWQ's scaling, then GPTQ's rounding with the inputs' Hessians) against the
+    default awq, same blocks and table, both scored here: a lower mean KLD and inside the int4 budgets."""
+    p, default = built("int4", [])
+    _, gptq = built("int4", ["int4.algorithm=gptq"])
+    a, g = default["metrics"]["eval"], gptq["metrics"]["eval"]
+    assert g["kld_mean"] < a["kld_mean"] and g["kld_p99"] < a["kld_p99"], (a, g)
+    assert check_budget(g, p.budgets["int4"])["status"].startswith("pass"), g
+    assert "GPTQ" in gptq["quant_policy"]["weights"] and gptq["quant_policy"]["gptq"]["tokens"] > 0

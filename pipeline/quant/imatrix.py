@@ -25,14 +25,17 @@ from pipeline.graph import onnx_io
 from pipeline.log import Progress
 
 FILE = "imatrix.safetensors"
-KV_PREFIX = "present."  # the KV cache's outputs: their maxima give an int8 KV cache its scales
+KV_PREFIX = "present."
+WINDOWS = "tokens"  # the calibration windows' token ids (no activation's key lacks a ".kind" suffix)  # the KV cache's outputs: their maxima give an int8 KV cache its scales
 
 
 def channel_statistics(graph, weights_dir: Path, tensors: list[str], config: dict, windows: np.ndarray,
-                       work: Path, label: str = "channel statistics") -> dict[str, dict[str, np.ndarray]]:
+                       work: Path, label: str = "channel statistics",
+                       outer: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Per channel of each of ``tensors``: running max |x| and sum of x^2 (float64) over ``windows``,
-    with bounded memory (one window's activations at a time). ``graph``: the model loaded without its
-    weights from ``weights_dir`` (they are linked, not loaded)."""
+    with bounded memory (one window's activations at a time); ``outer``: instead, the sum of x x^T
+    (float32, channels x channels: GPTQ's Hessian, pipeline/quant/gptq.py). ``graph``: the model loaded
+    without its weights from ``weights_dir`` (they are linked, not loaded)."""
     from onnx import TensorProto, helper
 
     aug = type(graph)()
@@ -49,6 +52,13 @@ def channel_statistics(graph, weights_dir: Path, tensors: list[str], config: dic
     for i, win in enumerate(windows):
         for name, value in zip(tensors, session.run(tensors, io.feeds(win[None]))):
             x = value.reshape(-1, value.shape[-1])
+            if outer:
+                xtx = x.T @ x
+                if name in stats:
+                    stats[name]["xtx"] += xtx
+                else:
+                    stats[name] = {"xtx": xtx}
+                continue
             m, sq = np.abs(x).max(axis=0), np.square(x, dtype=np.float64).sum(axis=0)
             if name not in stats:
                 stats[name] = {"max": m, "sumsq": sq}
@@ -60,15 +70,17 @@ def channel_statistics(graph, weights_dir: Path, tensors: list[str], config: dic
     return stats
 
 
-def save(directory: Path, stats: dict, groups: dict[str, list[str]], tokens: int, round_bits: int) -> dict:
+def save(directory: Path, stats: dict, groups: dict[str, list[str]], windows: np.ndarray, round_bits: int) -> dict:
     """Write ``imatrix.safetensors``: ``<tensor>.mean_sq`` and ``<tensor>.max`` per activation, the
-    projections each one feeds in the metadata. Values rounded to ``round_bits`` mantissa bits (maxima
-    outward), so another CPU's last bits give the same file."""
+    projections each one feeds in the metadata, and the calibration token ``windows`` themselves (``tokens``:
+    a consumer that needs more than these statistics, GPTQ's Hessians, computes them on the same text). Values
+    rounded to ``round_bits`` mantissa bits (maxima outward), so another CPU's last bits give the same file."""
     from safetensors.numpy import save_file
 
     from pipeline.quant.rounding import outward
 
-    arrays = {}
+    tokens = int(windows.size)
+    arrays = {WINDOWS: np.ascontiguousarray(windows, dtype=np.int64)}
     for name in sorted(stats):
         mean_sq = (stats[name]["sumsq"] / tokens).astype(np.float32)
         arrays[f"{name}.mean_sq"] = outward(mean_sq, round_bits, up=True)
@@ -95,9 +107,13 @@ class Imatrix:
         if not path.is_file():
             raise PipelineError(f"{directory} holds no {FILE}: not an imatrix artifact (pipeline imatrix)")
         self.mean_sq, self.max = {}, {}
+        self.windows: np.ndarray | None = None  # None: made before the windows were kept
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata()
             for key in f.keys():
+                if key == WINDOWS:
+                    self.windows = f.get_tensor(key)
+                    continue
                 name, _, kind = key.rpartition(".")
                 (self.mean_sq if kind == "mean_sq" else self.max)[name] = f.get_tensor(key)
         meta = json.loads(meta["imatrix"])

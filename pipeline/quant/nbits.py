@@ -136,11 +136,13 @@ def weighted_error(w: np.ndarray, bits: int, block_size: int, importance: np.nda
 
 
 def to_matmulnbits(model, weights, bits_of: dict[str, int], block_size: int, accuracy_level: int | None,
-                   importance: dict[str, np.ndarray] | None = None) -> dict[str, int]:
+                   importance: dict[str, np.ndarray] | None = None,
+                   hessians: dict[str, np.ndarray] | None = None) -> dict[str, int]:
     """Replace each ``MatMul(x, W)`` whose weight ``W`` is in ``bits_of`` by ``MatMulNBits`` at that
     many bits, in ``model`` (a ModelProto loaded without its weights; ``weights``: a
     pipeline.quant.smoothquant.Weights over it, so scalings recorded there are applied first). Each
-    weight is read, quantized and dropped in turn. Returns the count per bit width."""
+    weight is read, quantized and dropped in turn; one with an input Hessian in ``hessians`` is rounded
+    by GPTQ (pipeline/quant/gptq.py). Returns the count per bit width."""
     from onnx import helper, numpy_helper
 
     nodes = list(model.graph.node)
@@ -159,7 +161,12 @@ def to_matmulnbits(model, weights, bits_of: dict[str, int], block_size: int, acc
         w = weights.current(name)  # (K, N)
         k, n = w.shape
         imp = None if importance is None else importance.get(name)
-        packed, scales = quantize_blocks(np.ascontiguousarray(w.T), bits, block_size, imp)
+        if hessians is not None and name in hessians:
+            from pipeline.quant import gptq
+
+            packed, scales = gptq.quantize(np.ascontiguousarray(w.T), hessians[name], bits, block_size)
+        else:
+            packed, scales = quantize_blocks(np.ascontiguousarray(w.T), bits, block_size, imp)
         del w
         q_name, s_name = f"{name}_Q{bits}", f"{name}_scales"
         model.graph.initializer.extend([numpy_helper.from_array(packed, q_name),

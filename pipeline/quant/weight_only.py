@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.graph import onnx_io
 from pipeline.graph.tied import find_tied, share_quantized_table
 from pipeline.log import Progress, info
+from pipeline.quant import gptq as gptq_lib
 from pipeline.quant import nbits
 from pipeline.quant.imatrix import Imatrix
 from pipeline.quant.smoothquant import Weights, projection_groups, scale_inputs, smoothquant_factors
@@ -50,9 +51,10 @@ def quantize_with_imatrix(inputs, tmp: Path, why: str, *, nodes_to_exclude: list
 def quantize(parent_dir: Path, tmp: Path, *, bits: int, block_size: int, accuracy_level: int | None,
              exclude: set[str], im: Imatrix, smooth_alpha: float | None = None,
              awq_alpha: float | None = None, weighted: bool = False, int8_fraction: float = 0.0,
-             tied: tuple[int, int] | None = None) -> tuple[dict, object]:
+             tied: tuple[int, int] | None = None, gptq: bool = False) -> tuple[dict, object]:
     """Write the quantized artifact's model into ``tmp``; returns (policy summary, the graph for op counts).
-    ``tied``: (bits, block size) of the shared embedding / lm_head table, or None to leave it float."""
+    ``tied``: (bits, block size) of the shared embedding / lm_head table, or None to leave it float.
+    ``gptq``: the projections rounded by GPTQ with their inputs' Hessians (pipeline/quant/gptq.py)."""
     parent_dir = Path(parent_dir).resolve()
     graph = onnx_io.load(parent_dir, load_external_data=False)
     tied = tied if tied and find_tied(graph) is not None else None
@@ -87,7 +89,12 @@ def quantize(parent_dir: Path, tmp: Path, *, bits: int, block_size: int, accurac
         summary["int8_projections"] = sorted(n for n, b in bits_of.items() if b == 8)
     info(f"quantizing {len(names)} projections to {bits} bits in blocks of {block_size}"
          + (" (importance-weighted scales)" if importance else ""))
-    counts = nbits.to_matmulnbits(graph, weights, bits_of, block_size, accuracy_level, importance)
+    if gptq:
+        counts = _gptq(graph, weights, parent_dir, tmp, im, groups, factors, bits_of, block_size, accuracy_level,
+                       importance)
+        summary["gptq"] = {"damp": gptq_lib.DAMP, "tokens": int(im.windows.size)}
+    else:
+        counts = nbits.to_matmulnbits(graph, weights, bits_of, block_size, accuracy_level, importance)
     summary["matmulnbits"] = {str(b): c for b, c in sorted(counts.items())}
     if tied:
         graph_head = find_tied(graph)[1]
@@ -98,6 +105,55 @@ def quantize(parent_dir: Path, tmp: Path, *, bits: int, block_size: int, accurac
     weights.lazy(model)  # rescaled gammas / up_proj columns, written as the model is saved
     onnx_io.save_ir(model, tmp)
     return summary, graph
+
+
+def _gptq(graph, weights: Weights, parent_dir: Path, tmp: Path, im: Imatrix, groups: dict, factors: dict,
+          bits_of: dict[str, int], block_size: int, accuracy_level: int | None, importance: dict | None) -> dict:
+    """Every projection in ``bits_of`` rounded by GPTQ: the Hessians of its input collected on the parent
+    graph over the imatrix's own calibration windows, a chunk of activations at a time (memory bounded by
+    gptq.HESSIAN_BYTES), scaled as the input was (x / s: H / s s^T) where AWQ scaled it."""
+    import json
+
+    from pipeline.errors import PipelineError
+    from pipeline.ops import store
+
+    windows = im.windows
+    if windows is None:
+        raise PipelineError("int4.algorithm gptq needs the imatrix's calibration tokens, which this imatrix (made "
+                            "by an older pipeline) does not keep: rebuild it (pipeline imatrix)")
+    config = json.loads((parent_dir / "config.json").read_text())
+    vocab = config.get("vocab_size")
+    if windows.ndim != 2 or windows.dtype.kind not in "iu" or not isinstance(vocab, int) or \
+            windows.size == 0 or windows.min() < 0 or windows.max() >= vocab:
+        raise PipelineError(f"the imatrix's calibration tokens are not token windows of this model (shape "
+                            f"{windows.shape}, {windows.dtype}): rebuild it (pipeline imatrix)")
+    parent = onnx_io.load(parent_dir, load_external_data=False)
+    sizes = {x: len(im.mean_sq[x]) for x, members in groups.items()
+             if x in im.mean_sq and any(m.input[1] in bits_of for m in members)}
+    parts = gptq_lib.chunks(sizes)
+    counts: dict[int, int] = {}
+    for i, chunk in enumerate(parts):
+        label = "gptq hessians" + (f" {i + 1}/{len(parts)}" if len(parts) > 1 else "")
+        with store.scratch_dir(tmp, "gptq") as scratch:
+            hs = gptq_lib.hessians(parent, parent_dir, chunk, config, windows, Path(scratch), label)
+        by_weight = {}
+        for x in chunk:
+            h = hs.pop(x)
+            if x in factors:
+                s = factors[x].astype(np.float32)
+                h = h / np.outer(s, s)
+            by_weight.update({m.input[1]: h for m in groups[x] if m.input[1] in bits_of})
+        info(f"gptq: rounding {len(by_weight)} projections" + (f" (chunk {i + 1}/{len(parts)})" if len(parts) > 1 else ""))
+        part = {n: bits_of[n] for n in by_weight}
+        for b, c in nbits.to_matmulnbits(graph, weights, part, block_size, accuracy_level, importance,
+                                         by_weight).items():
+            counts[b] = counts.get(b, 0) + c
+        del by_weight, hs
+    rest = {n: b for n, b in bits_of.items() if n not in {m.input[1] for x in sizes for m in groups[x]}}
+    if rest:  # a projection whose input the imatrix did not record: the importance-weighted rounding
+        for b, c in nbits.to_matmulnbits(graph, weights, rest, block_size, accuracy_level, importance).items():
+            counts[b] = counts.get(b, 0) + c
+    return counts
 
 
 def _most_sensitive(weights: Weights, names: list[str], bits: int, block_size: int, importance: dict | None,

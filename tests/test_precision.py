@@ -339,7 +339,8 @@ def test_gptq_blocks_run_in_onnxruntime_and_lower_the_output_error(bits, k, tmp_
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, n])],
                               [numpy_helper.from_array(w, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    counts = nbits.to_matmulnbits(model, Weights(model, tmp_path), {"W": bits}, block, None, None, {"W": h})
+    counts = nbits.to_matmulnbits(model, Weights(model, tmp_path), {"W": bits}, block, None, None,
+                                  {"W": gptq.Rounder(h)})
     assert counts == {bits: 1} and [nd.op_type for nd in model.graph.node] == ["MatMulNBits"]
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     wt = np.ascontiguousarray(w.T)

@@ -68,19 +68,38 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     raise np.linalg.LinAlgError("Hessian not positive definite even with 10,000x the damping")
 
 
-def quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
-    """``w`` (N, K), ``h`` (K, K) the inputs' x x^T: (packed, scales) as :func:`nbits.quantize_blocks` gives
-    them (blocks of ``block_size`` along K, symmetric, MatMulNBits' layout)."""
+class Rounder:
+    """GPTQ for every projection that reads one input: its Hessian's inverse factor computed once (q, k
+    and v share theirs, gate and up theirs). Called as nbits.to_matmulnbits' rounders are."""
+
+    def __init__(self, h: np.ndarray, damp: float = DAMP):
+        self.h, self.damp, self._factor = h, damp, {}
+
+    def factor(self, kp: int) -> tuple[np.ndarray, np.ndarray]:
+        """(upper Cholesky factor of the damped inverse, diagonal) of H padded to ``kp`` channels (K not a
+        multiple of the block: the padded channels hold zero weights and take no error)."""
+        if kp not in self._factor:
+            k = len(self.h)
+            H = np.eye(kp, dtype=np.float64)
+            H[:k, :k] = self.h
+            self._factor = {kp: (_inverse_cholesky(H, self.damp).astype(np.float32),
+                                 np.maximum(np.diag(H)[None, :], 1e-12).astype(np.float32))}
+        return self._factor[kp]
+
+    def __call__(self, w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        return quantize(w, self, bits, block_size)
+
+
+def quantize(w: np.ndarray, h, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` (N, K), ``h`` the inputs' x x^T (K, K) or its :class:`Rounder`: (packed, scales) as
+    :func:`nbits.quantize_blocks` gives them (blocks of ``block_size`` along K, symmetric, MatMulNBits' layout)."""
     n, k = w.shape
     lo, hi = nbits._levels(bits)
     nb = -(-k // block_size)
     kp = nb * block_size
     W = np.zeros((n, kp), np.float32)
     W[:, :k] = w
-    H = np.eye(kp, dtype=np.float64)  # padded channels (K not a multiple of the block): zero weights, no error
-    H[:k, :k] = h
-    U = _inverse_cholesky(H, damp).astype(np.float32)
-    diag = np.maximum(np.diag(H)[None, :], 1e-12).astype(np.float32)
+    U, diag = (h if isinstance(h, Rounder) else Rounder(h)).factor(kp)
     row_energy = (W * W).mean(axis=1, keepdims=True)  # nbits' weighting: importance x sqrt(row mean w^2 + w^2)
     Q = np.empty((n, kp), np.int8)
     scales = np.empty((n, nb), np.float32)

@@ -137,12 +137,13 @@ def weighted_error(w: np.ndarray, bits: int, block_size: int, importance: np.nda
 
 def to_matmulnbits(model, weights, bits_of: dict[str, int], block_size: int, accuracy_level: int | None,
                    importance: dict[str, np.ndarray] | None = None,
-                   hessians: dict[str, np.ndarray] | None = None) -> dict[str, int]:
+                   rounders: dict | None = None) -> dict[str, int]:
     """Replace each ``MatMul(x, W)`` whose weight ``W`` is in ``bits_of`` by ``MatMulNBits`` at that
     many bits, in ``model`` (a ModelProto loaded without its weights; ``weights``: a
     pipeline.quant.smoothquant.Weights over it, so scalings recorded there are applied first). Each
-    weight is read, quantized and dropped in turn; one with an input Hessian in ``hessians`` is rounded
-    by GPTQ (pipeline/quant/gptq.py). Returns the count per bit width."""
+    weight is read, quantized and dropped in turn; one in ``rounders`` is rounded by that function of
+    (w (N, K), bits, block_size) -> (packed, scales) instead (GPTQ's: pipeline/quant/gptq.py). Returns the
+    count per bit width."""
     from onnx import helper, numpy_helper
 
     nodes = list(model.graph.node)
@@ -161,10 +162,8 @@ def to_matmulnbits(model, weights, bits_of: dict[str, int], block_size: int, acc
         w = weights.current(name)  # (K, N)
         k, n = w.shape
         imp = None if importance is None else importance.get(name)
-        if hessians is not None and name in hessians:
-            from pipeline.quant import gptq
-
-            packed, scales = gptq.quantize(np.ascontiguousarray(w.T), hessians[name], bits, block_size)
+        if rounders and name in rounders:
+            packed, scales = rounders[name](np.ascontiguousarray(w.T), bits, block_size)
         else:
             packed, scales = quantize_blocks(np.ascontiguousarray(w.T), bits, block_size, imp)
         del w

@@ -142,7 +142,8 @@ def _gptq(graph, weights: Weights, parent_dir: Path, tmp: Path, im: Imatrix, gro
             if x in factors:
                 s = factors[x].astype(np.float32)
                 h = h / np.outer(s, s)
-            by_weight.update({m.input[1]: h for m in groups[x] if m.input[1] in bits_of})
+            rounder = gptq_lib.Rounder(h)  # one inverse Hessian for every projection reading x
+            by_weight.update({m.input[1]: rounder for m in groups[x] if m.input[1] in bits_of})
         info(f"gptq: rounding {len(by_weight)} projections" + (f" (chunk {i + 1}/{len(parts)})" if len(parts) > 1 else ""))
         part = {n: bits_of[n] for n in by_weight}
         for b, c in nbits.to_matmulnbits(graph, weights, part, block_size, accuracy_level, importance,

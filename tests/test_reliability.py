@@ -41,7 +41,7 @@ def _leftovers(directory: Path) -> list[str]:
     ("data.fractions.train=0.5", ("data.fractions", "sum to 1")),
     ("evl.ctx=64", ("unknown key evl", "did you mean eval")),
     ("model.outliers.scale=3", ("model.outliers.scale", "power of two")),
-    ("int4.algorithm=gptq", ("int4.algorithm", "'rtn', 'k_quant', 'imatrix' or 'awq'")),
+    ("int4.algorithm=autoround", ("int4.algorithm", "'rtn', 'k_quant', 'imatrix', 'awq' or 'gptq'")),
     ("int4.symmetric=false", ("int4.algorithm awq quantizes symmetrically",)),
     ("int4.int8_fraction=1.5", ("int4.int8_fraction", "less than or equal to 1")),
     ("int8_dynamic.format=qoperator", ("unknown key int8_dynamic.format",)),

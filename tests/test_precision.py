@@ -351,6 +351,10 @@ def test_gptq_blocks_run_in_onnxruntime_and_lower_the_output_error(bits, k, tmp_
     err = {name: float(np.square(x @ (d - wt).T).sum()) for name, d in deq.items()}
     assert err["gptq"] < err["weighted"] < err["rtn"], err
     assert np.isfinite(deq["gptq"]).all()
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="not finite"):  # an overflowing parent graph: one line, no NaN artifact
+        gptq.quantize(wt, np.where(np.eye(k, dtype=bool), np.nan, h), bits, block)
 
 
 def test_gptq_hessians_are_chunked_to_the_memory_bound():

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.quant import nbits
 
 HESSIAN_BYTES = 2 << 30  # float32 X^T X per activation: Qwen3-0.6B needs 1.8 GB (one pass), 4B 17.9 GB (9 passes)
@@ -55,6 +56,9 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, as GPTQ uses it; the damping grows
     tenfold (at most 4 times) where H is too ill-conditioned for it."""
     h = h.astype(np.float64)
+    if not np.isfinite(h).all():
+        raise PipelineError("gptq: the calibration activations are not finite (inf or NaN in a projection's "
+                            "input): the parent graph overflows on the calibration text")
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0  # a channel the calibration never lit: plain rounding, its error goes nowhere
     mean = float(np.mean(np.diag(h)))
@@ -65,7 +69,8 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
             return np.linalg.cholesky((inv + inv.T) / 2).T
         except np.linalg.LinAlgError:
             continue
-    raise np.linalg.LinAlgError("Hessian not positive definite even with 10,000x the damping")
+    raise PipelineError("gptq: an input's Hessian is not positive definite even with 10,000x the damping: "
+                        "use int4.algorithm awq")
 
 
 class Rounder:

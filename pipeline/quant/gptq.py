@@ -105,13 +105,13 @@ def quantize(w: np.ndarray, h, bits: int, block_size: int) -> tuple[np.ndarray, 
     W = np.zeros((n, kp), np.float32)
     W[:, :k] = w
     U, diag = (h if isinstance(h, Rounder) else Rounder(h)).factor(kp)
-    row_energy = (W * W).mean(axis=1, keepdims=True)  # nbits' weighting: importance x sqrt(row mean w^2 + w^2)
+    row_energy = (W * W).mean(axis=1, keepdims=True)
     Q = np.empty((n, kp), np.int8)
     scales = np.empty((n, nb), np.float32)
     for b in range(nb):
         s, e = b * block_size, (b + 1) * block_size
         Wb = W[:, s:e]  # a view: updated in place as the block's channels are rounded
-        weight = diag[:, s:e] * np.sqrt(row_energy + Wb * Wb)
+        weight = nbits.importance_weights(diag[:, s:e], Wb, row_energy)
         _, d = nbits._round(Wb[:, None, :], bits, lo, hi, weight[:, None, :])
         d = d[:, 0]
         Ub = U[s:e, s:e]
@@ -124,7 +124,4 @@ def quantize(w: np.ndarray, h, bits: int, block_size: int) -> tuple[np.ndarray, 
             Wb[:, j + 1:] -= np.outer(err[:, j], Ub[j, j + 1:])
         W[:, e:] -= err @ U[s:e, e:]
         scales[:, b] = d
-    q = (Q.astype(np.int16) - lo).astype(np.uint8).reshape(n, nb, block_size)
-    if bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return q, scales
+    return nbits.pack(Q.reshape(n, nb, block_size), bits), scales

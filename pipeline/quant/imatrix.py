@@ -25,8 +25,8 @@ from pipeline.graph import onnx_io
 from pipeline.log import Progress
 
 FILE = "imatrix.safetensors"
-KV_PREFIX = "present."
-WINDOWS = "tokens"  # the calibration windows' token ids (no activation's key lacks a ".kind" suffix)  # the KV cache's outputs: their maxima give an int8 KV cache its scales
+KV_PREFIX = "present."  # the KV cache's outputs: their maxima give an int8 KV cache its scales
+WINDOWS = "tokens"  # the calibration windows' token ids (no activation's key lacks a ".kind" suffix)
 
 
 def channel_statistics(graph, weights_dir: Path, tensors: list[str], config: dict, windows: np.ndarray,

@@ -54,16 +54,25 @@ def quantize_blocks(w: np.ndarray, bits: int, block_size: int, importance: np.nd
         imp = np.maximum(np.asarray(importance, dtype=np.float32), 1e-12).reshape(1, nb, block_size)
     for start in range(0, n, rows):
         x = np.asarray(w[start:start + rows], dtype=np.float32).reshape(-1, nb, block_size)
-        weight = None
-        if imp is not None:  # llama.cpp's weighting: importance x sqrt(row variance + w^2) (measured better)
-            weight = imp * np.sqrt((x * x).mean(axis=(1, 2), keepdims=True) + x * x)
+        weight = None if imp is None else importance_weights(imp, x, (x * x).mean(axis=(1, 2), keepdims=True))
         q, d = _round(x, bits, lo, hi, weight)
-        q = (q.astype(np.int16) - lo).astype(np.uint8)
-        if bits == 4:
-            q = q[..., 0::2] | (q[..., 1::2] << 4)
-        packed[start:start + rows] = q
+        packed[start:start + rows] = pack(q, bits)
         scales[start:start + rows] = d
     return packed, scales
+
+
+def importance_weights(imp: np.ndarray, x: np.ndarray, row_energy: np.ndarray) -> np.ndarray:
+    """How much each weight's rounding error counts: llama.cpp's importance x sqrt(mean row w^2 + w^2)
+    (measured better than importance alone: docs/choices.md)."""
+    return imp * np.sqrt(row_energy + x * x)
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Signed levels (..., block) as MatMulNBits stores them: offset by 2^(bits-1), two 4-bit values a
+    byte (low nibble first)."""
+    lo, _ = _levels(bits)
+    q = (q.astype(np.int16) - lo).astype(np.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q
 
 
 class _Padded:

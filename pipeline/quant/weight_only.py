@@ -8,6 +8,7 @@ graph and speed. Weights are read one tensor at a time from the parent's data fi
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,7 @@ def _gptq(graph, weights: Weights, parent_dir: Path, tmp: Path, im: Imatrix, gro
     sizes = {x: len(im.mean_sq[x]) for x, members in groups.items()
              if x in im.mean_sq and any(m.input[1] in bits_of for m in members)}
     parts = gptq_lib.chunks(sizes)
-    counts: dict[int, int] = {}
+    counts: Counter = Counter()
     for i, chunk in enumerate(parts):
         label = "gptq hessians" + (f" {i + 1}/{len(parts)}" if len(parts) > 1 else "")
         with store.scratch_dir(tmp, "gptq") as scratch:
@@ -146,15 +147,12 @@ def _gptq(graph, weights: Weights, parent_dir: Path, tmp: Path, im: Imatrix, gro
             by_weight.update({m.input[1]: rounder for m in groups[x] if m.input[1] in bits_of})
         info(f"gptq: rounding {len(by_weight)} projections" + (f" (chunk {i + 1}/{len(parts)})" if len(parts) > 1 else ""))
         part = {n: bits_of[n] for n in by_weight}
-        for b, c in nbits.to_matmulnbits(graph, weights, part, block_size, accuracy_level, importance,
-                                         by_weight).items():
-            counts[b] = counts.get(b, 0) + c
+        counts.update(nbits.to_matmulnbits(graph, weights, part, block_size, accuracy_level, importance, by_weight))
         del by_weight, hs
     rest = {n: b for n, b in bits_of.items() if n not in {m.input[1] for x in sizes for m in groups[x]}}
     if rest:  # a projection whose input the imatrix did not record: the importance-weighted rounding
-        for b, c in nbits.to_matmulnbits(graph, weights, rest, block_size, accuracy_level, importance).items():
-            counts[b] = counts.get(b, 0) + c
-    return counts
+        counts.update(nbits.to_matmulnbits(graph, weights, rest, block_size, accuracy_level, importance))
+    return dict(counts)
 
 
 def _most_sensitive(weights: Weights, names: list[str], bits: int, block_size: int, importance: dict | None,
